@@ -1,0 +1,34 @@
+"""fusedrl.kernels: one op per module, each with a Triton backend and a plain-PyTorch backend.
+
+- logprobs_and_entropy          (logprobs_entropy.py): lp and H from logits
+- linear_logprobs_and_entropy   (linear_logprobs_entropy.py): lp and H from hidden states and the
+                                output embedding, never materialising the logits
+- top_entropy_mask              (top_entropy_mask.py): exact batch-wide top-rho entropy selection
+- probability_mask              (probability_mask.py): SPO's low-probability token mask
+- covariance_mask               (covariance_mask.py): Clip-Cov / KL-Cov token selection
+
+reference.py holds the plain-PyTorch version of every op: the CPU backend, the test oracle's
+companion and the benchmarks' baseline.
+"""
+
+import importlib
+
+_OPS = {
+    "logprobs_and_entropy": "fusedrl.kernels.logprobs_entropy",
+    "linear_logprobs_and_entropy": "fusedrl.kernels.linear_logprobs_entropy",
+    "top_entropy_mask": "fusedrl.kernels.top_entropy_mask",
+    "probability_mask": "fusedrl.kernels.probability_mask",
+    "covariance_mask": "fusedrl.kernels.covariance_mask",
+}
+
+__all__ = sorted(_OPS)
+
+
+def __getattr__(name):
+    if name in _OPS:
+        return getattr(importlib.import_module(_OPS[name]), name)
+    raise AttributeError(f"module 'fusedrl.kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
