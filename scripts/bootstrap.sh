@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         "${PIP[@]}" torch
     else
-        "${PIP[@]}" "torch==2.13.0"
+        "${PIP[@]}" "torch==2.13.0" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     fi
 fi
 "${PIP[@]}" -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
