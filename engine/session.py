@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from transformers.utils import logging as hf_logging
 
 from fusedrl.engine import checkpoint, rollout
 from fusedrl.engine.config import Config, UsageError
@@ -54,6 +56,9 @@ def make_scheduler(optimizer, cfg: Config, total_updates: int):
 class Session:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # The console shows one progress bar, the run's; save_pretrained's per-shard bars would interleave.
+        hf_logging.disable_progress_bar()
+        self._clock = (time.perf_counter(), time.process_time())
         run = cfg.run
         if run.num_threads:
             torch.set_num_threads(run.num_threads)
@@ -167,7 +172,9 @@ class Session:
         summary = {"steps": self.cfg.run.steps, "accuracy_before_rl": before,
                    "accuracy_after_rl": final.get("eval/accuracy"), "entropy_law_fit": fit,
                    "plots": [str(p) for p in plots], "checkpoint": str(self._last_saved),
-                   "metrics": str(self.logger.path)}
+                   "metrics": str(self.logger.path),
+                   "wall_seconds": time.perf_counter() - self._clock[0],
+                   "cpu_seconds": time.process_time() - self._clock[1]}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if before is not None and summary["accuracy_after_rl"] is not None:
             self.logger.print(f"held-out accuracy: {before:.3f} before RL -> {summary['accuracy_after_rl']:.3f} "
@@ -178,6 +185,7 @@ class Session:
         for p in plots:
             self.logger.print(f"plot: {p}")
         self.logger.print(f"metrics: {self.logger.path}  checkpoint: {self._last_saved}")
+        self.logger.print(f"wall time {summary['wall_seconds']:.0f} s, process CPU time {summary['cpu_seconds']:.0f} s")
         return summary
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 import zlib
 
-MIN_DIGITS = 2
-MAX_DIGITS = 4
+MIN_DIGITS = 1
+MAX_DIGITS = 3
 EVAL_PERCENT = 10
 
 
