@@ -15,7 +15,7 @@ import random
 import zlib
 
 MIN_DIGITS = 1
-MAX_DIGITS = 3
+MAX_DIGITS = 2
 EVAL_PERCENT = 10
 
 

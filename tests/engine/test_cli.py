@@ -85,3 +85,11 @@ def test_resume_without_checkpoint_is_a_clean_error(tmp_path, capsys):
     code = main(["train", "configs/demo.yaml", "run.resume=latest", f"run.output_dir={tmp_path}"])
     assert code == 2
     assert "run.resume 'latest': no checkpoint-<step> directory" in capsys.readouterr().err
+
+
+def test_prompt_and_response_longer_than_the_context(tmp_path, capsys):
+    code = main(["train", "configs/demo.yaml", "data.max_prompt_length=500", "rollout.max_new_tokens=100",
+                 "warm_start.steps=0", f"run.output_dir={tmp_path}"])
+    assert code == 2
+    assert ("data.max_prompt_length + rollout.max_new_tokens = 600 tokens exceeds the model's context of 512"
+            in capsys.readouterr().err)
