@@ -14,25 +14,29 @@ from fusedrl.engine.tasks import arithmetic
 
 
 def test_arithmetic_reference_is_worked_and_correct():
-    row = {"a": 472, "b": 389}
-    assert arithmetic.reference_completion(row) == "2+9=11 7+8+1=16 4+3+1=8 #861"
-    assert arithmetic.reference_completion({"a": 95, "b": 7}) == "5+7=12 9+1=10 #102"
+    assert arithmetic.DIGITS == 2
+    assert arithmetic.reference_completion({"a": 7, "b": 38}) == "7+8+0=15 0+3+1=04 #045"
+    assert arithmetic.reference_completion({"a": 99, "b": 1}) == "9+1+0=10 9+0+1=10 #100"
+    assert arithmetic.reference_completion({"a": 52, "b": 31}) == "2+1+0=03 5+3+0=08 #083"
 
 
 def test_arithmetic_reward():
-    completions = ["2+9=11 7+8+1=16 4+3+1=8 #861", "2+9=11 #860", "no answer", "x # 861 ", "#8610"]
-    assert arithmetic.reward([""] * 5, completions, answer=["861"] * 5) == [1.0, 0.0, 0.0, 1.0, 0.0]
+    completions = ["7+8+0=15 0+3+1=04 #045", "#046", "no answer", "x # 045 ", "#0450", "#45"]
+    assert arithmetic.reward([""] * 6, completions, answer=["045"] * 6) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_arithmetic_splits_disjoint_and_deterministic():
     train = arithmetic.make_dataset("train", 500, seed=3)
     held_out = arithmetic.make_dataset("eval", 200, seed=3)
+    assert len({r["prompt"] for r in train}) == 500 and len({r["prompt"] for r in held_out}) == 200
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     assert train == arithmetic.make_dataset("train", 500, seed=3)
     assert all(int(r["answer"]) == r["a"] + r["b"] for r in train)
     # Every held-out prompt also differs from the training prompts of other seeds.
     other = arithmetic.make_dataset("train", 500, seed=4)
     assert not {r["prompt"] for r in other} & {r["prompt"] for r in held_out}
+    with pytest.raises(ValueError, match="size"):
+        arithmetic.make_dataset("eval", 5000, seed=0)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -149,5 +153,6 @@ def test_none_nan_and_wrong_length_are_failures(user_module):
 
 
 def test_columns_reach_the_reward():
-    rewards, failures = score(arithmetic.reward, ["1+2=", "3+4="], ["#3", "#8"], {"answer": ["3", "7"]}, 5)
+    rewards, failures = score(arithmetic.reward, ["01+02=", "03+04="], ["#003", "#008"],
+                              {"answer": ["003", "007"]}, 5)
     assert (rewards, failures) == ([1.0, 0.0], 0)
