@@ -113,7 +113,8 @@ class Session:
             self.logger.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
                               f"final loss {loss:.3f}")
         self.extra["eval_before"] = self.evaluate()
-        self.logger.print(f"held-out accuracy before RL: {self.extra['eval_before']['eval/accuracy']:.3f}")
+        self.logger.print(f"held-out accuracy before RL: {self.extra['eval_before']['eval/accuracy']:.3f} "
+                          f"({self._decoding()})")
 
     def restore(self, optimizer, scheduler) -> None:
         """Optimizer, scheduler, sampler and RNG states from the checkpoint being resumed (if any)."""
@@ -142,6 +143,10 @@ class Session:
         rewards, failures = self.score(split.prompts, rollout.decode(self.tokenizer, batch), split.columns)
         return {"eval/accuracy": float((rewards >= 1).float().mean()), "eval/reward_mean": float(rewards.mean()),
                 "eval/mean_length": float(batch.lengths().float().mean()), "eval/reward_failures": failures}
+
+    def _decoding(self) -> str:
+        t = self.cfg.eval.temperature
+        return f"{len(self.eval_split)} prompts, " + ("greedy" if t == 0 else f"sampled at temperature {t}")
 
     def end_step(self, step: int, metrics: dict, optimizer, scheduler) -> None:
         """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due."""
@@ -177,8 +182,9 @@ class Session:
                    "cpu_seconds": time.process_time() - self._clock[1]}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if before is not None and summary["accuracy_after_rl"] is not None:
-            self.logger.print(f"held-out accuracy: {before:.3f} before RL -> {summary['accuracy_after_rl']:.3f} "
-                              f"after RL ({100 * (summary['accuracy_after_rl'] - before):+.1f} points)")
+            self.logger.print(f"held-out accuracy ({self._decoding()}): {before:.3f} before RL -> "
+                              f"{summary['accuracy_after_rl']:.3f} after RL "
+                              f"({100 * (summary['accuracy_after_rl'] - before):+.1f} points)")
         if fit is not None:
             self.logger.print(f"entropy law R = -{fit['a']:.4f} exp(H) + {fit['b']:.4f}; predicted reward "
                               f"ceiling b - a = {fit['ceiling']:.4f}")
