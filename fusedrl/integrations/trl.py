@@ -53,9 +53,9 @@ SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _TRL_METRICS = {
     "entropy/mean": "entropy",
     "kl": "kl",
-    "clip_ratio/low": "clip_ratio/low_mean",
-    "clip_ratio/high": "clip_ratio/high_mean",
-    "clip_ratio/region": "clip_ratio/region_mean",
+    "clip_ratio/low_mean": "clip_ratio/low_mean",
+    "clip_ratio/high_mean": "clip_ratio/high_mean",
+    "clip_ratio/region_mean": "clip_ratio/region_mean",
 }
 
 # Model inputs of vision-language models; the fused path here feeds text models only.
@@ -82,6 +82,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             normalize_by="valid",
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,
+            # TRL takes the entropy quantile over the micro-batches of all processes at once.
+            process_group=torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None,
         )
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         for model in (policy, self.ref_model):
