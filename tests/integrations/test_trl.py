@@ -203,7 +203,11 @@ def test_two_step_train_runs_and_logs_trl_metrics(tmp_path, model_dir):
     trainer = FusedGRPOTrainer(
         model=model,
         reward_funcs=_reward_length,
-        args=_config(tmp_path, max_steps=2, beta=0.05, use_bias_correction_kl=False, top_entropy_quantile=0.2, gradient_accumulation_steps=1),
+        # TRL's default bf16 autocast (on CPU too): the fused op then runs on bf16 hidden states and head.
+        args=_config(
+            tmp_path, max_steps=2, beta=0.05, use_bias_correction_kl=False, top_entropy_quantile=0.2,
+            gradient_accumulation_steps=1, bf16=True,
+        ),
         train_dataset=_dataset(),
         processing_class=tokenizer,
     )
