@@ -150,7 +150,9 @@ def _check_supported(trainer: GRPOTrainer) -> None:
     """Refuse the GRPOConfig options whose TRL semantics the fused loss does not reproduce."""
     args = trainer.args
     if trainer.loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for FusedGRPOTrainer, got {trainer.loss_type!r}")
+        raise ValueError(
+            f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for FusedGRPOTrainer, got {trainer.loss_type!r}"
+        )
     refused = {
         "importance_sampling_level": trainer.importance_sampling_level != "token",
         "delta": args.delta is not None,

@@ -74,7 +74,8 @@ def _aggregate(loss_mat, response_mask, loss_agg_mode, config):
     """verl's own aggregation (token-mean, seq-mean-..., with its global batch sizes)."""
     from verl.trainer.ppo.core_algos import agg_loss
 
-    return agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **(config.get("global_batch_info", None) or {}))
+    global_batch_info = config.get("global_batch_info", None) or {}
+    return agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,9 @@ def _finish(pg_losses, response_mask, loss_agg_mode, config, rollout_is_weights)
     return _aggregate(pg_losses, response_mask, loss_agg_mode, config)
 
 
-def fusedrl_clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+def fusedrl_clip_cov(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None
+):
     """Clip-Cov with batch-wide covariance centring (see the module docstring)."""
     valid = response_mask.bool()
     terms = _ppo_terms(old_log_prob, log_prob, advantages, config)
@@ -123,7 +126,9 @@ def fusedrl_clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg
     }
 
 
-def fusedrl_kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+def fusedrl_kl_cov(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None
+):
     """KL-Cov with batch-wide covariance and top-k (see the module docstring)."""
     valid = response_mask.bool()
     terms = _ppo_terms(old_log_prob, log_prob, advantages, config)
@@ -140,7 +145,9 @@ def fusedrl_kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_m
     }
 
 
-def fusedrl_top_entropy(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+def fusedrl_top_entropy(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None
+):
     """PPO clip (with verl's dual clip) on the top-rho entropy tokens of the whole batch."""
     entropy = _entropy.get()
     if entropy is None:

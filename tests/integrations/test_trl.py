@@ -132,7 +132,9 @@ CASES = [
     pytest.param(dict(loss_type="grpo", top_entropy_quantile=0.2), id="grpo-top20"),
     pytest.param(dict(loss_type="dr_grpo", top_entropy_quantile=0.2), id="dr_grpo-top20"),
     pytest.param(dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=False), id="dapo-beta"),
-    pytest.param(dict(loss_type="grpo", beta=0.05, top_entropy_quantile=0.2, use_bias_correction_kl=False), id="grpo-beta-top20"),
+    pytest.param(
+        dict(loss_type="grpo", beta=0.05, top_entropy_quantile=0.2, use_bias_correction_kl=False), id="grpo-beta-top20"
+    ),
     pytest.param(dict(loss_type="bnpo", beta=0.05, use_bias_correction_kl=False), id="bnpo-beta"),
 ]
 
