@@ -161,6 +161,23 @@ def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
         assert fused_metrics["kl"] == pytest.approx(stock_metrics["kl"], rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_eval_mode_loss_matches_stock_trl(tmp_path, model_dir, loss_type):
+    """In eval (prediction_step) TRL neither splits nor accumulates: a different normaliser."""
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", loss_type=loss_type)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", loss_type=loss_type)
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref=False)
+    losses = []
+    for trainer in (stock, fused):
+        trainer.model.eval()
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, inputs))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    if loss_type == "grpo":  # (dapo's two normalisers coincide when steps_per_generation == accumulation)
+        train_loss, _, _ = _loss_and_grads(fused, inputs)
+        torch.testing.assert_close(train_loss, losses[1] / ACCUMULATION)
+
+
 def test_top_entropy_quantile_changes_the_loss(tmp_path, model_dir):
     """The 0.2 case above is not vacuous: masking 80% of the tokens changes the loss."""
     full = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "full")
