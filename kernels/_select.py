@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_DIGIT_BITS = 16
+_DIGIT_BITS = 8
 _BINS = 1 << _DIGIT_BITS
 _KEY_BITS = {torch.float32: 32, torch.float64: 64, torch.int64: 64}
 
@@ -60,27 +60,24 @@ def kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, k
     """
     keys, valid = keys.reshape(-1), valid.reshape(-1)
     prefix = torch.zeros((), dtype=torch.int64, device=keys.device)  # signed value of the chosen high bits
-    running = valid
+    running = valid  # keys whose high digits equal the prefix so far
     rank = k.clone()
-    for shift in range(key_bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        high = keys >> shift
-        if shift != key_bits - _DIGIT_BITS:
-            running = valid & ((high >> _DIGIT_BITS) == prefix)
-        digit = high & (_BINS - 1)
-        if shift == key_bits - _DIGIT_BITS:
+    one = torch.ones((), dtype=torch.int64, device=keys.device).expand(keys.shape)
+    top = key_bits - _DIGIT_BITS
+    for shift in range(top, -1, -_DIGIT_BITS):
+        digit = (keys >> shift) & (_BINS - 1)
+        if shift == top:
             digit = digit ^ (_BINS >> 1)  # the top digit carries the sign: flip it into ascending order
         # Keys out of the running land in an extra bin that is never read.
-        bins = torch.where(running, digit, _BINS)
         hist = torch.zeros(_BINS + 1, dtype=torch.int64, device=keys.device)
-        hist.scatter_add_(0, bins, torch.ones_like(bins))
+        hist.scatter_add_(0, digit.masked_fill_(~running, _BINS), one)
         hist = all_reduce(hist[:_BINS].contiguous(), group)
         cum = hist.cumsum(0)
         chosen = torch.searchsorted(cum, rank.reshape(1), right=True).reshape(()).clamp_(max=_BINS - 1)
         rank = rank - (cum[chosen] - hist[chosen])
-        if shift == key_bits - _DIGIT_BITS:
-            prefix = chosen - (_BINS >> 1)
-        else:
-            prefix = prefix * _BINS + chosen
+        prefix = chosen - (_BINS >> 1) if shift == top else prefix * _BINS + chosen
+        if shift:
+            running = running & (digit == chosen)
     return prefix
 
 
