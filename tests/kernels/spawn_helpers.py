@@ -31,7 +31,7 @@ def _worker(rank: int, world_size: int, port: int, jobs, out_dir: str) -> None:
         for name, per_rank_args, kwargs in jobs:
             kwargs = dict(kwargs)
             if "generator_seed" in kwargs:
-                kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("generator_seed") + rank)
+                kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("generator_seed"))
             results.append(getattr(ops, name)(*per_rank_args[rank], **kwargs, process_group=dist.group.WORLD))
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
