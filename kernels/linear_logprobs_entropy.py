@@ -57,7 +57,7 @@ def _logit_tile(
     rows, cols,  # int64 row / vocabulary indices of the tile
     n_rows, hidden_size, vocab_size, stride_h, stride_w, inv_temperature,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """(h[rows] @ W[cols]^T + b[cols]) / T in fp32; lanes past V are -inf so they add nothing."""
     offs_h = tl.arange(0, BLOCK_H)
@@ -70,6 +70,8 @@ def _logit_tile(
         h_ok = offs_h + k < hidden_size  # masked, so any H works (not only multiples of BLOCK_H)
         h = tl.load(h_ptrs + k, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k, mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            h, w = h.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -84,7 +86,7 @@ def _forward_kernel(
     stride_h, stride_w,
     inv_temperature,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_n, split = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
@@ -100,7 +102,8 @@ def _forward_kernel(
     for vt in range(first, last):
         cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, vocab_size,
-                        stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                        stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                        UPCAST_DOT)
         m_new = tl.maximum(m, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: keep exp() finite
         alpha = tl.exp(m - m_safe)
@@ -129,7 +132,7 @@ def _dlogits_kernel(
     stride_h, stride_w,
     inv_temperature,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_n, pid_v = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_N)
@@ -138,7 +141,8 @@ def _dlogits_kernel(
     row_ok = rows < n_rows
     col_ok = cols < vocab_size
     z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, vocab_size,
-                    stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                    stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                        UPCAST_DOT)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(grad_lp_ptr + rows, mask=row_ok, other=0.0)
@@ -161,7 +165,7 @@ def _matmul_acc_kernel(
     M, N, K,
     stride_a, stride_b, stride_c,  # row strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """c += a @ b with fp32 accumulation; one program per c tile, so the sum order is fixed."""
     pid = tl.program_id(0).to(tl.int64)
@@ -181,6 +185,8 @@ def _matmul_acc_kernel(
         k_ok = offs_k + k < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_a if A_TRANSPOSED else BLOCK_K
         b_ptrs += BLOCK_K * stride_b
@@ -204,6 +210,8 @@ class _Blocks:
     chunk_rows: int  # backward workspace: rows x columns of dz per step
     chunk_cols: int
     dot_precision: str
+    upcast_dot: bool = False  # Triton 3.9's interpreter multiplies bf16 dot operands wrongly; fp32 copies
+    # of them give the same exact products that a bf16 tensor-core dot sums in fp32
 
 
 GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
@@ -212,7 +220,7 @@ _GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "tf3
 _GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 32), 4, 2, 1024, 16384, "ieee")
 # Under the interpreter (CPU) small blocks keep the tests fast and still cross every tile, split and
 # chunk boundary at the tested shapes.
-_INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, "ieee")
+_INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, "ieee", upcast_dot=True)
 
 
 def _blocks(t: torch.Tensor) -> _Blocks:
@@ -253,7 +261,7 @@ def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index
         hidden.stride(0), weight.stride(0),
         inv_temperature,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision,
+        GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(stats, targets != ignore_index)
@@ -283,7 +291,7 @@ def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks)
     _matmul_acc_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
         a, b, c, m, n, k, stride_a, b.stride(0), c.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_N, A_TRANSPOSED=transposed,
-        DOT_PRECISION=cfg.dot_precision,
+        DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
         num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
     )
 
@@ -321,7 +329,7 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
                 hidden.stride(0), weight.stride(0),
                 options.inv_temperature,
                 HAS_BIAS=need_b, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision,
+                GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
             )
@@ -453,7 +461,7 @@ def _specs() -> list[CompileSpec]:
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
         cfg = _GPU_FP32 if dtype == torch.float32 else _GPU_16BIT
         tile = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h, "GROUP_N": GROUP_N,
-                "DOT_PRECISION": cfg.dot_precision, "HAS_BIAS": True}
+                "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False, "HAS_BIAS": True}
         common = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64"}
         specs.append(spec(
             f"forward_{name}", _forward_kernel,
@@ -476,7 +484,7 @@ def _specs() -> list[CompileSpec]:
             {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
              "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"},
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_N, "A_TRANSPOSED": transposed,
-             "DOT_PRECISION": cfg.dot_precision},
+             "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False},
             cfg.gemm_warps, cfg.gemm_stages,
         ) for transposed in (False, True))
     return specs

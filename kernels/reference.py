@@ -63,13 +63,12 @@ def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf so far stay finite
             alpha = torch.exp(m - m_safe)
             shift = torch.where(m == float("-inf"), 0.0, m - m_safe)
+            here = ((y >= c0) & (y < c1)).nonzero().squeeze(1)
+            target_logit[r0 + here] = z[here, y[here] - c0]
             zc = z.sub_(m_safe[:, None])
             e = torch.exp(zc)
             t = alpha * (t + shift * s) + torch.where(e > 0, e * zc, 0.0).sum(1)  # p = 0 adds 0, not 0 * -inf
             s = alpha * s + e.sum(1)
-            here = (y >= c0) & (y < c1)
-            rows_here = here.nonzero().squeeze(1)
-            target_logit[r0 + rows_here] = zc[rows_here, y[rows_here] - c0] + m_safe[rows_here]
             m = m_new
         top = torch.where(m == float("-inf"), 0.0, m)
         lse[r0:r1] = top + torch.log(s)
