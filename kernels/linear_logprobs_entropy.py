@@ -115,7 +115,7 @@ def _forward_kernel(
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m = m_new
     out = stats_ptr + rows * n_splits + split
-    plane = n_rows * n_splits
+    plane = tl.cast(n_rows, tl.int64) * n_splits  # N * splits passes 2^31 at a few million rows
     tl.store(out, m, mask=row_ok)
     tl.store(out + plane, s, mask=row_ok)
     tl.store(out + 2 * plane, t, mask=row_ok)
