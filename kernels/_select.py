@@ -1,10 +1,12 @@
 """Exact batch-wide order statistics for the selection ops, across ranks, without host syncs.
 
-A radix select over order-preserving integer keys: each pass histograms one 16-bit digit of the keys
-still in the running (one all-reduce of 65,536 counts per pass), picks the bucket that holds the
-wanted rank, and narrows the prefix. Float32 values take two passes, int64 / float64 keys four. Work is
+A radix select over order-preserving integer keys: each pass histograms one 8-bit digit of the keys
+still in the running (one all-reduce of 256 counts per pass), picks the bucket that holds the wanted
+rank, and narrows the prefix. Float32 values take four passes, int64 / float64 keys eight. Work is
 O(N) per pass, nothing is sorted, no rank ever sees another rank's values, and every quantity (ranks,
-counts, the selected key) stays a device tensor, so no step waits on the host.
+counts, the selected key) stays a device tensor, so no step waits on the host. Why 8-bit digits:
+with 16-bit ones the 65,536-bin histogram dominated small batches (30 ms per call on CPU for 300
+tokens, 0.7 ms with 256 bins), and every pass all-reduces a 512 KB vector instead of 2 KB.
 """
 
 from __future__ import annotations
