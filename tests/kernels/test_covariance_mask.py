@@ -128,9 +128,9 @@ def test_distributed_equals_concatenated_batch(world_size):
     parts[1] = (parts[1][0], parts[1][1], torch.zeros_like(parts[1][2]))
     clip = dict(mode="clip_cov", ratio=0.05, lower=0.2, upper=3.0)
     jobs = [
-        ("covariance_mask", parts, dict(mode="kl_cov", ratio=0.02)),
-        ("covariance_mask", parts, dict(mode="kl_cov", ratio=0.3)),
-        ("covariance_mask", parts, dict(clip, generator_seed=7)),
+        (covariance_mask, parts, dict(mode="kl_cov", ratio=0.02)),
+        (covariance_mask, parts, dict(mode="kl_cov", ratio=0.3)),
+        (covariance_mask, parts, dict(clip, generator_seed=7)),
     ]
     kl_small, kl_large, drawn = run_ranks(world_size, jobs)
     lp, mask = (torch.cat([p[i].reshape(-1) for p in parts]) for i in (0, 2))
