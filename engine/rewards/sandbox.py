@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+_FIRST_UID, _MAX_SLOTS = 2**24, 64  # far above the uids and subuid ranges distributions hand out
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
 
 
@@ -116,8 +117,10 @@ class Sandbox:
         limits: the resource limits of every run.
         python: interpreter for the programs; default: `default_python()`. Programs run with -I -S,
             so they see the standard library only.
-        first_uid: programs run as uid `first_uid + slot`; these uids must own no files and run no
-            other processes (RLIMIT_NPROC counts all processes of a uid).
+        first_uid: programs run as uid `first_uid + slot` (slot < 64); these uids must own no files
+            and run no other processes, since RLIMIT_NPROC counts all processes of a uid. The default
+            derives a block of 64 uids from the process id, so two trainers on one host (or two
+            test workers) do not share uids.
         allow_unisolated_execution_UNSAFE: run programs without namespaces or the uid change when
             isolation is unavailable. Untrusted code then runs with the caller's privileges.
     """
@@ -127,13 +130,15 @@ class Sandbox:
         limits: Limits = Limits(),
         *,
         python: str | None = None,
-        first_uid: int = 61000,
+        first_uid: int | None = None,
         allow_unisolated_execution_UNSAFE: bool = False,
     ):
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a Limits, got {type(limits).__name__}")
-        if not (isinstance(first_uid, int) and 0 < first_uid < 2**31 - 2**16):
-            raise ValueError(f"first_uid must be an int in (0, 2**31 - 65536), got {first_uid!r}")
+        if first_uid is None:
+            first_uid = _FIRST_UID + (os.getpid() % 2**20) * _MAX_SLOTS
+        if not (isinstance(first_uid, int) and 0 < first_uid < 2**31 - _MAX_SLOTS):
+            raise ValueError(f"first_uid must be an int in (0, 2**31 - {_MAX_SLOTS}), got {first_uid!r}")
         self.limits = limits
         self.python = os.path.realpath(python or default_python())
         self.first_uid = first_uid
@@ -165,6 +170,8 @@ class Sandbox:
 
     def run(self, source: str, stdin: str = "", *, slot: int = 0) -> RunResult:
         """Run `source` as a Python program fed `stdin`; `slot` picks the uid (one per concurrent run)."""
+        if not (isinstance(slot, int) and 0 <= slot < _MAX_SLOTS):
+            raise ValueError(f"slot must be an int in [0, {_MAX_SLOTS}), got {slot!r}")
         start = time.monotonic()
         workdir = tempfile.mkdtemp(prefix="fusedrl-sandbox-")
         try:
@@ -298,8 +305,8 @@ class SandboxPool:
     """Runs many programs on `workers` threads, each holding its own sandbox uid while it runs."""
 
     def __init__(self, sandbox: Sandbox, workers: int):
-        if not (isinstance(workers, int) and workers >= 1):
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if not (isinstance(workers, int) and 1 <= workers <= _MAX_SLOTS):
+            raise ValueError(f"workers must be an int in [1, {_MAX_SLOTS}], got {workers!r}")
         self.sandbox = sandbox
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
