@@ -120,7 +120,7 @@ class CodeExecutionReward:
 
     Args:
         workers: programs run at once (threads, each driving one sandboxed process).
-        timeout_s: wall-clock limit of one test case, Python start-up (~0.03 s) included.
+        timeout_s: wall-clock limit of one test case, Python start-up (~0.04 s) included.
         mode: "fraction" (share of passed cases) or "all" (1.0 only if every case passes).
         tests_column: the dataset column holding each row's list of test cases.
         memory_bytes, max_processes, max_output_bytes: the sandbox Limits of each program.

@@ -115,8 +115,8 @@ class Sandbox:
 
     Args:
         limits: the resource limits of every run.
-        python: interpreter for the programs; default: `default_python()`. Programs run with -I -S,
-            so they see the standard library only.
+        python: interpreter for the programs; default: `default_python()`. Programs run with -I
+            (no PYTHON* variables, no user site-packages, not even the script's own directory).
         first_uid: programs run as uid `first_uid + slot` (slot < 64); these uids must own no files
             and run no other processes, since RLIMIT_NPROC counts all processes of a uid. The default
             derives a block of 64 uids from the process id, so two trainers on one host (or two

@@ -103,7 +103,7 @@ def _program(cfg: dict, status_fd: int) -> None:
                 raise OSError("namespace init died during setup")
         os.set_inheritable(status_fd, False)
         os.write(status_fd, b"READY\n")
-        os.execve(cfg["python"], [cfg["python"], "-I", "-S", cfg["program_name"]], cfg["env"])
+        os.execve(cfg["python"], [cfg["python"], "-I", cfg["program_name"]], cfg["env"])
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller as ERROR
         os.write(status_fd, f"ERROR {type(exc).__name__}: {exc}\n".encode())
     os._exit(127)

@@ -75,6 +75,12 @@ def test_output_below_the_cap_is_kept_whole(work_root):
     assert over.status == "output_limit" and over.stdout == "y" * 100_000
 
 
+def test_a_growing_memory_hog_stops_at_the_address_space_limit(work_root):
+    sandbox = Sandbox(Limits(memory_bytes=256 * 2**20, timeout_s=5.0))
+    result = sandbox.run("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))")
+    assert (result.status, result.returncode, result.reason) == ("exited", 1, "MemoryError")
+
+
 def test_background_processes_die_with_the_program(sandbox):
     program = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
     result = sandbox.run(program)
