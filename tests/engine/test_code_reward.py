@@ -25,7 +25,7 @@ def work_root(tmp_path, monkeypatch):
 
 @pytest.fixture
 def reward(work_root):
-    fn = CodeExecutionReward(workers=4, timeout_s=1.5, memory_bytes=256 * 2**20, max_output_bytes=2**16)
+    fn = CodeExecutionReward(workers=4, timeout_s=2.0, memory_bytes=256 * 2**20, max_output_bytes=2**16)
     yield fn
     fn.close()
 
@@ -103,12 +103,24 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
     me = os.getpid()
     cases = {
-        "fork bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", "timeout"),
+        "fork bomb": (
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+            "timeout",
+        ),
         "infinite loop": ("while True:\n    pass", "timeout"),
         "memory hog": ("hog = bytearray(2**30)\nprint('ok')", "MemoryError"),  # past RLIMIT_AS at once
-        "gigabyte of output": ("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)", "output exceeded"),
-        "network": (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=0.5).sendall(b'hi')\nprint('ok')", "Network is unreachable"),
-        "write outside": (f"open({escape!r}, 'w').write('x')\nopen({str(target / 'pwned')!r}, 'w').write('x')\nprint('ok')", "No such file"),
+        "gigabyte of output": (
+            "import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)",
+            "output exceeded",
+        ),
+        "network": (
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=0.5).sendall(b'hi')\nprint('ok')",
+            "Network is unreachable",
+        ),
+        "write outside": (
+            f"open({escape!r}, 'w').write('x')\nopen({str(target / 'pwned')!r}, 'w').write('x')\nprint('ok')",
+            "No such file",
+        ),
         "parent environment": (
             textwrap.dedent(
                 """
@@ -124,12 +136,19 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
             ),
             "wrong output: expected 'ok\\n', got 'absent\\n'",
         ),
-        "signal the parent": (f"import os, signal\nos.kill({me}, signal.SIGUSR1)\nos.kill(os.getppid(), signal.SIGKILL)\nprint('ok')", "ProcessLookupError"),
-        "signal the init": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('ok')", "PermissionError"),
+        "signal the test process": (
+            f"import os, signal\nos.kill({me}, signal.SIGUSR1)\nprint('ok')",
+            "ProcessLookupError",  # the test's pid does not exist in the program's pid namespace
+        ),
+        "signal the parent": (
+            "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('ok')",
+            "PermissionError",  # the parent is the namespace's init, owned by root
+        ),
         "sleep": ("import time\ntime.sleep(30)\nprint('ok')", "timeout"),
     }
     try:
-        rewards = reward([""] * len(cases), [src for src, _ in cases.values()], tests=[[{"input": "", "output": "ok\n"}]] * len(cases))
+        tests = [[{"input": "", "output": "ok\n"}]] * len(cases)
+        rewards = reward([""] * len(cases), [src for src, _ in cases.values()], tests=tests)
         for name, result, (_, expected_reason) in zip(cases, reward.last_results, cases.values()):
             assert result.reward == 0.0, name
             assert expected_reason in result.reason, f"{name}: {result.reason}"

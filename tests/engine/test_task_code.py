@@ -29,11 +29,13 @@ def test_rows_are_hand_checkable():
     row = code._row("program", "", "max", 12)
     assert row["prompt"] == "program reads n, prints max of n and 12\n"
     assert code.reference_completion(row) == "n = int(input())\nprint(max(n, 12))"
-    assert row["tests"][0] == {"input": "-5\n", "output": "12\n"} and row["tests"][4] == {"input": "58\n", "output": "58\n"}
+    assert row["tests"][0] == {"input": "-5\n", "output": "12\n"}
+    assert row["tests"][4] == {"input": "58\n", "output": "58\n"}
 
 
 def test_reward_runs_the_programs():
-    rows = [code._row("function", "h", "square", 3), code._row("program", "", "minus", 4)] + code.make_dataset("train", 4, seed=0)
+    rows = [code._row("function", "h", "square", 3), code._row("program", "", "minus", 4)]
+    rows += code.make_dataset("train", 4, seed=0)
     completions = [code.reference_completion(r) for r in rows]
     completions[0] = "def h(x):\n    return x * 3 + 3"  # right at x = 0 and x = 3 only: 2 of 5
     completions[1] = "n = int(input())\nprint(n + 4)"  # never right

@@ -45,13 +45,23 @@ def tiny():
         # Point the YES and NO rows of the head so that the first two prompts get opposite judgements
         # (logit gap +-3): both branches of the reward are exercised, with mass left on other tokens.
         last = [
-            model.model(input_ids=torch.tensor([tokenizer.encode(DEFAULT_TEMPLATE.format(question=q, reference=a, response=final_line(r)))])).last_hidden_state[0, -1]
+            model.model(input_ids=torch.tensor([tokenizer.encode(prompt_for(q, a, r))])).last_hidden_state[0, -1]
             for q, a, r in zip(QUESTIONS[:2], ANSWERS[:2], RESPONSES[:2])
         ]
         direction = torch.linalg.lstsq(torch.stack(last), torch.tensor([[1.5], [-1.5]])).solution[:, 0]
         model.lm_head.weight[YES] = direction
         model.lm_head.weight[NO] = -direction
     return model.train(), tokenizer
+
+
+def prompt_for(question: str, answer: str, response: str) -> str:
+    return DEFAULT_TEMPLATE.format(question=question, reference=answer, response=final_line(response))
+
+
+def assert_close(actual: list[float], expected: list[float], rtol: float, atol: float) -> None:
+    torch.testing.assert_close(
+        torch.tensor(actual, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol
+    )
 
 
 def hand_probabilities(model, tokenizer, text: str) -> tuple[float, float]:
@@ -81,16 +91,16 @@ def test_soft_reward_equals_hand_probabilities_of_a_tiny_llama(tiny):
     assert not model.training
     expected, judged = [], []
     for q, a, r in zip(questions, answers, responses):
-        p_yes, p_no = hand_probabilities(model, tokenizer, DEFAULT_TEMPLATE.format(question=q, reference=a, response=final_line(r)))
+        p_yes, p_no = hand_probabilities(model, tokenizer, prompt_for(q, a, r))
         judged.append(p_yes >= p_no)
         expected.append(p_yes if p_yes >= p_no else 1 - p_no)
     assert set(judged) == {True, False}, "the fixture should produce both judgements"
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert_close(got, expected, rtol=1e-5, atol=1e-7)
     binary = VerifierReward(model, tokenizer, mode="binary")(questions, responses, answer=answers)
     assert binary == [float(j) for j in judged]
     z = VerifierReward(model, tokenizer, zscore=True)(questions, responses, answer=answers)
     mean, std = statistics.fmean(expected), statistics.pstdev(expected)
-    torch.testing.assert_close(torch.tensor(z), torch.tensor([(e - mean) / std for e in expected]), rtol=1e-4, atol=1e-5)
+    assert_close(z, [(e - mean) / std for e in expected], rtol=1e-4, atol=1e-5)
 
 
 def test_loading_from_a_local_directory_matches_the_object(tiny, tmp_path):
@@ -99,7 +109,7 @@ def test_loading_from_a_local_directory_matches_the_object(tiny, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     from_path = VerifierReward(str(tmp_path), device="cpu")(QUESTIONS, RESPONSES, answer=ANSWERS)
     from_object = VerifierReward(model, tokenizer)(QUESTIONS, RESPONSES, answer=ANSWERS)
-    torch.testing.assert_close(torch.tensor(from_path), torch.tensor(from_object), rtol=1e-6, atol=1e-7)
+    assert_close(from_path, from_object, rtol=1e-6, atol=1e-7)
 
 
 class FixedLogits(torch.nn.Module):
@@ -132,12 +142,12 @@ def test_hand_worked_branches_binary_and_zscore():
     prompts, responses = ["q"] * 4, ["x\na", "b", "c", "d"]
     soft = hand_verifier()(prompts, responses, answer=["ref"] * 4)
     # a: YES 0.6; b: NO, 1 - 0.5; c: tie judged YES, 0.3; d: NO, 1 - 0.85
-    torch.testing.assert_close(torch.tensor(soft, dtype=torch.float64), torch.tensor([0.6, 0.5, 0.3, 0.15], dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    assert_close(soft, [0.6, 0.5, 0.3, 0.15], rtol=1e-6, atol=1e-7)
     assert hand_verifier(mode="binary")(prompts, responses, answer=["ref"] * 4) == [1.0, 0.0, 1.0, 0.0]
     assert hand_verifier(mode="binary", zscore=True)(prompts, responses, answer=["ref"] * 4) == [1.0, -1.0, 1.0, -1.0]
     z = hand_verifier(zscore=True)(prompts, responses, answer=["ref"] * 4)
     mean, std = 0.3875, statistics.pstdev([0.6, 0.5, 0.3, 0.15])
-    torch.testing.assert_close(torch.tensor(z), torch.tensor([(v - mean) / std for v in (0.6, 0.5, 0.3, 0.15)]), rtol=1e-5, atol=1e-6)
+    assert_close(z, [(v - mean) / std for v in (0.6, 0.5, 0.3, 0.15)], rtol=1e-5, atol=1e-6)
     assert hand_verifier(zscore=True)(["q"] * 3, ["a"] * 3, answer=["ref"] * 3) == [0.0, 0.0, 0.0]
     assert hand_verifier(zscore=True)(["q"], ["d"], answer=["ref"]) == [0.0]
 
