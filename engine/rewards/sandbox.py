@@ -267,6 +267,7 @@ class Sandbox:
                 pass
             proc.wait()
             os.close(pidfd)
+            buffers[status_r] += _drain(status_r)  # every writer is dead now: this cannot block
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if not stream.closed:
                     stream.close()
@@ -282,9 +283,7 @@ class Sandbox:
             return RunResult(status, None, out, err, wall, reason)
         code = proc.returncode
         if code > 128:
-            reason = f"killed by signal {signal.strsignal(code - 128) or code - 128}"
-            if code == 128 + signal.SIGXCPU:
-                reason += " (CPU time limit)"
+            reason = f"killed by signal {code - 128} ({signal.strsignal(code - 128)})"
         elif code != 0:
             reason = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
         return RunResult("exited", code, out, err, wall, reason)
@@ -299,6 +298,15 @@ class Sandbox:
             sel.unregister(proc.stdin.fileno())
             proc.stdin.close()
         return sent
+
+
+def _drain(fd: int) -> bytes:
+    """Everything left in a pipe whose writers have all exited."""
+    os.set_blocking(fd, True)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class SandboxPool:

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from fusedrl.engine.rewards.code import CodeExecutionReward, extract_code, outputs_match
+from fusedrl.engine.rewards.code import CaseResult, CodeExecutionReward, extract_code, outputs_match
 
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-5, 5) == 0"}]
@@ -85,6 +85,16 @@ def test_an_early_clean_exit_does_not_pass_asserts(reward):
     hacks = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "def add(a, b):\n    return a + b\nexit()"]
     assert reward([""] * 3, hacks, tests=[ADD_TESTS] * 3) == [0.0, 0.0, 0.0]
     assert all(r.reason.startswith("exited before the test ran") for r in reward.last_results)
+
+
+def test_the_cpu_time_limit_counts_as_a_timeout(work_root):
+    fn = CodeExecutionReward(workers=1, timeout_s=10.0)
+    busy = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, resource.getrlimit(resource.RLIMIT_CPU)[1]))\n"
+    try:
+        assert fn([""], [busy + "while True:\n    pass"], tests=[[{"input": "", "output": "ok\n"}]]) == [0.0]
+        assert fn.last_results[0].cases[0] == CaseResult("timed_out", "killed by signal 24 (CPU time limit exceeded)")
+    finally:
+        fn.close()
 
 
 def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):

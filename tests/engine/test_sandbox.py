@@ -62,6 +62,23 @@ def test_exit_codes_and_signals_are_reported(sandbox):
     assert killed.returncode == 128 + 15 and "Terminated" in killed.reason
 
 
+def test_cpu_time_limit_ends_a_busy_program(work_root):
+    """RLIMIT_CPU backs up the wall clock; here the program lowers its own soft limit to reach it first."""
+    program = textwrap.dedent(
+        """
+        import resource
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        assert hard == 12  # ceil(timeout_s) + 2: the sandbox's own limit, which the program cannot raise
+        resource.setrlimit(resource.RLIMIT_CPU, (1, hard))
+        while True:
+            pass
+        """
+    )
+    result = Sandbox(Limits(timeout_s=10.0)).run(program)
+    assert result.status == "exited" and result.returncode == 128 + 24  # SIGXCPU
+    assert "CPU time limit exceeded" in result.reason
+
+
 def test_large_stdin_that_the_program_ignores_does_not_block(sandbox):
     result = sandbox.run("print('done')", "x" * (4 * 2**20))
     assert (result.status, result.stdout) == ("exited", "done\n")
