@@ -48,8 +48,9 @@ def _check(result: int, what: str) -> None:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+    args = [None if arg is None else arg.encode() for arg in (source, target, fstype)]
+    result = _libc.mount(*args, ctypes.c_ulong(flags), None if data is None else data.encode())
+    _check(result, f"mount {target}")
 
 
 def _exit_code(status: int) -> int:

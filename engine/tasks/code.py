@@ -99,3 +99,8 @@ def _reward_fn() -> CodeExecutionReward:
 def reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
     """The fraction of the row's test cases that the response's program passes, run in the sandbox."""
     return _reward_fn()(prompts, completions, **columns)
+
+
+def stats() -> dict[str, float]:
+    """The reward's outcome counts and programs per second since the previous call (for the logs)."""
+    return _reward_fn().stats()

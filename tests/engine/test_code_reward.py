@@ -109,6 +109,7 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
     target.mkdir(mode=0o777)
     os.chmod(target, 0o777)  # writable by any uid: only the mount namespace keeps the program out
     escape = f"/tmp/fusedrl-escape-{os.getpid()}"
+    repo_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"pwned-{os.getpid()}")
     received = []
     previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
     me = os.getpid()
@@ -131,6 +132,7 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
             f"open({escape!r}, 'w').write('x')\nopen({str(target / 'pwned')!r}, 'w').write('x')\nprint('ok')",
             "No such file",
         ),
+        "write into the repository": (f"open({repo_file!r}, 'w').write('x')\nprint('ok')", "PermissionError"),
         "parent environment": (
             textwrap.dedent(
                 """
@@ -165,12 +167,12 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
         assert rewards == [0.0] * len(cases)
         with pytest.raises(BlockingIOError):
             listener.accept()  # no connection ever reached the host's loopback
-        assert not target.joinpath("pwned").exists() and not os.path.exists(escape)
+        assert not target.joinpath("pwned").exists() and not os.path.exists(escape) and not os.path.exists(repo_file)
         assert received == []
         assert _descendants(me) == []
         assert all(_processes_of_uid(reward.pool.sandbox.first_uid + k) == [] for k in range(reward.pool.workers))
         counts = reward.stats()
-        assert (counts["code/timed_out"], counts["code/crashed"], counts["code/failed"]) == (3.0, 6.0, 1.0)
+        assert (counts["code/timed_out"], counts["code/crashed"], counts["code/failed"]) == (3.0, 7.0, 1.0)
         # The trainer is unharmed and the pool still works.
         assert reward([""], ["print(input())"], tests=[[{"input": "fine\n", "output": "fine\n"}]]) == [1.0]
     finally:

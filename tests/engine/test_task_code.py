@@ -40,4 +40,7 @@ def test_reward_runs_the_programs():
     completions[0] = "def h(x):\n    return x * 3 + 3"  # right at x = 0 and x = 3 only: 2 of 5
     completions[1] = "n = int(input())\nprint(n + 4)"  # never right
     columns = {"tests": [r["tests"] for r in rows]}
+    code.stats()  # start the counts here
     assert code.reward([r["prompt"] for r in rows], completions, **columns) == [0.4, 0.0, 1.0, 1.0, 1.0, 1.0]
+    counts = code.stats()
+    assert (counts["code/passed"], counts["code/failed"], counts["code/programs"]) == (22.0, 8.0, 30.0)
