@@ -1,8 +1,10 @@
 """The code-execution reward: extraction, scoring modes, and an adversarial batch that must be contained."""
 
 import os
+import shutil
 import signal
 import socket
+import sys
 import tempfile
 import textwrap
 
@@ -85,6 +87,17 @@ def test_an_early_clean_exit_does_not_pass_asserts(reward):
     hacks = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "def add(a, b):\n    return a + b\nexit()"]
     assert reward([""] * 3, hacks, tests=[ADD_TESTS] * 3) == [0.0, 0.0, 0.0]
     assert all(r.reason.startswith("exited before the test ran") for r in reward.last_results)
+
+
+def test_a_run_whose_isolation_fails_is_refused_and_unscored(reward, tmp_path):
+    """If isolation breaks after construction, nothing runs and the sample gets None (not a 0)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shutil.copy(os.path.realpath(sys.executable), private / "python3")
+    reward.pool.sandbox.python = str(private / "python3")  # not executable by the sandbox uid
+    assert reward([""], ["print(1)"], tests=[[{"input": "", "output": "1\n"}] * 2]) == [None]
+    assert reward.last_results[0].reason.startswith("isolation failed")
+    assert reward.stats()["code/refused"] == 2.0
 
 
 def test_the_cpu_time_limit_counts_as_a_timeout(work_root):
