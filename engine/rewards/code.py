@@ -21,6 +21,7 @@ this check does not claim to defeat it.
 
 import re
 import secrets
+import signal
 import textwrap
 import time
 from collections import Counter
@@ -86,7 +87,7 @@ def _check_case(case) -> None:
 def _judge(run: RunResult, passed: bool, failed_reason: str) -> CaseResult:
     if run.status == "refused":
         return CaseResult("refused", run.reason)
-    if run.status == "timed_out" or "CPU time limit" in run.reason:
+    if run.status == "timed_out" or run.returncode == 128 + signal.SIGXCPU:
         return CaseResult("timed_out", run.reason)
     if run.status == "output_limit":
         return CaseResult("crashed", run.reason)
