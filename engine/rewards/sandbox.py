@@ -277,7 +277,12 @@ class Sandbox:
         lines = buffers[status_r].decode(errors="replace").splitlines()
         errors = [line[len("ERROR ") :] for line in lines if line.startswith("ERROR ")]
         if errors or "READY" not in lines:
-            cause = errors[0] if errors else f"launcher ended without starting the program (exit {proc.returncode})"
+            if errors:
+                cause = errors[0]
+            elif status == "timed_out":
+                cause = f"setup did not finish within the {self.limits.timeout_s} s timeout"
+            else:
+                cause = f"launcher ended without starting the program (exit {proc.returncode})"
             return RunResult("refused", None, "", "", wall, f"isolation failed: {cause}")
         if status != "exited":
             return RunResult(status, None, out, err, wall, reason)
