@@ -143,8 +143,10 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError("dual_clip must be None with cov_mode='kl_cov': KL-Cov drops the PPO clip")
         self.normalize_by = normalize_by
         if loss_type == "dr_grpo":
-            if max_completion_length is None or int(max_completion_length) != max_completion_length or max_completion_length < 1:
-                raise ValueError(f"max_completion_length must be a positive int for loss_type='dr_grpo', got {max_completion_length!r}")
+            if not isinstance(max_completion_length, int) or max_completion_length < 1:
+                raise ValueError(
+                    f"max_completion_length must be a positive int for loss_type='dr_grpo', got {max_completion_length!r}"
+                )
             if normalize_by == "selected":
                 raise ValueError("normalize_by must be 'valid' for loss_type='dr_grpo', whose denominator is a constant")
         self.max_completion_length = None if max_completion_length is None else int(max_completion_length)
@@ -236,9 +238,9 @@ class FusedPolicyLoss(nn.Module):
             keep = keep & unlikely
             metrics["mask/probability"] = frac(unlikely)
 
-        pg_loss = self._aggregate(torch.where(keep, pg, 0.0), keep if self.normalize_by == "selected" else valid, num_items_in_batch)
+        counted = keep if self.normalize_by == "selected" else valid
+        pg_loss = self._aggregate(torch.where(keep, pg, 0.0), counted, num_items_in_batch)
         loss = pg_loss
-        kl = None
         if ref_logprobs is not None:
             kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().float(), 0.0))
             metrics["kl"] = (kl.detach() * valid).sum() / n_valid
