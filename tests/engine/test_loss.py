@@ -169,6 +169,24 @@ def test_loss_and_gradients_match_float64(case, path, backend):
     assert metrics["entropy/mean"].item() == pytest.approx(h[valid].mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bfloat16_logits(backend):
+    """bf16 logits: lp, H and the loss in fp32 match float64 on the rounded logits; the bf16 gradient
+    is within bf16 rounding of the float64 one."""
+    cfg = dict(loss_type="dapo", epsilon_high=0.28, top_entropy_fraction=0.3, beta=0.1)
+    inputs, _, ids, mask, adv, old, ref = make_batch(False)
+    logits = inputs["logits"].to(torch.bfloat16).requires_grad_(True)
+    loss, _ = FusedPolicyLoss(**cfg, backend=backend)(ids, mask, adv, logits=logits, old_logprobs=old, ref_logprobs=ref)
+    loss.backward()
+    logits64 = logits.detach().double().requires_grad_(True)
+    expected = reference_loss(cfg, logits64, ids, mask, adv, old, ref)[0]
+    expected.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
+    scale = logits64.grad.abs().max().item()
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=2**-8, atol=1e-3 * scale)
+
+
 DISTRIBUTED_CASES = (
     dict(top_entropy_fraction=0.3, cov_mode="kl_cov", cov_ratio=0.1),
     dict(top_entropy_fraction=0.5, cov_mode="clip_cov", cov_ratio=0.1, cov_lower=0.0),
