@@ -1,10 +1,11 @@
 """Per-token log-prob and entropy from logits, fused: lp = log softmax(x / T)[y], H = -sum p log p.
 
 The forward reads each logits row once, streaming over the vocabulary with an online max, sum of
-exponentials and sum of p * z in fp32 (ALGORITHMS.md section 1), and keeps only the per-row
-log-sum-exp and entropy for the backward. The backward reads the row once more, recomputes p block
-by block and writes d logits = (g_lp (onehot(y) - p) - g_H p (log p + H)) / T once, in the logits'
-dtype, optionally into the logits' own storage.
+exponentials and sum of p * log p in fp32 (ALGORITHMS.md section 1), and keeps only per-row state
+for the backward: the row max and log S (lse = max / T + log S) and H, 12 bytes a row. The
+backward reads the row once more, recomputes p tile by tile and writes
+d logits = (g_lp (onehot(y) - p) - g_H p (log p + H)) / T once, in the logits' dtype, optionally
+into the logits' own storage.
 
 Block sizes. The op is memory-bound: at V = 151,936 bf16 a row is 297 KiB and the arithmetic is a
 few flops per byte, so the design goal is bytes in flight per SM. A program walks its row in
@@ -14,13 +15,13 @@ specialisation sees this for every padded vocabulary: 32,000, 128,256, 151,936, 
 tile loop is software-pipelined (tl.range, 3 stages): the compiler issues the next two tiles'
 loads as cp.async into shared memory (2 x 16 KiB for bf16) while this tile is reduced, so a
 program keeps about 48 KiB in flight without spending registers on it; an H100 needs roughly
-3.35 TB/s x ~0.7 us / 132 SMs = 18 KiB per SM. The forward uses about 100 registers per thread at
-this size (compile check: no spills on sm_80/sm_90). Each element costs one exponential: the
-running max is a per-tile scalar (one reduction per tile), so the per-element rescale is a
-broadcast multiply, not a second exp. At 3.35 TB/s of bf16 (1.7e12 elements/s) one ex2 per
-element is about 40% of an H100's SFU throughput (16 per clock per SM); two would be 80%. Short vocabularies put several rows in a program
-(BLOCK_N > 1, tiles of 2048 elements, no pipelining) so that small-V calls do not launch one tiny
-program per row.
+3.35 TB/s x ~0.7 us / 132 SMs = 18 KiB per SM. The forward uses under 120 registers per thread,
+the backward under 100 (compile check: no spills on sm_80/sm_90). Each element costs one
+exponential: the running max is a per-tile scalar (one reduction per tile), so the per-element
+rescale is a broadcast multiply, not a second exp. At 3.35 TB/s of bf16 (1.7e12 elements/s) one
+ex2 per element is about 40% of an H100's SFU throughput (16 per clock per SM); two would be 80%.
+Vocabularies under 2048 put several rows in a program (BLOCK_N > 1) so that small-V calls do not
+launch one tiny program per row. None of this is measured yet: see docs/k-logits.md.
 
 Grid: one axis, cdiv(N, BLOCK_N) programs (CUDA allows 2^31 - 1 on axis 0), program ids cast to
 int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
@@ -28,7 +29,6 @@ int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import triton
@@ -139,21 +139,24 @@ def _backward_kernel(
         tl.store(out_ptr[:, None] + offs[None, :], d.to(grad_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab)
 
 
-# Block sizes (see the module docstring): every thread holds 16 consecutive elements of a tile.
+# Block sizes (see the module docstring): a thread holds 16 consecutive elements of a long row's tile.
 MAX_BLOCK_V = 8192
 SMALL_TILE = 2048  # elements per tile when several short rows share a program...
-MAX_BLOCK_N = 128  # ...but at most this many (unaligned rows keep a 64-bit pointer per element)
+MAX_BLOCK_N = 32  # ...but at most this many
 ELEMENTS_PER_THREAD = 16
 NUM_STAGES = 3
 
 
 def _config(vocab: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps, num_stages) for a vocabulary size. Depends on V only, which is fixed per
-    model, so a changing number of rows never recompiles."""
+    """(BLOCK_N, BLOCK_V, num_warps, num_stages) for a vocabulary size. Depends on V only, which
+    is fixed per model, so a changing number of rows never recompiles."""
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     block_n = min(MAX_BLOCK_N, max(1, SMALL_TILE // block_v))
-    num_warps = max(1, block_n * block_v // (32 * ELEMENTS_PER_THREAD))
-    return block_n, block_v, num_warps, (NUM_STAGES if block_n == 1 else 1)
+    if block_n == 1:
+        return 1, block_v, max(1, block_v // (32 * ELEMENTS_PER_THREAD)), NUM_STAGES
+    # Short rows are rarely aligned for vector loads: each element then carries its own 64-bit
+    # pointer, so threads take half as many elements, and the loop (a single tile) is not pipelined.
+    return block_n, block_v, max(1, block_n * block_v // (16 * ELEMENTS_PER_THREAD)), 1
 
 
 def _grid(n_rows: int, block_n: int) -> tuple[int]:
@@ -321,49 +324,42 @@ def logprobs_and_entropy(
     return _LogprobsEntropy.apply(logits, targets, options)
 
 
+def _spec(fn, name, dtype, vocab, **flags) -> CompileSpec:
+    block_n, block_v, num_warps, num_stages = _config(vocab)
+    constexprs = {**flags, "BLOCK_N": block_n, "BLOCK_V": block_v, "NUM_STAGES": num_stages}
+    pointers = {
+        _forward_kernel: ("logits", "targets", "lp", "entropy", "max", "log_sum"),
+        _backward_kernel: ("logits", "grad", "targets", "max", "log_sum", "entropy", "grad_lp", "grad_entropy"),
+    }[fn]
+    types = {"logits": f"*{dtype}", "grad": f"*{dtype}", "targets": "*i64"}
+    signature = {f"{p}_ptr": types.get(p, "*fp32") for p in pointers}
+    signature |= {"n_rows": "i32", "vocab": "i32", "inner_rows": "i32", "stride_outer": "i64", "stride_inner": "i64"}
+    if fn is _backward_kernel:
+        signature |= {"grad_stride_outer": "i64", "grad_stride_inner": "i64"}
+    signature |= {"inv_temperature": "fp32", "ignore_index": "i32"} | {k: "constexpr" for k in constexprs}
+    return CompileSpec(
+        name=f"{name}_{dtype}_{block_n}x{block_v}",
+        fn=fn,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
 def _compile_specs() -> list[CompileSpec]:
+    """Every kernel variant at the production vocabulary (V = 151,936: one row per 8192-wide tile)
+    in each dtype, and the other tile shapes _config picks (a single 2048-wide tile; several short
+    rows per tile) in bf16."""
     specs = []
-    common = {
-        "n_rows": "i32", "vocab": "i32", "inner_rows": "i32", "stride_outer": "i64", "stride_inner": "i64",
-    }  # fmt: skip
+    grad_flags = {"bwd": (True, True), "bwd_lp": (True, False), "bwd_h": (False, True)}
     for dtype in ("bf16", "fp16", "fp32"):
-        for vocab in (151936, 1000, 100, 3):  # one row per tile, and short rows sharing a tile
-            block_n, block_v, num_warps, num_stages = _config(vocab)
-            constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "NUM_STAGES": num_stages}
-            specs.append(
-                CompileSpec(
-                    name=f"fwd_{dtype}_{block_n}x{block_v}",
-                    fn=_forward_kernel,
-                    signature={
-                        "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "lp_ptr": "*fp32",
-                        "entropy_ptr": "*fp32", "max_ptr": "*fp32", "log_sum_ptr": "*fp32", **common,
-                        "inv_temperature": "fp32", "ignore_index": "i32",
-                        **{k: "constexpr" for k in constexprs},
-                    },  # fmt: skip
-                    constexprs=constexprs,
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                )
-            )
-            for has_lp, has_h in ((True, True), (True, False), (False, True)):
-                bwd_constexprs = {"HAS_GRAD_LP": has_lp, "HAS_GRAD_ENTROPY": has_h, **constexprs}
-                specs.append(
-                    CompileSpec(
-                        name=f"bwd_{dtype}_{block_n}x{block_v}_lp{int(has_lp)}_h{int(has_h)}",
-                        fn=_backward_kernel,
-                        signature={
-                            "logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "targets_ptr": "*i64",
-                            "max_ptr": "*fp32", "log_sum_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
-                            "grad_entropy_ptr": "*fp32", **common,
-                            "grad_stride_outer": "i64", "grad_stride_inner": "i64",
-                            "inv_temperature": "fp32", "ignore_index": "i32",
-                            **{k: "constexpr" for k in bwd_constexprs},
-                        },  # fmt: skip
-                        constexprs=bwd_constexprs,
-                        num_warps=num_warps,
-                        num_stages=num_stages,
-                    )
-                )
+        specs.append(_spec(_forward_kernel, "fwd", dtype, 151936))
+        for name, (has_lp, has_h) in grad_flags.items():
+            specs.append(_spec(_backward_kernel, name, dtype, 151936, HAS_GRAD_LP=has_lp, HAS_GRAD_ENTROPY=has_h))
+    for vocab in (2048, 1000, 100, 3):
+        specs.append(_spec(_forward_kernel, "fwd", "bf16", vocab))
+        specs.append(_spec(_backward_kernel, "bwd", "bf16", vocab, HAS_GRAD_LP=True, HAS_GRAD_ENTROPY=True))
     return specs
 
 

@@ -21,9 +21,9 @@ from fusedrl.kernels._rows import row_layout, rows_are_disjoint
 
 # Byte budget of one fp32 [rows, V] working tensor. Rows are processed in chunks of
 # max(1, LOGITS_CHUNK_BYTES // (4 V)) rows. A chunk's work lives in its own function call, so that
-# its temporaries die before the next chunk starts: at most two fp32 chunks, a bool mask and (for
-# leading dimensions that need two strides) one logits-dtype copy are alive at once. Peak extra
-# memory is therefore about 3 * LOGITS_CHUNK_BYTES plus O(N) per-row state, whatever N is.
+# its temporaries die before the next chunk starts: at most two fp32 chunks and a bool mask are
+# alive at once. Peak extra memory is therefore about 2.25 * LOGITS_CHUNK_BYTES plus O(N) per-row
+# state, whatever N is.
 # 64 MiB keeps a chunk of a 151,936-word vocabulary at 110 rows: large enough that the per-chunk
 # overhead (a dozen kernel launches) is negligible next to the work.
 LOGITS_CHUNK_BYTES = 64 * 2**20
@@ -67,7 +67,8 @@ def _chunk_logp(chunk: torch.Tensor, temperature: float, row_max=None, log_sum=N
     """fp32 log-probabilities [r, V] of one chunk as (x - max) / T - log S, and the row max and
     log S (computed when not given). Subtracting the max before dividing by T keeps log p exact
     near the max, which peaked rows need."""
-    x = chunk.reshape(-1, chunk.shape[-1]).to(torch.float32, copy=True)  # never the input itself
+    # A contiguous fp32 copy (never the input itself, which the in-place ops below would change).
+    x = chunk.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(-1, chunk.shape[-1])
     if row_max is None:
         row_max = x.amax(dim=-1)
         row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)  # all -inf: no shift

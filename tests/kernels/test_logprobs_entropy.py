@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrl.kernels.logprobs_entropy as le
 from fusedrl.kernels import logprobs_and_entropy
@@ -234,3 +235,123 @@ def test_backends_agree_with_each_other(backend):
     b = logprobs_and_entropy(x, targets, temperature=1.7, backend=other)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, atol=5e-6, rtol=5e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts: strided leading dimensions, in-place backward
+# ---------------------------------------------------------------------------------------------
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records (numel, dtype) of every tensor an aten op allocates; outputs that alias an input
+    (views, in-place and out= ops) are not allocations and are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocations: list[tuple[int, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, value in zip(returns, outputs):
+            if isinstance(value, torch.Tensor) and ret.alias_info is None:
+                self.allocations.append((value.numel(), value.dtype))
+        return out
+
+
+def reference_grad_of_full(full, logits_of, targets, temperature, g_lp, g_h):
+    """fp64 gradient with respect to a full tensor of which the op sees logits_of(full)."""
+    leaf = full.detach().double().requires_grad_()
+    logp = torch.log_softmax(logits_of(leaf) / temperature, dim=-1)
+    ignored = targets == IGNORE
+    lp = logp.gather(-1, targets.masked_fill(ignored, 0)[..., None]).squeeze(-1).masked_fill(ignored, 0.0)
+    entropy = -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1).masked_fill(ignored, 0.0)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
+    return lp, entropy, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_slice_of_batch_needs_no_copy(backend):
+    """logits[:, :-1, :] of [B, L + 1, V] with targets ids[:, 1:]: the usual next-token layout."""
+    batch, length, vocab = 3, 9, 1000
+    full = (torch.randn(batch, length + 1, vocab) * 3).bfloat16().requires_grad_()
+    ids = torch.randint(0, vocab, (batch, length + 1))
+    ids[1, 4] = IGNORE
+    targets = ids[:, 1:]
+    logits = full[:, :-1, :]
+    recorder = AllocationRecorder()
+    with recorder:
+        lp, entropy = logprobs_and_entropy(logits, targets, temperature=0.6, backend=backend)
+    n_rows = batch * length
+    # The triton forward allocates O(N) only; the torch one its fp32 chunk, never a bf16 copy.
+    copies = [a for a in recorder.allocations if a[0] >= n_rows * vocab and (backend == "triton" or a[1] == full.dtype)]
+    assert not copies, f"the forward copied the logits: {copies}"
+    g_lp, g_h = torch.randn(batch, length), torch.randn(batch, length)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), full)
+    ref_lp, ref_h, ref_grad = reference_grad_of_full(full, lambda t: t[:, :-1, :], targets, 0.6, g_lp, g_h)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
+    # One bf16 rounding of the exact gradient (0.5 ulp = 2^-9 relative), and exact zeros at the
+    # last position, which the op never sees.
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=2**-8)
+    assert torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("transposed", (9, 3, 257), lambda t: t.transpose(0, 1)),  # two levels, outer stride < inner
+        ("two_axis_slice", (2, 4, 5, 257), lambda t: t[:, 1:, 1:]),  # three levels: copied once
+        ("strided_rows", (12, 2, 257), lambda t: t[:, 0]),  # one level, row stride 2 V
+    ],
+    ids=lambda layout: layout[0],
+)
+def test_other_leading_layouts(backend, layout):
+    _, shape, view = layout
+    full = (torch.randn(shape) * 2).float().requires_grad_()
+    logits = view(full)
+    targets = torch.randint(0, shape[-1], logits.shape[:-1])
+    lp, entropy = logprobs_and_entropy(logits, targets, temperature=1.7, backend=backend)
+    g_lp, g_h = torch.randn(targets.shape), torch.randn(targets.shape)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), full)
+    ref_lp, ref_h, ref_grad = reference_grad_of_full(full, view, targets, 1.7, g_lp, g_h)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_writes_into_the_logits(backend):
+    batch, length, vocab = 2, 6, 700
+    source = (torch.randn(batch, length + 1, vocab) * 3).bfloat16()
+    targets = torch.randint(0, vocab, (batch, length))
+    targets[0, 2] = IGNORE
+    g_lp, g_h = torch.randn(batch, length), torch.randn(batch, length)
+    results = {}
+    for inplace in (False, True):
+        leaf = source.clone().requires_grad_()
+        model_out = leaf * 1.0  # an intermediate, like a model's logits
+        lp, entropy = logprobs_and_entropy(
+            model_out[:, :-1], targets, temperature=0.6, backend=backend, inplace_backward=inplace
+        )
+        (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
+        results[inplace] = (grad, model_out.detach())
+    grad, overwritten = results[True]
+    assert torch.equal(grad, results[False][0]), "in-place and out-of-place gradients differ"
+    assert torch.equal(overwritten[:, :-1], grad[:, :-1]), "the gradient was not written into the logits"
+    assert torch.equal(overwritten[:, -1], source[:, -1]), "a position outside the op was overwritten"
+    assert torch.equal(results[False][1], source), "without the option the logits must be left alone"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_with_rows_sharing_memory_is_still_correct(backend):
+    """Expanded logits: every row is the same memory, so the backward must not write in place."""
+    row = torch.randn(1, 300).requires_grad_()
+    targets = torch.tensor([3, 17, IGNORE, 250])
+    lp, entropy = logprobs_and_entropy(row.expand(4, 300), targets, backend=backend, inplace_backward=True)
+    g_lp, g_h = torch.randn(4), torch.randn(4)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), row)
+    _, _, ref_grad = reference_grad_of_full(row, lambda t: t.expand(4, 300), targets, 1.0, g_lp, g_h)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
