@@ -13,7 +13,7 @@ blocks stay in L2 while the weight tiles they share stream through it once per g
 
 Backward: the gradient with respect to the logits, dz = (g_lp (onehot - p) - g_H p (z - lse + H)) / T,
 is recomputed tile by tile (`_dlogits_kernel`, which also column-sums it in fp32 for the bias) into a
-workspace of at most CHUNK_ROWS x CHUNK_COLS elements, and two accumulating GEMMs (`_matmul_acc_kernel`)
+workspace of at most chunk_rows x chunk_cols elements (`_Blocks`), and two accumulating GEMMs (`_matmul_acc_kernel`)
 add dz @ W to an fp32 hidden-gradient buffer and dz^T @ h to an fp32 weight-gradient buffer. Every
 output tile has exactly one writer, so the result is deterministic (no atomics), and the backward does
 the minimum of 6 N V H flops for arbitrary per-token upstream gradients (recompute, d hidden, d weight).
@@ -216,7 +216,7 @@ class _Blocks:
 
 GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
 TILES_PER_SPLIT = 32  # vocabulary tiles per forward work item: at N = 8192, V = 131072, 2048 items (15.5 waves)
-_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "tf32")
+_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "ieee")  # 16-bit products are exact
 _GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 4, 3, 1024, 16384, "ieee")
 # Under the interpreter (CPU) small blocks keep the tests fast and still cross every tile, split and
 # chunk boundary at the tested shapes.
