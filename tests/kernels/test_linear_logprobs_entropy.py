@@ -64,8 +64,8 @@ def _assert_rule(name, ours, same_dtype, exact, dtype):
                     f"fp64 {exact[idx]:.8g}, tol {tol[idx]:.3g}")
 
 
-def _check(backend, n, h, v, dtype, with_bias, temperature, upstream):
-    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias)
+def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5)):
+    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias, ignored)
     g_lp = torch.randn(n) if upstream in ("lp", "both") else None
     g_ent = torch.randn(n) if upstream in ("entropy", "both") else None
 
@@ -120,6 +120,13 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
 def test_triton_backend_matches_float64(case):
     _check("triton", *case)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fully_ignored_row_blocks(backend):
+    """Leading prompt-like rows all ignored: the Triton kernels skip those row blocks (16 rows under the
+    interpreter) entirely, and a partly ignored block still gives exact zeros for its ignored rows."""
+    _check(backend, 67, 40, 300, torch.float32, True, 0.6, "both", ignored=range(0, 40))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
