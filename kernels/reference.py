@@ -68,8 +68,9 @@ def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf so far stay finite
             alpha = torch.exp(m - m_safe)
             shift = torch.where(m == float("-inf"), 0.0, m - m_safe)
-            here = ((y >= c0) & (y < c1)).nonzero().squeeze(1)
-            target_logit[r0 + here] = z[here, y[here] - c0]
+            here = (y >= c0) & (y < c1)  # masks and gathers, no data-dependent shapes: no device sync
+            local = (y - c0).clamp(0, c1 - c0 - 1)[:, None]
+            target_logit[r0:r1] = torch.where(here, z.gather(1, local)[:, 0], target_logit[r0:r1])
             zc = z.sub_(m_safe[:, None])
             e = torch.exp(zc)
             t = alpha * (t + shift * s) + torch.where(e > 0, e * zc, 0.0).sum(1)  # p = 0 adds 0, not 0 * -inf
@@ -108,8 +109,8 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
             p = torch.exp(z - lse_c)
             ent_term = torch.where(p > 0, p * (z - lse_c + ent_c), 0.0)
             dz = -(g_lp * p + g_ent * ent_term)
-            here = ((y >= c0) & (y < c1)).nonzero().squeeze(1)
-            dz[here, y[here] - c0] += g_lp[here, 0]
+            here = ((y >= c0) & (y < c1))[:, None]
+            dz.scatter_add_(1, (y - c0).clamp(0, c1 - c0 - 1)[:, None], torch.where(here, g_lp, 0.0))
             dz.mul_(inv_temperature)
             if need_b:
                 db[c0:c1] += dz.sum(0)

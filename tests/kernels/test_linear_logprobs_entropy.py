@@ -64,8 +64,8 @@ def _assert_rule(name, ours, same_dtype, exact, dtype):
                     f"fp64 {exact[idx]:.8g}, tol {tol[idx]:.3g}")
 
 
-def _check(backend, n, h, v, dtype, with_bias, temperature, upstream):
-    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias)
+def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5)):
+    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias, ignored)
     g_lp = torch.randn(n) if upstream in ("lp", "both") else None
     g_ent = torch.randn(n) if upstream in ("entropy", "both") else None
 
@@ -120,6 +120,13 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
 def test_triton_backend_matches_float64(case):
     _check("triton", *case)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fully_ignored_row_blocks(backend):
+    """Leading prompt-like rows all ignored: the Triton kernels skip those row blocks (16 rows under the
+    interpreter) entirely, and a partly ignored block still gives exact zeros for its ignored rows."""
+    _check(backend, 67, 40, 300, torch.float32, True, 0.6, "both", ignored=range(0, 40))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -227,3 +234,35 @@ def test_gpu_realistic_size_matches_torch_backend(dtype):
                  hidden, weight, None, targets, *g) for be in ("triton", "torch")]
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_far_below_logits():
+    n, h, v = 16384, 4096, 32000
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda") / h**0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp, ent = linear_logprobs_and_entropy(hidden, weight, targets)
+    (lp.sum() + ent.sum()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads_and_fp32_acc = (n * h + v * h) * 2 + v * h * 4
+    assert extra < grads_and_fp32_acc + 512 * 2**20, extra  # bf16 logits alone would be 1 GiB
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_agrees_with_logits_op(backend):
+    """Same values and gradients as logprobs_and_entropy(hidden @ weight.T + bias, ...) (issue 3)."""
+    logits_op = pytest.importorskip("fusedrl.kernels.logprobs_entropy").logprobs_and_entropy
+    hidden, weight, bias, targets = _inputs(67, 48, 1003, torch.float32, True)
+    g = torch.randn(67), torch.randn(67)
+    ours = _run(lambda h, w, b: linear_logprobs_and_entropy(h, w, targets, bias=b, temperature=0.6, backend=backend),
+                hidden, weight, bias, targets, *g)
+    # The logits op gets fp32 logits rounded once from an exact product, its gradient flows back in fp64.
+    theirs = _run(lambda h, w, b: logits_op((h @ w.T + b).float(), targets, temperature=0.6),
+                  hidden.double(), weight.double(), bias.double(), targets, *g)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5 * b.abs().max().item())
