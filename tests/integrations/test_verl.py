@@ -7,15 +7,13 @@ with batch-wide statistics computed over the valid tokens of the whole (concaten
 from __future__ import annotations
 
 import inspect
-import os
-import socket
+import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from _fake_verl import POLICY_LOSS_PARAMETERS, actor_config, batch, install_fake_verl
 from _tiny import tiny_model
+from spawn_helpers import run_ranks
 
 from fusedrl.integrations import verl as fused_verl
 
@@ -153,60 +151,33 @@ def test_patched_forward_matches_the_models_logits(tied):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_losses(rank: int, world: int, port: int, results) -> None:
-    """Each rank gets half of the batch; its token-sum loss joins the others' with an all-reduce."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        install_fake_verl()
-        old, lp, adv, mask, entropy = _shared_batch()
-        rows = slice(rank * 4, (rank + 1) * 4)
-        fused_verl.install()
-        ppo_loss = __import__("verl.workers.utils.losses", fromlist=["ppo_loss"]).ppo_loss
-        for mode in ("fusedrl_kl_cov", "fusedrl_top_entropy"):
-            config = actor_config(mode, "token-sum", kl_cov_ratio=0.05, top_entropy_fraction=0.25)
-            data = {"old_log_probs": old[rows], "advantages": adv[rows], "response_mask": mask[rows]}
-            model_output = {"log_probs": lp[rows], "entropy": entropy[rows]}
-            loss, _ = ppo_loss(config, model_output, data, dp_group=dist.group.WORLD)
-            dist.all_reduce(loss)
-            if rank == 0:
-                results[mode] = loss.item()
-    finally:
-        dist.destroy_process_group()
-
-
-def _shared_batch():
-    g = torch.Generator().manual_seed(5)
-    old, lp, adv, mask = batch(8, 10, g)
-    entropy = torch.rand(8, 10, generator=g, dtype=torch.float64)
-    return old, lp.detach(), adv, mask, entropy
+def _rank_loss(mode, old, lp, adv, mask, entropy, *, process_group):
+    """One rank's token-sum loss on its part of the batch, through verl's (stand-in) ppo_loss. Spawned
+    ranks import nothing of the parent's, so the stand-ins are installed here."""
+    install_fake_verl()
+    fused_verl.install()
+    ppo_loss = sys.modules["verl.workers.utils.losses"].ppo_loss
+    config = actor_config(mode, "token-sum", kl_cov_ratio=0.05, top_entropy_fraction=0.25)
+    data = {"old_log_probs": old, "advantages": adv, "response_mask": mask}
+    loss, _ = ppo_loss(config, {"log_probs": lp, "entropy": entropy}, data, dp_group=process_group)
+    return loss.detach()
 
 
 @pytest.mark.distributed
 def test_statistics_span_all_ranks(fake_verl):
-    """Two gloo ranks, each with half the batch, give the loss of one process on the whole batch."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_losses, args=(2, _free_port(), results), nprocs=2, join=True)
-        results = dict(results)
-    old, lp, adv, mask, entropy = _shared_batch()
-    fused_verl.install()
-    ppo_loss = fake_verl["verl.workers.utils.losses"].ppo_loss
-    data = {"old_log_probs": old, "advantages": adv, "response_mask": mask}
-    for mode in ("fusedrl_kl_cov", "fusedrl_top_entropy"):
-        config = actor_config(mode, "token-sum", kl_cov_ratio=0.05, top_entropy_fraction=0.25)
-        whole, _ = ppo_loss(config, {"log_probs": lp, "entropy": entropy}, data)
-        assert results[mode] == pytest.approx(whole.item(), rel=1e-12), mode
-    # The two halves alone would select differently: the test can tell local from global statistics.
-    config = actor_config("fusedrl_kl_cov", "token-sum", kl_cov_ratio=0.05)
-    half = [
-        ppo_loss(config, {"log_probs": lp[r], "entropy": entropy[r]}, {k: v[r] for k, v in data.items()})[0].item()
-        for r in (slice(0, 4), slice(4, 8))
-    ]
-    assert sum(half) != pytest.approx(results["fusedrl_kl_cov"], rel=1e-9)
+    """Two gloo ranks, each with half the batch: their token-sum losses add up to the loss of one
+    process on the whole batch, so centring, top-k and the entropy quantile were batch-wide."""
+    g = torch.Generator().manual_seed(5)
+    old, lp, adv, mask = batch(8, 10, g)
+    entropy = torch.rand(8, 10, generator=g, dtype=torch.float64)
+    tensors = (old, lp.detach(), adv, mask, entropy)
+    halves = [tuple(t[rows] for t in tensors) for rows in (slice(0, 4), slice(4, 8))]
+    modes = ("fusedrl_kl_cov", "fusedrl_top_entropy")
+    results = run_ranks(2, [(_rank_loss, [(mode, *half) for half in halves], {}) for mode in modes])
+
+    for mode, per_rank in zip(modes, results):
+        whole = _rank_loss(mode, *tensors, process_group=None)
+        torch.testing.assert_close(sum(per_rank), whole, rtol=1e-12, atol=1e-12, msg=mode)
+        # Alone, the halves select differently: the test tells local from batch-wide statistics.
+        local = sum(_rank_loss(mode, *half, process_group=None) for half in halves)
+        assert not torch.allclose(local, whole, rtol=1e-9), mode
