@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from fusedrl.kernels import linear_logprobs_and_entropy
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from fusedrl import FusedPolicyLoss
-from fusedrl.kernels import linear_logprobs_and_entropy
 
 PROMPTS = ["1+2=", "7+5=", "3+3=", "9+4=", "2+8=", "6+1="]
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"

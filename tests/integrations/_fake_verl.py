@@ -47,8 +47,9 @@ def _core_algos() -> types.ModuleType:
         return module.POLICY_LOSS_REGISTRY[name]
 
     def agg_loss(
-        loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
-    ):
+        loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+        loss_scale_factor=None,
+    ):  # fmt: skip
         mask = loss_mask.to(loss_mat.dtype)
         if loss_agg_mode == "token-mean":
             count = mask.sum() if batch_num_tokens is None else batch_num_tokens

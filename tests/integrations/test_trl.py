@@ -152,7 +152,9 @@ def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
     assert stock_grads.keys() == fused_grads.keys()
     assert len(stock_grads) == len(list(stock.model.parameters()))
     for name, grad in stock_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
     # The batch is built to clip on both sides: the comparison covers the clipped branches.
     assert stock_metrics["clip_ratio/low_mean"] > 0 and stock_metrics["clip_ratio/high_mean"] > 0
     for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
@@ -224,8 +226,13 @@ def test_two_step_train_runs_and_logs_trl_metrics(tmp_path, model_dir):
         reward_funcs=_reward_length,
         # TRL's default bf16 autocast (on CPU too): the fused op then runs on bf16 hidden states and head.
         args=_config(
-            tmp_path, max_steps=2, beta=0.05, use_bias_correction_kl=False, top_entropy_quantile=0.2,
-            gradient_accumulation_steps=1, bf16=True,
+            tmp_path,
+            max_steps=2,
+            beta=0.05,
+            use_bias_correction_kl=False,
+            top_entropy_quantile=0.2,
+            gradient_accumulation_steps=1,
+            bf16=True,
         ),
         train_dataset=_dataset(),
         processing_class=tokenizer,

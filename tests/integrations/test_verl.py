@@ -175,7 +175,7 @@ def test_statistics_span_all_ranks(fake_verl):
     modes = ("fusedrl_kl_cov", "fusedrl_top_entropy")
     results = run_ranks(2, [(_rank_loss, [(mode, *half) for half in halves], {}) for mode in modes])
 
-    for mode, per_rank in zip(modes, results):
+    for mode, per_rank in zip(modes, results, strict=True):
         whole = _rank_loss(mode, *tensors, process_group=None)
         torch.testing.assert_close(sum(per_rank), whole, rtol=1e-12, atol=1e-12, msg=mode)
         # Alone, the halves select differently: the test tells local from batch-wide statistics.
