@@ -163,6 +163,20 @@ def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
         assert fused_metrics["kl"] == pytest.approx(stock_metrics["kl"], rel=1e-5)
 
 
+def test_on_policy_batch_matches_stock_trl(tmp_path, model_dir):
+    """Without old log-probs (one update per generation) both use the current ones, detached."""
+    overrides = dict(loss_type="dapo", top_entropy_quantile=0.2)
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref=False)
+    del inputs["old_per_token_logps"]
+    stock_loss, stock_grads, _ = _loss_and_grads(stock, inputs)
+    fused_loss, fused_grads, _ = _loss_and_grads(fused, inputs)
+    torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=1e-7)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_eval_mode_loss_matches_stock_trl(tmp_path, model_dir, loss_type):
     """In eval (prediction_step) TRL neither splits nor accumulates: a different normaliser."""
