@@ -164,6 +164,19 @@ def test_leading_shape_and_frozen_weight():
     torch.testing.assert_close(h.grad.view(12, 16).double(), leaves[0].grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_bias_still_enters_the_recomputed_logits(backend):
+    hidden, weight, bias, targets = _inputs(30, 24, 150, torch.float32, True)
+    bias = bias * 4  # large enough that leaving it out of the backward's logits would show
+    g = torch.randn(30), torch.randn(30)
+    got = _run(lambda h, w: linear_logprobs_and_entropy(h, w, targets, bias=bias, temperature=0.6, backend=backend),
+               hidden, weight, None, targets, *g)
+    exact = _run(lambda h, w: _two_step(h, w, bias.double(), targets, 0.6, torch.float64)[:2],
+                 hidden.double(), weight.double(), None, targets, *g)
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, argument",
     [
