@@ -131,12 +131,12 @@ def _dlogits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # one chunk: [n, H], [v, H], [v], [n]
     lse_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,  # [n] fp32; the gradients are 0 on ignored rows
     dlogits_ptr,  # [n, v] workspace in the input dtype
-    dbias_ptr,  # [cdiv(n, BLOCK_N), v] fp32 column sums of dz per row block
+    dbias_ptr,  # [cdiv(n, BLOCK_N), v] fp32 column sums of dz per row block (if BIAS_GRAD)
     n_rows, hidden_size, vocab_size, col_offset, ignore_index,  # col_offset: vocabulary id of column 0
     stride_h, stride_w,
     inv_temperature,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_n, pid_v = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_N)
@@ -148,7 +148,7 @@ def _dlogits_kernel(
     col_ok = cols < vocab_size
     z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
                     stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-                        UPCAST_DOT)
+                    UPCAST_DOT)
     lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
     ent = tl.load(entropy_ptr + rows, mask=live, other=0.0)
     g_lp = tl.load(grad_lp_ptr + rows, mask=live, other=0.0)
@@ -160,7 +160,7 @@ def _dlogits_kernel(
     dz = tl.where(live[:, None] & col_ok[None, :], dz, 0.0)  # ignored rows: exactly 0, whatever z was
     tl.store(dlogits_ptr + rows[:, None] * vocab_size + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
              mask=(rows < n_rows)[:, None] & col_ok[None, :])
-    if HAS_BIAS:
+    if BIAS_GRAD:
         tl.store(dbias_ptr + pid_n * vocab_size + cols, tl.sum(dz, 0), mask=col_ok)
 
 
@@ -334,7 +334,8 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
                 r1 - r0, hidden_size, c1 - c0, c0, options.ignore_index,
                 hidden.stride(0), weight.stride(0),
                 options.inv_temperature,
-                HAS_BIAS=need_b, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_b,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
@@ -482,7 +483,7 @@ def _specs() -> list[CompileSpec]:
              "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{name}", "dbias_ptr": "*fp32",
              "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32", "ignore_index": "i32",
              "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"},
-            tile, cfg.num_warps, cfg.num_stages,
+            {**tile, "BIAS_GRAD": True}, cfg.num_warps, cfg.num_stages,
         ))
         bm, bn, bk = cfg.gemm_block
         specs.extend(spec(

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusedrl.kernels import linear_logprobs_entropy as kernel_module
 from fusedrl.kernels import reference
 from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
+from fusedrl.kernels.logprobs_entropy import logprobs_and_entropy
 
 IGNORE = -100
 # (rtol, atol as a fraction of the tensor's largest fp64 magnitude): about one rounding of the dtype.
@@ -163,6 +164,19 @@ def test_leading_shape_and_frozen_weight():
     torch.testing.assert_close(h.grad.view(12, 16).double(), leaves[0].grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_bias_still_enters_the_recomputed_logits(backend):
+    hidden, weight, bias, targets = _inputs(30, 24, 150, torch.float32, True)
+    bias = bias * 4  # large enough that leaving it out of the backward's logits would show
+    g = torch.randn(30), torch.randn(30)
+    got = _run(lambda h, w: linear_logprobs_and_entropy(h, w, targets, bias=bias, temperature=0.6, backend=backend),
+               hidden, weight, None, targets, *g)
+    exact = _run(lambda h, w: _two_step(h, w, bias.double(), targets, 0.6, torch.float64)[:2],
+                 hidden.double(), weight.double(), None, targets, *g)
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, argument",
     [
@@ -256,13 +270,12 @@ def test_gpu_peak_memory_far_below_logits():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_agrees_with_logits_op(backend):
     """Same values and gradients as logprobs_and_entropy(hidden @ weight.T + bias, ...) (issue 3)."""
-    logits_op = pytest.importorskip("fusedrl.kernels.logprobs_entropy").logprobs_and_entropy
     hidden, weight, bias, targets = _inputs(67, 48, 1003, torch.float32, True)
     g = torch.randn(67), torch.randn(67)
     ours = _run(lambda h, w, b: linear_logprobs_and_entropy(h, w, targets, bias=b, temperature=0.6, backend=backend),
                 hidden, weight, bias, targets, *g)
     # The logits op gets fp32 logits rounded once from an exact product, its gradient flows back in fp64.
-    theirs = _run(lambda h, w, b: logits_op((h @ w.T + b).float(), targets, temperature=0.6),
+    theirs = _run(lambda h, w, b: logprobs_and_entropy((h @ w.T + b).float(), targets, temperature=0.6),
                   hidden.double(), weight.double(), bias.double(), targets, *g)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5 * b.abs().max().item())
