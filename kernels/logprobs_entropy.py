@@ -215,7 +215,7 @@ class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, options: LogprobsEntropyOptions):
         layout = row_layout(logits)
-        flat_targets = targets.reshape(-1).long()
+        flat_targets = targets.reshape(-1).long().contiguous()  # the kernels index it densely
         lp, entropy, row_max, log_sum = _forward(logits, flat_targets, layout, options)
         ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
         ctx.layout, ctx.options = layout, options
@@ -247,7 +247,6 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
     check_same_device(logits=logits, targets=targets if isinstance(targets, torch.Tensor) else None)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -259,8 +258,9 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
                 "backend='triton' needs logits on a CUDA device, or TRITON_INTERPRET=1 set before triton "
                 f"is imported to run on {logits.device.type}"
             )
-        if targets.numel() >= 2**31:
-            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {targets.numel()}")
+        if logits[..., 0].numel() >= 2**31:
+            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {logits[..., 0].numel()}")
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)  # reads the targets: last
     return LogprobsEntropyOptions(temperature=temperature, ignore_index=ignore_index, inplace_backward=inplace_backward)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fusedrl.kernels.logprobs_entropy as le
 from fusedrl.kernels import logprobs_and_entropy
@@ -95,29 +95,28 @@ def assert_rule(name, ours, ref, base, atol, rtol=0.0):
         )
 
 
-def make_inputs(n, vocab, dtype, *, seed_shift=0.0):
+def make_inputs(n, vocab, dtype, device="cpu"):
     """Logits [n, vocab] whose rows cycle through the cases real kernels got wrong, and targets.
 
     Row kinds: plain; peaked (one logit 40 above the rest, in the last, partial tile); far below
     zero with a peak (a masked load with other=0 would dominate the max); sprinkled with -inf
     (never at the target). Every fifth row from row 3 is ignored.
     """
-    x = torch.randn(n, vocab) * 3.0 + seed_shift
-    targets = torch.randint(0, vocab, (n,))
-    for r in range(n):
-        kind = r % 4
-        if kind == 1:
-            x[r, vocab - 1] += 40.0
-            if r % 8 == 1:
-                targets[r] = vocab - 1
-        elif kind == 2:
-            x[r] -= 200.0
-            x[r, r % vocab] = -150.0
-            targets[r] = r % vocab
-        elif kind == 3 and vocab > 1:
-            neg = torch.rand(vocab) < 0.1
-            neg[targets[r]] = False
-            x[r, neg] = float("-inf")
+    x = torch.randn(n, vocab, device=device) * 3.0
+    targets = torch.randint(0, vocab, (n,), device=device)
+    rows = torch.arange(n, device=device)
+    peaked = rows[rows % 4 == 1]
+    x[peaked, vocab - 1] += 40.0
+    targets[peaked[peaked % 8 == 1]] = vocab - 1
+    low = rows[rows % 4 == 2]
+    x[low] -= 200.0
+    x[low, low % vocab] = -150.0
+    targets[low] = low % vocab
+    if vocab > 1:
+        sprinkled = rows[rows % 4 == 3]
+        neg = torch.rand(len(sprinkled), vocab, device=device) < 0.1
+        neg[torch.arange(len(sprinkled), device=device), targets[sprinkled]] = False
+        x[sprinkled] = x[sprinkled].masked_fill(neg, float("-inf"))
     targets[3::5] = IGNORE
     return x.to(dtype), targets
 
@@ -355,3 +354,284 @@ def test_inplace_backward_with_rows_sharing_memory_is_still_correct(backend):
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), row)
     _, _, ref_grad = reference_grad_of_full(row, lambda t: t.expand(4, 300), targets, 1.0, g_lp, g_h)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input, empty batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    x = torch.randn(4, 10)
+    y = torch.tensor([1, 2, 3, IGNORE])
+    return [
+        ("target_too_large", dict(logits=x, targets=torch.tensor([1, 2, 10, 0])), r"targets must be in \[0, 10\)"),
+        ("target_negative", dict(logits=x, targets=torch.tensor([1, -1, 3, 0])), r"targets must be in \[0, 10\).*-1"),
+        ("other_ignore_index", dict(logits=x, targets=y, ignore_index=-1), r"targets must be in \[0, 10\)"),
+        ("target_shape", dict(logits=x, targets=torch.tensor([1, 2, 3])), r"targets must have shape \(4,\)"),
+        ("target_dtype", dict(logits=x, targets=y.float()), r"targets must be an integer tensor"),
+        ("target_not_tensor", dict(logits=x, targets=[1, 2, 3, 4]), r"targets must be a torch.Tensor"),
+        ("logits_dtype", dict(logits=x.double(), targets=y), r"logits must have dtype in"),
+        ("logits_int", dict(logits=x.long(), targets=y), r"logits must have dtype in"),
+        ("logits_scalar", dict(logits=torch.tensor(1.0), targets=torch.tensor(0)), r"logits must have shape \[\.\.\., V\]"),
+        ("empty_vocab", dict(logits=torch.randn(4, 0), targets=y), r"V >= 1"),
+        ("last_dim_strided", dict(logits=torch.randn(10, 4).t(), targets=y), r"last dimension must be contiguous"),
+        ("temperature_zero", dict(logits=x, targets=y, temperature=0.0), r"temperature must be a finite number > 0"),
+        ("temperature_negative", dict(logits=x, targets=y, temperature=-1.0), r"temperature"),
+        ("temperature_nan", dict(logits=x, targets=y, temperature=float("nan")), r"temperature"),
+        ("temperature_inf", dict(logits=x, targets=y, temperature=float("inf")), r"temperature"),
+        ("temperature_text", dict(logits=x, targets=y, temperature="hot"), r"temperature"),
+        ("ignore_index_float", dict(logits=x, targets=y, ignore_index=-100.0), r"ignore_index must be an int"),
+        ("backend_unknown", dict(logits=x, targets=y, backend="cuda"), r"backend must be one of"),
+        ("inplace_not_bool", dict(logits=x, targets=y, inplace_backward=1), r"inplace_backward must be a bool"),
+        ("device_mismatch", dict(logits=x, targets=y.to("meta")), r"one device"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_raises_before_any_kernel(backend, case, monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel ran before the input was rejected")
+
+    monkeypatch.setattr(le, "logprobs_and_entropy_torch", launched)
+    monkeypatch.setattr(le._LogprobsEntropy, "apply", launched)
+    _, kwargs, match = case
+    kwargs = {"backend": backend, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        logprobs_and_entropy(kwargs.pop("logits"), kwargs.pop("targets"), **kwargs)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(le, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        logprobs_and_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend="triton")
+
+
+def test_auto_backend_is_torch_on_cpu():
+    lp, _ = logprobs_and_entropy(torch.randn(2, 5).requires_grad_(), torch.tensor([0, 1]))
+    assert type(lp.grad_fn).__name__ == "_TorchLogprobsEntropyBackward"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0, 7)])
+def test_empty_batch_gives_empty_outputs_and_gradient(backend, shape):
+    logits = torch.randn(shape).requires_grad_()
+    targets = torch.zeros(shape[:-1], dtype=torch.long)
+    lp, entropy = logprobs_and_entropy(logits, targets, backend=backend)
+    assert lp.shape == entropy.shape == shape[:-1]
+    assert lp.dtype == entropy.dtype == torch.float32
+    (lp.sum() + entropy.sum()).backward()
+    assert logits.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    logits = torch.randn(5, 40).requires_grad_()
+    targets = torch.full((5,), IGNORE)
+    lp, entropy = logprobs_and_entropy(logits, targets, backend=backend)
+    assert torch.equal(lp, torch.zeros(5)) and torch.equal(entropy, torch.zeros(5))
+    (lp.sum() + entropy.sum()).backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_of_any_integer_dtype_and_layout(backend):
+    x, targets = make_inputs(8, 50, torch.float32)
+    targets[targets == IGNORE] = 0
+    expected = logprobs_and_entropy(x, targets, backend=backend)
+    for other in (targets.int(), targets.short(), targets.repeat_interleave(2)[::2]):
+        for u, v in zip(logprobs_and_entropy(x, other, backend=backend), expected):
+            assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# scale: 10^6 rows, offsets past 2^31, memory that does not grow with N
+# ---------------------------------------------------------------------------------------------
+
+
+def check_rows_against_oracle(logits, targets, temperature, lp, entropy, grad, g_lp, g_h, rows):
+    """Compare the given rows of full-size results with the fp64 oracle of those rows alone."""
+    x = logits[rows]
+    ref_leaf, ref_lp, ref_h = reference(x, targets[rows], temperature)
+    base_leaf, base_lp, base_h = reference(x, targets[rows], temperature, torch.float32)
+    assert_rule("lp", lp[rows], ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
+    assert_rule("H", entropy[rows], ref_h, base_h, OUT_ATOL, OUT_RTOL)
+    ref = grads(ref_leaf, ref_lp, ref_h, g_lp[rows], g_h[rows])
+    base = grads(base_leaf, base_lp, base_h, g_lp[rows], g_h[rows]).to(x.dtype)
+    assert_rule("d logits", grad[rows], ref, base, GRAD_RTOL_OF_MAX * ref.abs().max().item())
+
+
+def run_with_grads(backend, logits, targets, temperature, **kwargs):
+    leaf = logits.detach().requires_grad_()
+    lp, entropy = logprobs_and_entropy(leaf, targets, temperature=temperature, backend=backend, **kwargs)
+    g_lp, g_h = torch.randn_like(lp), torch.randn_like(entropy)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
+    return lp.detach(), entropy.detach(), grad, g_lp, g_h
+
+
+def test_a_million_rows_torch_backend():
+    """10^6 rows in one call (the CPU twin of the GPU test below): every row against fp64."""
+    logits, targets = make_inputs(10**6, 3, torch.bfloat16)
+    results = run_with_grads("torch", logits, targets, 0.6)
+    check_rows_against_oracle(logits, targets, 0.6, *results, slice(None))
+
+
+def test_triton_grid_is_one_axis_beyond_65535():
+    """The CPU twin of the GPU test below: its launch grid uses axis 0 only (2^31 - 1 programs),
+    never axes 1 and 2 (65,535), and the kernels' row counts are runtime arguments."""
+    block_n, _, _, _ = le._config(151936)
+    assert le._grid(10**6, block_n) == (10**6,)
+    assert le._grid(2**31 - 1, block_n) == (2**31 - 1,)
+    too_many = torch.zeros(1, 1).expand(2**31, 1)  # no memory behind it
+    with pytest.raises(ValueError, match="fewer than 2\\^31 rows"):
+        logprobs_and_entropy(too_many, torch.zeros(1, dtype=torch.long).expand(2**31), backend="triton")
+
+
+@pytest.mark.parametrize("kernel", ["_forward_kernel", "_backward_kernel"])
+def test_only_block_sizes_and_flags_are_compile_time(kernel):
+    """Row count, vocabulary, strides, temperature and ignore_index are runtime arguments: a new
+    batch length or temperature never recompiles (the GPU test below counts compilations)."""
+    import inspect
+
+    fn = getattr(le, kernel).fn
+    constexprs = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+    assert constexprs <= {"BLOCK_N", "BLOCK_V", "NUM_STAGES", "HAS_GRAD_LP", "HAS_GRAD_ENTROPY"}
+    assert {"n_rows", "vocab", "inv_temperature", "ignore_index", "stride_outer"} <= set(
+        inspect.signature(fn).parameters
+    )
+
+
+def _rows_past_two_to_the_31(vocab, dtype):
+    """A [4, V] view of a mostly untouched huge storage whose rows 2 and 3 start past 2^31
+    elements (row stride 2^30 + 64, less than 2^31: only 64-bit row * stride reaches them)."""
+    stride = 2**30 + 64
+    storage = torch.empty(3 * stride + vocab, dtype=dtype)  # untouched pages cost no memory
+    view = storage.as_strided((4, vocab), (stride, 1))
+    values, targets = make_inputs(4, vocab, dtype)
+    view.copy_(values)
+    return view, values, targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_offsets_past_two_to_the_31(backend):
+    vocab = 1000
+    view, values, targets = _rows_past_two_to_the_31(vocab, torch.float16)
+    assert view.stride(0) * 3 > 2**31
+    lp, entropy, grad, g_lp, g_h = run_with_grads(backend, view, targets, 1.7)
+    check_rows_against_oracle(values, targets, 1.7, lp, entropy, grad, g_lp, g_h, slice(None))
+    # In place, the gradient lands in the same far-away rows.
+    leaf = view.detach()
+    lp, entropy = logprobs_and_entropy(
+        leaf.requires_grad_(), targets, temperature=1.7, backend=backend, inplace_backward=True
+    )
+    (grad_in_place,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
+    assert grad_in_place.data_ptr() == view.data_ptr()
+    assert torch.equal(grad_in_place, grad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_backend_memory_does_not_grow_with_rows(inplace):
+    """Every tensor the torch backend allocates, forward and backward, recorded by a dispatch mode:
+    the largest working tensor is one chunk whatever N is, no fp32 [N, V] tensor exists, and the
+    only [N, V] allocation is the gradient itself (none when the backward may work in place)."""
+    vocab, chunk_rows = 1000, 4
+    options = LogprobsEntropyOptions(temperature=0.6, inplace_backward=inplace, chunk_bytes=chunk_rows * 4 * vocab)
+    largest = {}
+    for n_rows in (64, 512):
+        logits, targets = make_inputs(n_rows, vocab, torch.bfloat16)
+        leaf = logits.requires_grad_()
+        model_out = leaf * 1.0
+        recorder = AllocationRecorder()
+        with recorder:
+            lp, entropy = logprobs_and_entropy_torch(model_out, targets, options)
+            torch.autograd.grad((lp * 2.0).sum() + entropy.sum(), model_out)
+        full = [a for a in recorder.allocations if a[0] == n_rows * vocab]
+        assert full == ([] if inplace else [(n_rows * vocab, torch.bfloat16)]), full
+        working = [numel for numel, _ in recorder.allocations if numel != n_rows * vocab]
+        largest[n_rows] = max(working)
+    # Per-row state ([N] tensors) stays below one chunk for these N; the chunk is the peak.
+    assert largest[64] == largest[512] == chunk_rows * vocab, largest
+
+
+class _Unrecorded:
+    """A kernel whose launches run outside the dispatch mode: under the Triton interpreter the
+    kernel body makes torch allocations of its own, which a GPU launch does not."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_triton_backend_allocates_only_per_row_state_and_the_gradient(monkeypatch):
+    monkeypatch.setattr(le, "_forward_kernel", _Unrecorded(le._forward_kernel))
+    monkeypatch.setattr(le, "_backward_kernel", _Unrecorded(le._backward_kernel))
+    n_rows, vocab = 6, 3000
+    logits, targets = make_inputs(n_rows, vocab, torch.bfloat16)
+    leaf = logits.requires_grad_()
+    recorder = AllocationRecorder()
+    with recorder:
+        lp, entropy = logprobs_and_entropy(leaf, targets, backend="triton")
+        torch.autograd.grad(lp.sum() + entropy.sum(), leaf)
+    large = [a for a in recorder.allocations if a[0] > n_rows]
+    assert large == [(n_rows * vocab, torch.bfloat16)], large
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, real sizes (skipped on CPU; their CPU twins are above)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_sampled_rows(logits, targets, temperature, results, n_samples=64):
+    """The fp64 oracle of a row sample (first, last and random rows): the oracle of all rows of a
+    real-size batch would not fit in memory."""
+    n_rows = targets.shape[0]
+    rows = torch.cat([torch.tensor([0, n_rows - 1]), torch.randint(0, n_rows, (n_samples,))]).to(logits.device)
+    check_rows_against_oracle(logits, targets, temperature, *results, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_realistic_size_matches_fp64(inplace):
+    """N = 8192, V = 151,936 bf16 (N * V = 1.24e9), the benchmark's shape."""
+    logits, targets = make_inputs(8192, 151936, torch.bfloat16, "cuda")
+    source = logits.clone()
+    results = run_with_grads("triton", logits, targets, 0.6, inplace_backward=inplace)
+    _check_sampled_rows(source, targets, 0.6, results)
+
+
+@pytest.mark.gpu
+def test_gpu_rows_past_two_to_the_31_elements():
+    """N * V = 2.5e9 > 2^31: the last rows sit beyond 32-bit offsets."""
+    n_rows, vocab = 16384, 151936
+    logits = torch.randn(n_rows, vocab, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, vocab, (n_rows,), device="cuda")
+    results = run_with_grads("triton", logits, targets, 1.7)
+    check_rows_against_oracle(logits, targets, 1.7, *results, slice(n_rows - 8, n_rows))
+
+
+@pytest.mark.gpu
+def test_gpu_a_million_rows():
+    logits, targets = make_inputs(10**6, 1000, torch.bfloat16, "cuda")
+    results = run_with_grads("triton", logits, targets, 0.6)
+    _check_sampled_rows(logits, targets, 0.6, results, n_samples=256)
+
+
+@pytest.mark.gpu
+def test_gpu_new_lengths_and_temperatures_do_not_recompile():
+    def compiled():
+        return sum(len(cache[0]) for cache in le._forward_kernel.device_caches.values())
+
+    logits = torch.randn(4096, 32000, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 32000, (4096,), device="cuda")
+    logprobs_and_entropy(logits[:8], targets[:8])
+    before = compiled()
+    for n_rows, temperature in [(1, 0.6), (7, 1.7), (16, 1.0), (4095, 0.3), (4096, 2.5)]:
+        logprobs_and_entropy(logits[:n_rows], targets[:n_rows], temperature=temperature)
+    assert compiled() == before
