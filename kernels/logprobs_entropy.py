@@ -83,16 +83,15 @@ def _forward_kernel(
         s = alpha * s + e
         m = m_new
 
-    ref = tl.where(m == float("-inf"), 0.0, m)
     s_row = tl.sum(s, axis=1)
-    log_s = tl.log(s_row)
+    log_s = tl.log(s_row)  # an all -inf row has no distribution: S = 0, and lp, H are nan
     entropy = log_s - tl.sum(t, axis=1) / s_row
     x_target = tl.load(row_ptr + targets, mask=active, other=0.0).to(tl.float32)
-    lp = (x_target - ref) * inv_temperature - log_s
+    lp = (x_target - m) * inv_temperature - log_s
     tl.store(lp_ptr + rows, tl.where(active, lp, 0.0), mask=in_rows)
     tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_rows)
     # lse = max / T + log S, kept as its two parts for the same precision in the backward.
-    tl.store(max_ptr + rows, ref, mask=in_rows)
+    tl.store(max_ptr + rows, m, mask=in_rows)
     tl.store(log_sum_ptr + rows, log_s, mask=in_rows)
 
 
@@ -111,7 +110,8 @@ def _backward_kernel(
     row_max = tl.load(max_ptr + rows, mask=active, other=0.0)
     log_s = tl.load(log_sum_ptr + rows, mask=active, other=0.0)
     entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
-    # Per-row coefficients, already divided by T; zero on ignored rows.
+    # Per-row coefficients, already divided by T. Ignored rows load no logits (x = -inf, p = 0) and
+    # zero coefficients, so their gradient row is exactly zero.
     g_lp = tl.zeros([BLOCK_N], tl.float32)
     g_h = tl.zeros([BLOCK_N], tl.float32)
     if HAS_GRAD_LP:
@@ -135,7 +135,6 @@ def _backward_kernel(
         if HAS_GRAD_ENTROPY:
             # log p = -inf means p = 0: the term is 0, never 0 * -inf.
             d -= g_h[:, None] * tl.where(logp == float("-inf"), 0.0, p * (logp + entropy[:, None]))
-        d = tl.where(active[:, None], d, 0.0)  # ignored rows: an exact zero row
         tl.store(out_ptr[:, None] + offs[None, :], d.to(grad_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab)
 
 

@@ -200,6 +200,16 @@ def test_special_rows_exact(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_first_tile_all_minus_inf(backend):
+    """A row whose first 8192-wide tile is entirely -inf: the running max stays -inf for a whole
+    tile and must not turn the later tiles' sums into nan."""
+    x, targets = make_inputs(3, 8200, torch.bfloat16)
+    x[:, :8192] = float("-inf")
+    targets[:] = 8195
+    check_all(backend, x, targets, 0.6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates_to_its_row_only(backend):
     x, targets = make_inputs(6, 300, torch.float32)
     targets[:] = 7
