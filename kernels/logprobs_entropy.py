@@ -29,6 +29,7 @@ int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import triton
@@ -158,6 +159,11 @@ def _config(vocab: int) -> tuple[int, int, int, int]:
     return block_n, block_v, max(1, block_n * block_v // (16 * ELEMENTS_PER_THREAD)), 1
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU, not the current one (a multi-GPU process need not have switched)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _grid(n_rows: int, block_n: int) -> tuple[int]:
     # Axis 0 only: CUDA allows 2^31 - 1 programs there (65,535 on axes 1 and 2).
     return (triton.cdiv(n_rows, block_n),)
@@ -172,16 +178,19 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, opt
     if n_rows == 0:
         return lp, entropy, row_max, log_sum
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    _forward_kernel[_grid(n_rows, block_n)](
-        logits, targets, lp, entropy, row_max, log_sum,
-        n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
-        1.0 / options.temperature, options.ignore_index,
-        BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
-    )  # fmt: skip
+    with _on_device(logits):
+        _forward_kernel[_grid(n_rows, block_n)](
+            logits, targets, lp, entropy, row_max, log_sum,
+            n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
+            1.0 / options.temperature, options.ignore_index,
+            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        )  # fmt: skip
     return lp, entropy, row_max, log_sum
 
 
-def _backward(logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions):
+def _backward(
+    logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions
+):
     """d logits in the logits' dtype; written over the logits when options.inplace_backward allows it
     and no two rows share memory."""
     in_place = options.inplace_backward and rows_are_disjoint(logits)
@@ -199,14 +208,15 @@ def _backward(logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy,
     else:
         grad_strides = (layout.inner * vocab, vocab)
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    _backward_kernel[_grid(layout.n_rows, block_n)](
-        logits, grad, targets, row_max, log_sum, entropy,
-        grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
-        layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
-        1.0 / options.temperature, options.ignore_index,
-        HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
-    )  # fmt: skip
+    with _on_device(logits):
+        _backward_kernel[_grid(layout.n_rows, block_n)](
+            logits, grad, targets, row_max, log_sum, entropy,
+            grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
+            layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
+            1.0 / options.temperature, options.ignore_index,
+            HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        )  # fmt: skip
     return grad
 
 
@@ -257,8 +267,9 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
                 "backend='triton' needs logits on a CUDA device, or TRITON_INTERPRET=1 set before triton "
                 f"is imported to run on {logits.device.type}"
             )
-        if logits[..., 0].numel() >= 2**31:
-            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {logits[..., 0].numel()}")
+        n_rows = logits[..., 0].numel()
+        if n_rows >= 2**31:
+            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {n_rows}")
     check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)  # reads the targets: last
     return LogprobsEntropyOptions(temperature=temperature, ignore_index=ignore_index, inplace_backward=inplace_backward)
 
