@@ -254,8 +254,9 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(f"logits' last dimension must be contiguous (stride 1), got strides {logits.stride()}")
     check_same_device(logits=logits, targets=targets if isinstance(targets, torch.Tensor) else None)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = int(ignore_index)
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -91,7 +91,8 @@ def assert_rule(name, ours, ref, base, atol, rtol=0.0):
         i = tuple(int(k) for k in bad.nonzero()[err[bad].nan_to_num(float("inf")).argmax()])
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} elements outside the rule; worst at {i}: "
-            f"ours={ours[i].item()!r} fp64={ref[i].item()!r} baseline={base[i].item()!r} allowed={allowed[i].item():.3g}"
+            f"ours={ours[i].item()!r} fp64={ref[i].item()!r} baseline={base[i].item()!r} "
+            f"allowed={allowed[i].item():.3g}"
         )
 
 
@@ -383,7 +384,7 @@ def _bad_inputs():
         ("target_not_tensor", dict(logits=x, targets=[1, 2, 3, 4]), r"targets must be a torch.Tensor"),
         ("logits_dtype", dict(logits=x.double(), targets=y), r"logits must have dtype in"),
         ("logits_int", dict(logits=x.long(), targets=y), r"logits must have dtype in"),
-        ("logits_scalar", dict(logits=torch.tensor(1.0), targets=torch.tensor(0)), r"logits must have shape \[\.\.\., V\]"),
+        ("logits_scalar", dict(logits=torch.tensor(1.0), targets=torch.tensor(0)), r"shape \[\.\.\., V\]"),
         ("empty_vocab", dict(logits=torch.randn(4, 0), targets=y), r"V >= 1"),
         ("last_dim_strided", dict(logits=torch.randn(10, 4).t(), targets=y), r"last dimension must be contiguous"),
         ("temperature_zero", dict(logits=x, targets=y, temperature=0.0), r"temperature must be a finite number > 0"),
