@@ -646,3 +646,23 @@ def test_gpu_new_lengths_and_temperatures_do_not_recompile():
     for n_rows, temperature in [(1, 0.6), (7, 1.7), (16, 1.0), (4095, 0.3), (4096, 2.5)]:
         logprobs_and_entropy(logits[:n_rows], targets[:n_rows], temperature=temperature)
     assert compiled() == before
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 100])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_backend_chunking_of_a_two_level_slice(chunk_rows, inplace):
+    """Chunks within one outer slice (3 < L), whole outer slices (7 >= L) and everything at once
+    (100) all cover every row of logits[:, :-1] exactly once, forward and backward."""
+    batch, length, vocab = 3, 5, 50
+    source = torch.randn(batch, length + 1, vocab) * 2
+    targets = torch.randint(0, vocab, (batch, length))
+    targets[2, 1] = IGNORE
+    options = LogprobsEntropyOptions(temperature=0.6, inplace_backward=inplace, chunk_bytes=chunk_rows * 4 * vocab)
+    leaf = source.clone().requires_grad_()
+    lp, entropy = logprobs_and_entropy_torch((leaf * 1.0)[:, :-1], targets, options)
+    g_lp, g_h = torch.randn(batch, length), torch.randn(batch, length)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
+    ref_lp, ref_h, ref_grad = reference_grad_of_full(source, lambda t: t[:, :-1], targets, 0.6, g_lp, g_h)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
