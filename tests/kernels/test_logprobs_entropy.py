@@ -1,12 +1,6 @@
-"""fusedrl.kernels.logprobs_and_entropy, both backends, against a float64 oracle.
-
-The oracle is float64 PyTorch autograd on the inputs already rounded to the tested dtype. Every
-output and gradient must satisfy, elementwise, |ours - fp64| <= |baseline - fp64| + tol, where the
-baseline is PyTorch computing in fp32 on the same rounded inputs (its gradient then rounded to the
-tested dtype): the best a careful unfused implementation gives, stricter than PyTorch run in bf16.
-tol is a few fp32 rounding errors: a rounding of the bf16 gradient that differs from the
-baseline's can only happen at a rounding boundary, where both errors are within fp32 error of half
-an ulp, so a whole-ulp error (e.g. truncation instead of rounding) fails.
+"""fusedrl.kernels.logprobs_and_entropy, both backends: values and gradients against a float64
+oracle (the rule is in logprobs_oracle.py), special rows, leading-dimension layouts, the in-place
+backward and bad input.
 
 On CPU the triton backend runs under the Triton interpreter (tests/conftest.py), which is slow:
 interpreter cases keep N * (tiles per row) small.
@@ -17,135 +11,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fusedrl.kernels.logprobs_entropy as le
 from fusedrl.kernels import logprobs_and_entropy
-from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
-
-BACKENDS = ["torch", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-IGNORE = -100
+from logprobs_oracle import (
+    BACKENDS,
+    DTYPES,
+    IGNORE,
+    AllocationRecorder,
+    check_all,
+    interpreter_rounds_bf16_like_gpu,  # noqa: F401 (a fixture: pytest finds it by name)
+    make_inputs,
+    reference_grad_of_full,
+)
 
 # The interpreter evaluates both sides of tl.where in numpy (exp(-inf - -inf) and so on); the
-# kernels select the finite side, which the tests check. The warnings are noise.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_rounds_bf16_like_gpu():
-    """Triton 3.9's interpreter converts fp32 to bf16 by truncation (and its round-to-nearest path
-    carries into the exponent incorrectly); CUDA rounds to nearest even. Make the interpreter round
-    like the GPU so that the bf16 gradient is held to the same rule as on a GPU."""
-    if not le._INTERPRETED:
-        yield
-        return
-    import triton.language as tl
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._convert_float
-
-    def convert(values, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
-            return rounded.view(torch.int16).numpy().view(np.uint16)
-        return original(values, input_dtype, output_dtype, rounding_mode)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_convert_float", convert)
-        yield
-
-
-# ---------------------------------------------------------------------------------------------
-# oracle and comparison
-# ---------------------------------------------------------------------------------------------
-
-
-def reference(x: torch.Tensor, targets: torch.Tensor, temperature: float, compute_dtype=torch.float64):
-    """lp, H in compute_dtype by plain autograd-able PyTorch, and the leaf they depend on."""
-    leaf = x.detach().to(compute_dtype).requires_grad_()
-    logp = torch.log_softmax(leaf / temperature, dim=-1)
-    ignored = targets == IGNORE
-    lp = logp.gather(-1, targets.masked_fill(ignored, 0).long()[..., None]).squeeze(-1)
-    p_logp = logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)
-    entropy = -p_logp.sum(-1)
-    return leaf, lp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
-
-
-def grads(leaf, lp, entropy, g_lp, g_h):
-    """d(sum(lp * g_lp) + sum(H * g_h)) / d leaf; a None upstream gradient leaves that output out."""
-    outputs = [o for o, g in ((lp, g_lp), (entropy, g_h)) if g is not None]
-    upstream = [g.to(o.dtype) for o, g in ((lp, g_lp), (entropy, g_h)) if g is not None]
-    (grad,) = torch.autograd.grad(outputs, [leaf], upstream, retain_graph=True)
-    return grad
-
-
-def assert_rule(name, ours, ref, base, atol, rtol=0.0):
-    """|ours - ref| <= |base - ref| + atol + rtol |ref|, elementwise; equal infinities count as exact."""
-    ours, ref, base = ours.detach().double(), ref.detach().double(), base.detach().double()
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    err = torch.where(ours == ref, 0.0, (ours - ref).abs())
-    allowed = torch.where(base == ref, 0.0, (base - ref).abs()) + atol + rtol * ref.abs().nan_to_num(0.0, 0.0, 0.0)
-    bad = ~(err <= allowed)  # a nan error is bad
-    if bool(bad.any()):
-        i = tuple(int(k) for k in bad.nonzero()[err[bad].nan_to_num(float("inf")).argmax()])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements outside the rule; worst at {i}: "
-            f"ours={ours[i].item()!r} fp64={ref[i].item()!r} baseline={base[i].item()!r} "
-            f"allowed={allowed[i].item():.3g}"
-        )
-
-
-def make_inputs(n, vocab, dtype, device="cpu"):
-    """Logits [n, vocab] whose rows cycle through the cases real kernels got wrong, and targets.
-
-    Row kinds: plain; peaked (one logit 40 above the rest, in the last, partial tile); far below
-    zero with a peak (a masked load with other=0 would dominate the max); sprinkled with -inf
-    (never at the target). Every fifth row from row 3 is ignored.
-    """
-    x = torch.randn(n, vocab, device=device) * 3.0
-    targets = torch.randint(0, vocab, (n,), device=device)
-    rows = torch.arange(n, device=device)
-    peaked = rows[rows % 4 == 1]
-    x[peaked, vocab - 1] += 40.0
-    targets[peaked[peaked % 8 == 1]] = vocab - 1
-    low = rows[rows % 4 == 2]
-    x[low] -= 200.0
-    x[low, low % vocab] = -150.0
-    targets[low] = low % vocab
-    if vocab > 1:
-        sprinkled = rows[rows % 4 == 3]
-        neg = torch.rand(len(sprinkled), vocab, device=device) < 0.1
-        neg[torch.arange(len(sprinkled), device=device), targets[sprinkled]] = False
-        x[sprinkled] = x[sprinkled].masked_fill(neg, float("-inf"))
-    targets[3::5] = IGNORE
-    return x.to(dtype), targets
-
-
-# Tolerances: a few fp32 rounding errors of the quantity's scale.
-OUT_ATOL, OUT_RTOL = 2e-6, 2e-6
-GRAD_RTOL_OF_MAX = 2e-6
-
-
-def check_all(backend, x, targets, temperature, **kwargs):
-    """Forward and the three gradient modes of one backend against the oracle and the fp32 baseline."""
-    n_rows = targets.numel()
-    leaf = x.detach().clone().requires_grad_()
-    lp, entropy = logprobs_and_entropy(leaf, targets, temperature=temperature, backend=backend, **kwargs)
-    assert lp.dtype == entropy.dtype == torch.float32
-    ref_leaf, ref_lp, ref_h = reference(x, targets, temperature)
-    base_leaf, base_lp, base_h = reference(x, targets, temperature, torch.float32)
-    assert_rule("lp", lp, ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
-    assert_rule("H", entropy, ref_h, base_h, OUT_ATOL, OUT_RTOL)
-    g_lp, g_h = torch.randn(targets.shape), torch.randn(targets.shape)
-    for mode, (a, b) in {"lp": (g_lp, None), "H": (None, g_h), "both": (g_lp, g_h)}.items():
-        ours = grads(leaf, lp, entropy, a, b)
-        assert ours.dtype == x.dtype and ours.shape == x.shape
-        ref = grads(ref_leaf, ref_lp, ref_h, a, b)
-        base = grads(base_leaf, base_lp, base_h, a, b).to(x.dtype)
-        scale = ref.abs().max().item() if n_rows else 0.0
-        assert_rule(f"d logits (upstream {mode})", ours, ref, base, GRAD_RTOL_OF_MAX * scale)
-    return lp, entropy
+# kernels select the finite side, which the tests check. The warnings are noise. The bf16 fixture
+# makes the interpreter round like a GPU (see logprobs_oracle).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+    pytest.mark.usefixtures("interpreter_rounds_bf16_like_gpu"),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,35 +136,6 @@ def test_backends_agree_with_each_other(backend):
 # ---------------------------------------------------------------------------------------------
 # layouts: strided leading dimensions, in-place backward
 # ---------------------------------------------------------------------------------------------
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records (numel, dtype) of every tensor an aten op allocates; outputs that alias an input
-    (views, in-place and out= ops) are not allocations and are skipped."""
-
-    def __init__(self):
-        super().__init__()
-        self.allocations: list[tuple[int, torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, value in zip(returns, outputs):
-            if isinstance(value, torch.Tensor) and ret.alias_info is None:
-                self.allocations.append((value.numel(), value.dtype))
-        return out
-
-
-def reference_grad_of_full(full, logits_of, targets, temperature, g_lp, g_h):
-    """fp64 gradient with respect to a full tensor of which the op sees logits_of(full)."""
-    leaf = full.detach().double().requires_grad_()
-    logp = torch.log_softmax(logits_of(leaf) / temperature, dim=-1)
-    ignored = targets == IGNORE
-    lp = logp.gather(-1, targets.masked_fill(ignored, 0)[..., None]).squeeze(-1).masked_fill(ignored, 0.0)
-    entropy = -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1).masked_fill(ignored, 0.0)
-    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
-    return lp, entropy, grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -454,215 +311,3 @@ def test_targets_of_any_integer_dtype_and_layout(backend):
     for other in (targets.int(), targets.short(), targets.repeat_interleave(2)[::2]):
         for u, v in zip(logprobs_and_entropy(x, other, backend=backend), expected):
             assert torch.equal(u, v)
-
-
-# ---------------------------------------------------------------------------------------------
-# scale: 10^6 rows, offsets past 2^31, memory that does not grow with N
-# ---------------------------------------------------------------------------------------------
-
-
-def check_rows_against_oracle(logits, targets, temperature, lp, entropy, grad, g_lp, g_h, rows):
-    """Compare the given rows of full-size results with the fp64 oracle of those rows alone."""
-    x = logits[rows]
-    ref_leaf, ref_lp, ref_h = reference(x, targets[rows], temperature)
-    base_leaf, base_lp, base_h = reference(x, targets[rows], temperature, torch.float32)
-    assert_rule("lp", lp[rows], ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
-    assert_rule("H", entropy[rows], ref_h, base_h, OUT_ATOL, OUT_RTOL)
-    ref = grads(ref_leaf, ref_lp, ref_h, g_lp[rows], g_h[rows])
-    base = grads(base_leaf, base_lp, base_h, g_lp[rows], g_h[rows]).to(x.dtype)
-    assert_rule("d logits", grad[rows], ref, base, GRAD_RTOL_OF_MAX * ref.abs().max().item())
-
-
-def run_with_grads(backend, logits, targets, temperature, **kwargs):
-    leaf = logits.detach().requires_grad_()
-    lp, entropy = logprobs_and_entropy(leaf, targets, temperature=temperature, backend=backend, **kwargs)
-    g_lp, g_h = torch.randn_like(lp), torch.randn_like(entropy)
-    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
-    return lp.detach(), entropy.detach(), grad, g_lp, g_h
-
-
-def test_a_million_rows_torch_backend():
-    """10^6 rows in one call (the CPU twin of the GPU test below): every row against fp64."""
-    logits, targets = make_inputs(10**6, 3, torch.bfloat16)
-    results = run_with_grads("torch", logits, targets, 0.6)
-    check_rows_against_oracle(logits, targets, 0.6, *results, slice(None))
-
-
-def test_triton_grid_is_one_axis_beyond_65535():
-    """The CPU twin of the GPU test below: its launch grid uses axis 0 only (2^31 - 1 programs),
-    never axes 1 and 2 (65,535), and the kernels' row counts are runtime arguments."""
-    block_n, _, _, _ = le._config(151936)
-    assert le._grid(10**6, block_n) == (10**6,)
-    assert le._grid(2**31 - 1, block_n) == (2**31 - 1,)
-    too_many = torch.zeros(1, 1).expand(2**31, 1)  # no memory behind it
-    with pytest.raises(ValueError, match="fewer than 2\\^31 rows"):
-        logprobs_and_entropy(too_many, torch.zeros(1, dtype=torch.long).expand(2**31), backend="triton")
-
-
-@pytest.mark.parametrize("kernel", ["_forward_kernel", "_backward_kernel"])
-def test_only_block_sizes_and_flags_are_compile_time(kernel):
-    """Row count, vocabulary, strides, temperature and ignore_index are runtime arguments: a new
-    batch length or temperature never recompiles (the GPU test below counts compilations)."""
-    import inspect
-
-    fn = getattr(le, kernel).fn
-    constexprs = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
-    assert constexprs <= {"BLOCK_N", "BLOCK_V", "NUM_STAGES", "HAS_GRAD_LP", "HAS_GRAD_ENTROPY"}
-    assert {"n_rows", "vocab", "inv_temperature", "ignore_index", "stride_outer"} <= set(
-        inspect.signature(fn).parameters
-    )
-
-
-def _rows_past_two_to_the_31(vocab, dtype):
-    """A [4, V] view of a mostly untouched huge storage whose rows 2 and 3 start past 2^31
-    elements (row stride 2^30 + 64, less than 2^31: only 64-bit row * stride reaches them)."""
-    stride = 2**30 + 64
-    storage = torch.empty(3 * stride + vocab, dtype=dtype)  # untouched pages cost no memory
-    view = storage.as_strided((4, vocab), (stride, 1))
-    values, targets = make_inputs(4, vocab, dtype)
-    view.copy_(values)
-    return view, values, targets
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_offsets_past_two_to_the_31(backend):
-    vocab = 1000
-    view, values, targets = _rows_past_two_to_the_31(vocab, torch.float16)
-    assert view.stride(0) * 3 > 2**31
-    lp, entropy, grad, g_lp, g_h = run_with_grads(backend, view, targets, 1.7)
-    check_rows_against_oracle(values, targets, 1.7, lp, entropy, grad, g_lp, g_h, slice(None))
-    # In place, the gradient lands in the same far-away rows.
-    leaf = view.detach()
-    lp, entropy = logprobs_and_entropy(
-        leaf.requires_grad_(), targets, temperature=1.7, backend=backend, inplace_backward=True
-    )
-    (grad_in_place,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
-    assert grad_in_place.data_ptr() == view.data_ptr()
-    assert torch.equal(grad_in_place, grad)
-
-
-@pytest.mark.parametrize("inplace", [False, True])
-def test_torch_backend_memory_does_not_grow_with_rows(inplace):
-    """Every tensor the torch backend allocates, forward and backward, recorded by a dispatch mode:
-    the largest working tensor is one chunk whatever N is, no fp32 [N, V] tensor exists, and the
-    only [N, V] allocation is the gradient itself (none when the backward may work in place)."""
-    vocab, chunk_rows = 1000, 4
-    options = LogprobsEntropyOptions(temperature=0.6, inplace_backward=inplace, chunk_bytes=chunk_rows * 4 * vocab)
-    largest = {}
-    for n_rows in (64, 512):
-        logits, targets = make_inputs(n_rows, vocab, torch.bfloat16)
-        leaf = logits.requires_grad_()
-        model_out = leaf * 1.0
-        recorder = AllocationRecorder()
-        with recorder:
-            lp, entropy = logprobs_and_entropy_torch(model_out, targets, options)
-            torch.autograd.grad((lp * 2.0).sum() + entropy.sum(), model_out)
-        full = [a for a in recorder.allocations if a[0] == n_rows * vocab]
-        assert full == ([] if inplace else [(n_rows * vocab, torch.bfloat16)]), full
-        working = [numel for numel, _ in recorder.allocations if numel != n_rows * vocab]
-        largest[n_rows] = max(working)
-    # Per-row state ([N] tensors) stays below one chunk for these N; the chunk is the peak.
-    assert largest[64] == largest[512] == chunk_rows * vocab, largest
-
-
-class _Unrecorded:
-    """A kernel whose launches run outside the dispatch mode: under the Triton interpreter the
-    kernel body makes torch allocations of its own, which a GPU launch does not."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            with _disable_current_modes():
-                return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def test_triton_backend_allocates_only_per_row_state_and_the_gradient(monkeypatch):
-    monkeypatch.setattr(le, "_forward_kernel", _Unrecorded(le._forward_kernel))
-    monkeypatch.setattr(le, "_backward_kernel", _Unrecorded(le._backward_kernel))
-    n_rows, vocab = 6, 3000
-    logits, targets = make_inputs(n_rows, vocab, torch.bfloat16)
-    leaf = logits.requires_grad_()
-    recorder = AllocationRecorder()
-    with recorder:
-        lp, entropy = logprobs_and_entropy(leaf, targets, backend="triton")
-        torch.autograd.grad(lp.sum() + entropy.sum(), leaf)
-    large = [a for a in recorder.allocations if a[0] > n_rows]
-    assert large == [(n_rows * vocab, torch.bfloat16)], large
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU, real sizes (skipped on CPU; their CPU twins are above)
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_sampled_rows(logits, targets, temperature, results, n_samples=64):
-    """The fp64 oracle of a row sample (first, last and random rows): the oracle of all rows of a
-    real-size batch would not fit in memory."""
-    n_rows = targets.shape[0]
-    rows = torch.cat([torch.tensor([0, n_rows - 1]), torch.randint(0, n_rows, (n_samples,))]).to(logits.device)
-    check_rows_against_oracle(logits, targets, temperature, *results, rows)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("inplace", [False, True])
-def test_gpu_realistic_size_matches_fp64(inplace):
-    """N = 8192, V = 151,936 bf16 (N * V = 1.24e9), the benchmark's shape."""
-    logits, targets = make_inputs(8192, 151936, torch.bfloat16, "cuda")
-    source = logits.clone()
-    results = run_with_grads("triton", logits, targets, 0.6, inplace_backward=inplace)
-    _check_sampled_rows(source, targets, 0.6, results)
-
-
-@pytest.mark.gpu
-def test_gpu_rows_past_two_to_the_31_elements():
-    """N * V = 2.5e9 > 2^31: the last rows sit beyond 32-bit offsets."""
-    n_rows, vocab = 16384, 151936
-    logits = torch.randn(n_rows, vocab, device="cuda", dtype=torch.bfloat16)
-    targets = torch.randint(0, vocab, (n_rows,), device="cuda")
-    results = run_with_grads("triton", logits, targets, 1.7)
-    check_rows_against_oracle(logits, targets, 1.7, *results, slice(n_rows - 8, n_rows))
-
-
-@pytest.mark.gpu
-def test_gpu_a_million_rows():
-    logits, targets = make_inputs(10**6, 1000, torch.bfloat16, "cuda")
-    results = run_with_grads("triton", logits, targets, 0.6)
-    _check_sampled_rows(logits, targets, 0.6, results, n_samples=256)
-
-
-@pytest.mark.gpu
-def test_gpu_new_lengths_and_temperatures_do_not_recompile():
-    def compiled():
-        return sum(len(cache[0]) for cache in le._forward_kernel.device_caches.values())
-
-    logits = torch.randn(4096, 32000, device="cuda", dtype=torch.bfloat16)
-    targets = torch.randint(0, 32000, (4096,), device="cuda")
-    logprobs_and_entropy(logits[:8], targets[:8])
-    before = compiled()
-    for n_rows, temperature in [(1, 0.6), (7, 1.7), (16, 1.0), (4095, 0.3), (4096, 2.5)]:
-        logprobs_and_entropy(logits[:n_rows], targets[:n_rows], temperature=temperature)
-    assert compiled() == before
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 100])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_torch_backend_chunking_of_a_two_level_slice(chunk_rows, inplace):
-    """Chunks within one outer slice (3 < L), whole outer slices (7 >= L) and everything at once
-    (100) all cover every row of logits[:, :-1] exactly once, forward and backward."""
-    batch, length, vocab = 3, 5, 50
-    source = torch.randn(batch, length + 1, vocab) * 2
-    targets = torch.randint(0, vocab, (batch, length))
-    targets[2, 1] = IGNORE
-    options = LogprobsEntropyOptions(temperature=0.6, inplace_backward=inplace, chunk_bytes=chunk_rows * 4 * vocab)
-    leaf = source.clone().requires_grad_()
-    lp, entropy = logprobs_and_entropy_torch((leaf * 1.0)[:, :-1], targets, options)
-    g_lp, g_h = torch.randn(batch, length), torch.randn(batch, length)
-    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
-    ref_lp, ref_h, ref_grad = reference_grad_of_full(source, lambda t: t[:, :-1], targets, 0.6, g_lp, g_h)
-    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
