@@ -1,0 +1,141 @@
+"""Exact batch-wide order statistics for the selection ops, across ranks, without host syncs.
+
+A radix select over order-preserving integer keys: each pass histograms one 8-bit digit of the keys
+still in the running (one all-reduce of 256 counts per pass), picks the bucket that holds the wanted
+rank, and narrows the prefix. Float32 values take four passes, int64 / float64 keys eight. Work is
+O(N) per pass, nothing is sorted, no rank ever sees another rank's values, and every quantity (ranks,
+counts, the selected key) stays a device tensor, so no step waits on the host. Why 8-bit digits:
+with 16-bit ones the 65,536-bin histogram dominated small batches (30 ms per call on CPU for 300
+tokens, 0.7 ms with 256 bins), and every pass all-reduces a 512 KB vector instead of 2 KB.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_DIGIT_BITS = 8
+_BINS = 1 << _DIGIT_BITS
+_KEY_BITS = {torch.float32: 32, torch.float64: 64, torch.int64: 64}
+
+
+def all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
+    """In-place all-reduce over `group` (sum by default); a no-op without a process group."""
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return t
+
+
+def world(group) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) without a process group."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like the float32 / float64 values of x (-0.0 sorts just below +0.0).
+
+    Bit patterns of non-negative floats already order as signed integers; for negative ones the
+    magnitude bits are flipped so that larger magnitudes give smaller keys.
+    """
+    if x.dtype == torch.float32:
+        bits = x.view(torch.int32).to(torch.int64)
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    bits = x.view(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+
+def key_to_float(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of float_keys for a 0-dim key."""
+    if dtype == torch.float32:
+        bits = torch.where(key < 0, key ^ 0x7FFFFFFF, key).to(torch.int32)
+        return bits.view(torch.float32)
+    return torch.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key).view(torch.float64)
+
+
+def kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, key_bits: int, group) -> torch.Tensor:
+    """The key of rank k (0-based, a 0-dim int64 tensor) among the valid keys of all ranks.
+
+    keys: int64 of any shape holding signed `key_bits`-bit values; valid: bool of the same shape.
+    k must lie in [0, global valid count); the caller guards the empty case.
+    """
+    keys, valid = keys.reshape(-1), valid.reshape(-1)
+    prefix = torch.zeros((), dtype=torch.int64, device=keys.device)  # signed value of the chosen high bits
+    running = valid  # keys whose high digits equal the prefix so far
+    rank = k.clone()
+    one = torch.ones((), dtype=torch.int64, device=keys.device).expand(keys.shape)
+    top = key_bits - _DIGIT_BITS
+    for shift in range(top, -1, -_DIGIT_BITS):
+        digit = (keys >> shift) & (_BINS - 1)
+        if shift == top:
+            digit = digit ^ (_BINS >> 1)  # the top digit carries the sign: flip it into ascending order
+        # Keys out of the running land in an extra bin that is never read.
+        hist = torch.zeros(_BINS + 1, dtype=torch.int64, device=keys.device)
+        hist.scatter_add_(0, digit.masked_fill_(~running, _BINS), one)
+        hist = all_reduce(hist[:_BINS].contiguous(), group)
+        cum = hist.cumsum(0)
+        chosen = torch.searchsorted(cum, rank.reshape(1), right=True).reshape(()).clamp_(max=_BINS - 1)
+        rank = rank - (cum[chosen] - hist[chosen])
+        prefix = chosen - (_BINS >> 1) if shift == top else prefix * _BINS + chosen
+        if shift:
+            running = running & (digit == chosen)
+    return prefix
+
+
+def top_k_mask(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, key_bits: int, group) -> torch.Tensor:
+    """Exactly min(k, n) valid entries with the largest keys over all ranks (k: 0-dim int64 tensor).
+
+    Ties at the threshold go to the lowest flat index, rank 0 first: the same tokens the mask of the
+    concatenated batch would pick on one process.
+    """
+    valid = valid.bool()
+    n = all_reduce(valid.sum().to(torch.int64), group)
+    k = torch.minimum(k.to(torch.int64), n)
+    # The k-th largest is the (n - k)-th smallest; with k = 0 nothing is kept below.
+    threshold = kth_smallest_key(keys, valid, (n - k).clamp(max=n - 1).clamp(min=0), key_bits, group)
+    above = valid & (keys > threshold)
+    tied = valid & (keys == threshold)
+    quota = k - all_reduce(above.sum().to(torch.int64), group)
+    rank, size = world(group)
+    tied_per_rank = torch.zeros(size, dtype=torch.int64, device=keys.device)
+    tied_per_rank[rank] = tied.sum()
+    tied_before = all_reduce(tied_per_rank, group)[:rank].sum()
+    order = tied.reshape(-1).cumsum(0).reshape(tied.shape) + tied_before  # 1-based global tie order
+    return (above | (tied & (order <= quota))) & (k > 0)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in 16-bit halves of c so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^32) with full avalanche (Wellons' "lowbias32" integer hash)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_keys(shape: torch.Size, generator: torch.Generator | None, device, group) -> torch.Tensor:
+    """Independent uniform 63-bit int64 keys, one per token, that depend only on the token's global
+    position (ranks in order, then flat index) and on seeds drawn from rank 0's generator.
+
+    A counter-based draw rather than torch.randint per rank: the same concatenated batch gets the same
+    keys on any number of ranks, and ranks whose generators share a seed still draw different keys.
+    """
+    seeds = torch.randint(0, 1 << 32, (4,), generator=generator, device=device)
+    rank, size = world(group)
+    seeds = all_reduce(seeds * (rank == 0), group)
+    numel = torch.zeros(size, dtype=torch.int64, device=device)
+    numel[rank] = shape.numel()
+    offset = all_reduce(numel, group)[:rank].sum()
+    index = torch.arange(shape.numel(), dtype=torch.int64, device=device) + offset
+    low, high = index & 0xFFFFFFFF, index >> 32
+    # Two 32-bit halves from independent seeds; for a fixed high word each is a bijection of the low
+    # word, so keys within 2^32 tokens never collide.
+    upper = _hash32(_hash32(low ^ seeds[0]) ^ ((high + seeds[1]) & 0xFFFFFFFF))
+    lower = _hash32(_hash32(low ^ seeds[2]) ^ ((high + seeds[3]) & 0xFFFFFFFF))
+    return ((upper << 31) | (lower >> 1)).reshape(shape)
