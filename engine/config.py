@@ -190,6 +190,8 @@ class LossConfig:
     """KL-Cov coefficient."""
     normalize_by: str = "valid"
     """Divide by all valid tokens (valid) or by the selected tokens (selected)."""
+    backend: str = "auto"
+    """Fused-op backend: auto (Triton on CUDA, plain PyTorch elsewhere), triton or torch."""
 
 
 @dataclass
@@ -371,6 +373,7 @@ def validate(cfg: Config) -> None:
         _fail("loss.cov_lower", f"must be < loss.cov_upper ({loss.cov_upper}); got {loss.cov_lower}")
     _at_least("loss.kl_cov_coef", loss.kl_cov_coef, 0)
     _choice("loss.normalize_by", loss.normalize_by, ("valid", "selected"))
+    _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0)
     for key in ("adam_beta1", "adam_beta2"):

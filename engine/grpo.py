@@ -25,7 +25,7 @@ import torch
 from fusedrl.engine import rollout
 from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
 from fusedrl.engine.config import Config
-from fusedrl.engine.loss import FusedPolicyLoss
+from fusedrl.engine.loss import FusedPolicyLoss, metrics_to_floats
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
 from fusedrl.engine.session import Session, make_scheduler
 
@@ -40,7 +40,7 @@ def make_loss(cfg: Config) -> FusedPolicyLoss:
                            cov_ratio=c.cov_ratio, cov_lower=c.cov_lower, cov_upper=c.cov_upper,
                            kl_cov_coef=c.kl_cov_coef, normalize_by=c.normalize_by,
                            max_completion_length=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature)
+                           temperature=cfg.rollout.temperature, backend=c.backend)
 
 
 def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
@@ -62,12 +62,13 @@ def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -
     return groups
 
 
-def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float) -> torch.Tensor:
+def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float,
+              backend: str) -> torch.Tensor:
     """No-grad log-probs [B, T] of every response token, computed micro-batch by micro-batch."""
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
     for rows in (r for mini in plan for r in mini):
         sub = batch.rows(rows)
-        lp, _ = token_logprobs(model, sub, temperature)
+        lp, _ = token_logprobs(model, sub, temperature, backend)
         out[rows.to(out.device), : lp.shape[1]] = lp
     return out
 
@@ -97,8 +98,9 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
         order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
         passes.append([micro_batches(batch, mini, optim.micro_batch_tokens)
                        for mini in order.tensor_split(optim.mini_batches)])
-    old_lp = per_token(model, batch, passes[0], cfg.rollout.temperature) if need_old else None
-    ref_lp = (per_token(session.reference, batch, passes[0], cfg.rollout.temperature)
+    temperature, backend = cfg.rollout.temperature, cfg.loss.backend
+    old_lp = per_token(model, batch, passes[0], temperature, backend) if need_old else None
+    ref_lp = (per_token(session.reference, batch, passes[0], temperature, backend)
               if session.reference is not None else None)
     sums, tokens_seen, losses, grad_norms = {}, 0, [], []
     model.train()
@@ -122,8 +124,8 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
                 step_loss += float(loss.detach()) * share
                 valid = int(sub.completion_mask.sum())
                 tokens_seen += valid
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * valid
+                for key, value in metrics_to_floats(metrics).items():
+                    sums[key] = sums.get(key, 0.0) + value * valid
             if optim.max_grad_norm > 0:
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)))
             optimizer.step()

@@ -135,9 +135,10 @@ def completion_hidden(model, input_ids, attention_mask, prompt_length: int, comp
 
 
 @torch.no_grad()
-def token_logprobs(model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch, temperature: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (lp, H) [B, T] of `batch`'s completion tokens under `model`, without building logits."""
     hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
                                batch.completion_ids.shape[1])
     weight, bias = output_projection(model)
-    return linear_logprobs_and_entropy(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature)
+    return linear_logprobs_and_entropy(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature,
+                                       backend=backend)

@@ -100,6 +100,7 @@ def test_missing_file(tmp_path):
     ("loss.epsilon_low=1.0", "loss.epsilon_low", "must be < 1"),
     ("loss.dual_clip=0.5", "loss.dual_clip", "must be > 1"),
     ("optim.schedule=step", "optim.schedule", "one of constant, linear, cosine"),
+    ("loss.backend=cuda", "loss.backend", "one of auto, triton, torch"),
     ("run.algorithm=dpo", "run.algorithm", "one of grpo, ppo, spo_chain, spo_tree"),
     ("data.task=poetry", "data.task", "one of arithmetic"),
     ("reward.function=whatever", "reward.function", "module:function"),
