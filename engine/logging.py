@@ -70,9 +70,9 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.progress is not None:
-            summary = f"reward {metrics.get('reward/mean', float('nan')):.3f}"
-            if "eval/accuracy" in metrics:
-                summary += f"  held-out acc {metrics['eval/accuracy']:.3f}"
+            parts = [f"{label} {metrics[key]:.3f}" for key, label in
+                     (("reward/mean", "reward"), ("eval/accuracy", "held-out acc")) if key in metrics]
+            summary = "  ".join(parts)
             self.progress.update(self.task, completed=step, description=summary)
 
     def print(self, message: str) -> None:

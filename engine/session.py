@@ -113,6 +113,7 @@ class Session:
             self.logger.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
                               f"final loss {loss:.3f}")
         self.extra["eval_before"] = self.evaluate()
+        self.logger.log(0, dict(self.extra["eval_before"]))  # step 0: the held-out metrics before RL
         self.logger.print(f"held-out accuracy before RL: {self.extra['eval_before']['eval/accuracy']:.3f} "
                           f"({self._decoding()})")
 

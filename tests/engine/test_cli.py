@@ -43,7 +43,9 @@ def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert main(_args(full, digit_reward)) == 0
     rows = _metrics(full / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert set(rows.pop(0)) == {"step", "eval/accuracy", "eval/reward_mean", "eval/mean_length",
+                                "eval/reward_failures"}
     for r in rows:
         assert math.isfinite(r["loss/policy"]) and r["grad_norm"] > 0
         for key in ("reward/mean", "reward/std", "accuracy", "entropy/mean", "clip_ratio/high_mean", "mask/top_entropy",
