@@ -9,6 +9,7 @@ Per valid token t, with ratio = exp(lp - olp):
     pg_t   = min(pg_t, -A c)  where A < 0                                     (dual clip, optional)
     pg_t   = -A ratio + kl_cov_coef |lp - olp| [t in KL-Cov]                 (cov_mode="kl_cov": no clip)
     loss_t = M_t pg_t + beta KL_t - entropy_coef H_t
+    (with kl_importance_weighted, beta ratio KL_t: TRL's use_bias_correction_kl, DeepSeek-V3.2)
 where M_t is the product of the selection masks (top-rho entropy, SPO probability, not drawn by
 Clip-Cov). The policy-gradient part is aggregated over the valid tokens (`normalize_by="valid"`, TRL)
 or over the selected ones (`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply
@@ -87,6 +88,11 @@ class FusedPolicyLoss(nn.Module):
         generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
         backend: passed to the fused ops ("auto", "triton" or "torch").
         ignore_index: the id the fused ops skip; padded positions are set to it before the pass.
+        kl_importance_weighted: multiply each token's KL estimate by its importance ratio
+            exp(lp - old_lp), gradient included (so it changes the KL gradient even on-policy, where
+            the ratio is 1), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): with k3 the gradient
+            becomes an unbiased estimate of the reverse KL's when the samples come from the old policy.
+            The "kl" metric then reports the weighted estimate, as TRL logs it.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class FusedPolicyLoss(nn.Module):
         generator: torch.Generator | None = None,
         backend: str = "auto",
         ignore_index: int = -100,
+        kl_importance_weighted: bool = False,
     ):
         super().__init__()
         _choice("loss_type", loss_type, LOSS_TYPES)
@@ -156,6 +163,9 @@ class FusedPolicyLoss(nn.Module):
         self.generator = generator
         self.backend = backend
         self.ignore_index = int(ignore_index)
+        if not isinstance(kl_importance_weighted, bool):
+            raise ValueError(f"kl_importance_weighted must be a bool, got {kl_importance_weighted!r}")
+        self.kl_importance_weighted = kl_importance_weighted
 
     def forward(
         self,
@@ -243,6 +253,8 @@ class FusedPolicyLoss(nn.Module):
         loss = pg_loss
         if ref_logprobs is not None:
             kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().float(), 0.0))
+            if self.kl_importance_weighted:
+                kl = ratio * kl  # the ratio keeps its gradient: this is the point of the correction
             metrics["kl"] = (kl.detach() * valid).sum() / n_valid
         if self.beta > 0:
             kl_loss = self._aggregate(self.beta * torch.where(valid, kl, 0.0), valid, num_items_in_batch)
