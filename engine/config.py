@@ -172,6 +172,8 @@ class LossConfig:
     """KL coefficient to the reference model (needs model.reference)."""
     kl_estimator: str = "k3"
     """KL estimator: k1, k2 or k3."""
+    kl_importance_weighted: bool = False
+    """Weight each token's KL by its importance ratio (TRL's use_bias_correction_kl)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
     top_entropy_fraction: float = 1.0

@@ -40,7 +40,8 @@ def make_loss(cfg: Config) -> FusedPolicyLoss:
                            cov_ratio=c.cov_ratio, cov_lower=c.cov_lower, cov_upper=c.cov_upper,
                            kl_cov_coef=c.kl_cov_coef, normalize_by=c.normalize_by,
                            max_completion_length=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature, backend=c.backend)
+                           temperature=cfg.rollout.temperature, backend=c.backend,
+                           kl_importance_weighted=c.kl_importance_weighted)
 
 
 def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:

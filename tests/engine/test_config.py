@@ -24,13 +24,13 @@ def test_defaults_without_a_file():
 def test_yaml_then_overrides(write):
     path = write("rollout:\n  group_size: 4\noptim:\n  lr: 1.0e-3\nloss:\n  dual_clip: 3.0\n")
     cfg = load_config(path, ["optim.lr=2e-5", "run.steps=7", "loss.top_entropy_fraction=0.2",
-                             "model.reference=policy", "loss.beta=0.05"])
+                             "model.reference=policy", "loss.beta=0.05", "loss.kl_importance_weighted=true"])
     assert cfg.rollout.group_size == 4
     assert cfg.optim.lr == 2e-5
     assert cfg.run.steps == 7
     assert cfg.loss.dual_clip == 3.0
     assert cfg.loss.top_entropy_fraction == 0.2
-    assert cfg.model.reference == "policy" and cfg.loss.beta == 0.05
+    assert cfg.model.reference == "policy" and cfg.loss.beta == 0.05 and cfg.loss.kl_importance_weighted
 
 
 def test_demo_config_loads():
