@@ -85,7 +85,9 @@ def run(case, hidden_path, backend, mode):
     for rows in MICRO:
         r = torch.tensor(rows)
         length = int(mask[r].sum(1).max())
-        cut = lambda t: None if t is None else t[r][:, :length]  # noqa: E731
+
+        def cut(t):
+            return None if t is None else t[r][:, :length]
         part = {k: (v if k in ("weight", "bias") else cut(v)) for k, v in leaves.items()}
         loss, _ = loss_fn(cut(ids), cut(mask), cut(adv), **part, old_logprobs=cut(old), ref_logprobs=cut(ref_lp),
                           num_items_in_batch=num_items,
