@@ -61,16 +61,18 @@ class ValueModel(nn.Module):
         self.backbone.save_pretrained(path)
         torch.save(self.head.state_dict(), path / HEAD_FILE)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                num_response_tokens: int) -> torch.Tensor:
-        """Values [B, T] (float32) for the last T tokens of input_ids [B, P + T].
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                completion_length: int) -> torch.Tensor:
+        """Values [B, T] (float32) of the T completion tokens of [left-padded prompt | response] rows.
 
-        The value of response token t is read at the position before it (the state it is chosen in),
-        the same shift as the log-prob of token t.
+        The value of response token t is read at column prompt_length - 1 + t, the state it is chosen
+        in (the same shift as its log-prob). Positions count only attended tokens, as in generation.
         """
-        if not 0 < num_response_tokens < input_ids.shape[1]:
-            raise ValueError(f"num_response_tokens must lie in [1, {input_ids.shape[1] - 1}], "
-                             f"got {num_response_tokens}")
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state[:, -num_response_tokens - 1:-1]
+        if not 0 < prompt_length or prompt_length + completion_length > input_ids.shape[1] + 1:
+            raise ValueError(f"prompt_length {prompt_length} and completion_length {completion_length} do "
+                             f"not fit input_ids of length {input_ids.shape[1]}")
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
+        hidden = out.last_hidden_state[:, prompt_length - 1: prompt_length - 1 + completion_length]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()

@@ -27,8 +27,10 @@ def test_values_read_the_state_before_each_response_token():
     critic = ValueModel.from_policy(policy)
     torch.nn.init.normal_(critic.head.weight)
     ids, attn = _batch()
-    values = critic(ids, attn, num_response_tokens=4)
-    hidden = critic.backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+    values = critic(ids, attn, prompt_length=5, completion_length=4)
+    # Row 0 is left-padded by two: its positions start at 0 on its first real token.
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    hidden = critic.backbone(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
     expected = hidden[:, 4:8] @ critic.head.weight[0] + critic.head.bias
     assert values.shape == (3, 4) and values.dtype == torch.float32
     torch.testing.assert_close(values, expected)
@@ -42,7 +44,7 @@ def test_critic_is_an_own_copy_and_builds_no_vocabulary_sized_tensor():
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(getattr(o, "shape", None)))
              for m in critic.modules()]
     ids, attn = _batch()
-    values = critic(ids, attn, num_response_tokens=4)
+    values = critic(ids, attn, prompt_length=5, completion_length=4)
     for h in hooks:
         h.remove()
     assert all(s is None or s[-1] != VOCAB for s in shapes)
@@ -59,13 +61,13 @@ def test_save_and_load_round_trip(tmp_path):
     critic.save_pretrained(tmp_path)
     loaded = ValueModel.from_pretrained(tmp_path).eval()
     ids, attn = _batch()
-    torch.testing.assert_close(loaded(ids, attn, 3), critic(ids, attn, 3))
+    torch.testing.assert_close(loaded(ids, attn, 6, 3), critic(ids, attn, 6, 3))
 
 
 def test_bad_inputs():
     critic = ValueModel.from_policy(_policy())
     ids, attn = _batch()
-    with pytest.raises(ValueError, match="num_response_tokens"):
-        critic(ids, attn, num_response_tokens=9)
+    with pytest.raises(ValueError, match="do not fit"):
+        critic(ids, attn, prompt_length=5, completion_length=6)
     with pytest.raises(ValueError, match="not a directory"):
         ValueModel.from_pretrained("/nonexistent/critic")
