@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from fusedrl.engine.rollout import Batch, generate, left_pad
-from fusedrl.engine.spo import chain_boundaries, tree_paths
+from fusedrl.engine.segments import chain_boundaries, tree_paths
 
 Scorer = Callable[[list[int], list[str]], list[float]]
 

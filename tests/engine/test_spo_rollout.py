@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedrl.engine.spo_rollout as spo_rollout
-from fusedrl.engine.spo import tree_values_and_advantages
+from fusedrl.engine.segments import tree_values_and_advantages
 from fusedrl.engine.spo_rollout import (Sampling, chain_values, continuation_values, make_batch,
                                         sample_trees, score_leaves, tree_training_rows)
 

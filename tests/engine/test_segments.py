@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fusedrl.engine.spo import (chain_advantages, chain_boundaries, cutpoints, tree_paths,
+from fusedrl.engine.segments import (chain_advantages, chain_boundaries, cutpoints, tree_paths,
                                 tree_values_and_advantages)
 
 # Probabilities of the sampled tokens of one response of 14 tokens; below 0.9 at 1, 3, 4, 6, 8, 9, 11, 12.
