@@ -99,7 +99,7 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
 
 def advantages_and_returns(cfg: Config, batch: rollout.Batch, scores: torch.Tensor, raw_values: torch.Tensor,
                            old_lp: torch.Tensor, ref_lp: torch.Tensor | None,
-                           normalizer: RunningMeanStd | None) -> tuple[torch.Tensor, ...]:
+                           normalizer: RunningMeanStd | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(advantages, critic targets, critic's old outputs, metrics) in the scale the critic learns."""
     ppo, mask = cfg.ppo, batch.completion_mask
     values = normalizer.denormalize(raw_values) if normalizer is not None else raw_values
@@ -108,8 +108,8 @@ def advantages_and_returns(cfg: Config, batch: rollout.Batch, scores: torch.Tens
     rewards = token_rewards(scores, mask, reward_clip=ppo.reward_clip, kl=kl if in_reward else None,
                             beta=cfg.loss.beta)
     advantages, returns = gae_advantages(rewards, values * mask, mask, gamma=ppo.gamma, lam=ppo.lam)
-    metrics = {"advantages/mean": float(masked_mean(advantages, mask)), "returns/mean": float(masked_mean(returns, mask)),
-               "value/mean": float(masked_mean(values, mask))}
+    metrics = {"advantages/mean": float(masked_mean(advantages, mask)),
+               "returns/mean": float(masked_mean(returns, mask)), "value/mean": float(masked_mean(values, mask))}
     if kl is not None:
         metrics["kl/rollout"] = float(masked_mean(kl, mask))
     if ppo.whiten_advantages and int(mask.sum()) >= 2:
@@ -170,7 +170,7 @@ def train(cfg: Config) -> dict:
                    "completions/mean_length": float(lengths.float().mean()),
                    "completions/truncated": float(batch.truncated.float().mean()), **adv_metrics}
         # Policy through the fused loss with per-token advantages, then the critic, then the reference EMA.
-        metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages))
+        metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, ref_logprobs=ref_lp))
         metrics.update(update_critic(critic, critic_optimizer, cfg, batch, old_values, targets))
         if ppo.reference_ema > 0:
             ema_update_(session.reference, model, ppo.reference_ema)

@@ -82,10 +82,8 @@ def tree_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scor
                   for t, lr in zip(trees, leaf_rewards)]
     rows = tree_training_rows(trees, advantages)
     rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
-    leaves = sum(len(lr) for lr in leaf_rewards)
-    metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - len(rows)}
+    metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows)}
     if not rows:
-        metrics["spo/sampling_overhead"] = float(generated)
         return None, rewards, None, None, metrics
     batch = make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows], [ids for _, _, ids, _, _ in rows],
                        [not tree.finished[leaf] for tree, leaf, *_ in rows], tokenizer.pad_token_id, session.device)
@@ -115,8 +113,9 @@ def train(cfg: Config) -> dict:
         batch, rewards, advantages, loss_mask, metrics = step_fn(session, prompts, sampling,
                                                                   make_scorer(session, prompts, failures))
         sampled = time.perf_counter()
-        metrics.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                        "reward/failures": sum(failures), "accuracy": float((rewards >= 1).float().mean())})
+        metrics.update({"reward/mean": float(rewards.mean()), "reward/failures": sum(failures),
+                        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                        "accuracy": float((rewards >= 1).float().mean())})
         if batch is not None:
             metrics["completions/mean_length"] = float(batch.lengths().float().mean())
             metrics["completions/truncated"] = float(batch.truncated.float().mean())

@@ -73,9 +73,10 @@ def test_spo_tree_two_steps(tmp_path, monkeypatch):
                  "loss.loss_type=bnpo", "loss.normalize_by=selected")
     for m in lines:
         assert m["spo/leaves"] == 2 * 8 and 0 <= m["spo/rows_dropped"] <= 16
-        assert m["spo/sampling_overhead"] > 0
     trained = [m for m in lines if "loss/policy" in m]
     assert trained and all(math.isfinite(m["loss/policy"]) for m in trained)
+    # Every trained token was generated once; shared prefixes and dropped segments were generated too.
+    assert all(m["spo/sampling_overhead"] >= 1 for m in trained)
 
 
 @pytest.mark.parametrize("overrides, key", [
