@@ -34,8 +34,9 @@ def _run(tmp_path, monkeypatch, *overrides) -> list[dict]:
     return lines
 
 
-PPO = ["run.algorithm=ppo", "rollout.group_size=4", "optim.mini_batches=2", "model.reference=policy", "loss.beta=0.1",
-       "ppo.reference_ema=0.01", "ppo.normalize_values=true", "ppo.critic_lr=1e-3", "run.save_every=1"]
+PPO = ["run.algorithm=ppo", "rollout.group_size=4", "rollout.max_new_tokens=24", "optim.mini_batches=2",
+       "model.reference=policy", "loss.beta=0.1", "ppo.reference_ema=0.01", "ppo.normalize_values=true",
+       "ppo.critic_lr=1e-3", "run.save_every=1"]
 UNTIMED = ("time/", "tokens_per_second", "memory/")
 
 
