@@ -29,6 +29,7 @@ int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import triton
@@ -83,16 +84,15 @@ def _forward_kernel(
         s = alpha * s + e
         m = m_new
 
-    ref = tl.where(m == float("-inf"), 0.0, m)
     s_row = tl.sum(s, axis=1)
-    log_s = tl.log(s_row)
+    log_s = tl.log(s_row)  # an all -inf row has no distribution: S = 0, and lp, H are nan
     entropy = log_s - tl.sum(t, axis=1) / s_row
     x_target = tl.load(row_ptr + targets, mask=active, other=0.0).to(tl.float32)
-    lp = (x_target - ref) * inv_temperature - log_s
+    lp = (x_target - m) * inv_temperature - log_s
     tl.store(lp_ptr + rows, tl.where(active, lp, 0.0), mask=in_rows)
     tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_rows)
     # lse = max / T + log S, kept as its two parts for the same precision in the backward.
-    tl.store(max_ptr + rows, ref, mask=in_rows)
+    tl.store(max_ptr + rows, m, mask=in_rows)
     tl.store(log_sum_ptr + rows, log_s, mask=in_rows)
 
 
@@ -111,7 +111,8 @@ def _backward_kernel(
     row_max = tl.load(max_ptr + rows, mask=active, other=0.0)
     log_s = tl.load(log_sum_ptr + rows, mask=active, other=0.0)
     entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
-    # Per-row coefficients, already divided by T; zero on ignored rows.
+    # Per-row coefficients, already divided by T. Ignored rows load no logits (x = -inf, p = 0) and
+    # zero coefficients, so their gradient row is exactly zero.
     g_lp = tl.zeros([BLOCK_N], tl.float32)
     g_h = tl.zeros([BLOCK_N], tl.float32)
     if HAS_GRAD_LP:
@@ -135,7 +136,6 @@ def _backward_kernel(
         if HAS_GRAD_ENTROPY:
             # log p = -inf means p = 0: the term is 0, never 0 * -inf.
             d -= g_h[:, None] * tl.where(logp == float("-inf"), 0.0, p * (logp + entropy[:, None]))
-        d = tl.where(active[:, None], d, 0.0)  # ignored rows: an exact zero row
         tl.store(out_ptr[:, None] + offs[None, :], d.to(grad_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab)
 
 
@@ -159,6 +159,11 @@ def _config(vocab: int) -> tuple[int, int, int, int]:
     return block_n, block_v, max(1, block_n * block_v // (16 * ELEMENTS_PER_THREAD)), 1
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU, not the current one (a multi-GPU process need not have switched)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _grid(n_rows: int, block_n: int) -> tuple[int]:
     # Axis 0 only: CUDA allows 2^31 - 1 programs there (65,535 on axes 1 and 2).
     return (triton.cdiv(n_rows, block_n),)
@@ -173,16 +178,19 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, opt
     if n_rows == 0:
         return lp, entropy, row_max, log_sum
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    _forward_kernel[_grid(n_rows, block_n)](
-        logits, targets, lp, entropy, row_max, log_sum,
-        n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
-        1.0 / options.temperature, options.ignore_index,
-        BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
-    )  # fmt: skip
+    with _on_device(logits):
+        _forward_kernel[_grid(n_rows, block_n)](
+            logits, targets, lp, entropy, row_max, log_sum,
+            n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
+            1.0 / options.temperature, options.ignore_index,
+            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        )  # fmt: skip
     return lp, entropy, row_max, log_sum
 
 
-def _backward(logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions):
+def _backward(
+    logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions
+):
     """d logits in the logits' dtype; written over the logits when options.inplace_backward allows it
     and no two rows share memory."""
     in_place = options.inplace_backward and rows_are_disjoint(logits)
@@ -200,14 +208,15 @@ def _backward(logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy,
     else:
         grad_strides = (layout.inner * vocab, vocab)
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    _backward_kernel[_grid(layout.n_rows, block_n)](
-        logits, grad, targets, row_max, log_sum, entropy,
-        grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
-        layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
-        1.0 / options.temperature, options.ignore_index,
-        HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
-    )  # fmt: skip
+    with _on_device(logits):
+        _backward_kernel[_grid(layout.n_rows, block_n)](
+            logits, grad, targets, row_max, log_sum, entropy,
+            grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
+            layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
+            1.0 / options.temperature, options.ignore_index,
+            HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        )  # fmt: skip
     return grad
 
 
@@ -215,7 +224,7 @@ class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, options: LogprobsEntropyOptions):
         layout = row_layout(logits)
-        flat_targets = targets.reshape(-1).long()
+        flat_targets = targets.reshape(-1).long().contiguous()  # the kernels index it densely
         lp, entropy, row_max, log_sum = _forward(logits, flat_targets, layout, options)
         ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
         ctx.layout, ctx.options = layout, options
@@ -245,9 +254,9 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(f"logits' last dimension must be contiguous (stride 1), got strides {logits.stride()}")
     check_same_device(logits=logits, targets=targets if isinstance(targets, torch.Tensor) else None)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+    ignore_index = int(ignore_index)
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -259,8 +268,10 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
                 "backend='triton' needs logits on a CUDA device, or TRITON_INTERPRET=1 set before triton "
                 f"is imported to run on {logits.device.type}"
             )
-        if targets.numel() >= 2**31:
-            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {targets.numel()}")
+        n_rows = logits[..., 0].numel()
+        if n_rows >= 2**31:
+            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {n_rows}")
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)  # reads the targets: last
     return LogprobsEntropyOptions(temperature=temperature, ignore_index=ignore_index, inplace_backward=inplace_backward)
 
 

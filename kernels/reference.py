@@ -217,8 +217,7 @@ def _chunk_logp(chunk: torch.Tensor, temperature: float, row_max=None, log_sum=N
     # A contiguous fp32 copy (never the input itself, which the in-place ops below would change).
     x = chunk.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(-1, chunk.shape[-1])
     if row_max is None:
-        row_max = x.amax(dim=-1)
-        row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)  # all -inf: no shift
+        row_max = x.amax(dim=-1)  # all -inf: the row has no distribution and gives nan
     z = x.sub_(row_max[:, None]).div_(temperature)
     if log_sum is None:
         log_sum = torch.logsumexp(z, dim=-1)

@@ -1,12 +1,6 @@
-"""fusedrl.kernels.logprobs_and_entropy, both backends, against a float64 oracle.
-
-The oracle is float64 PyTorch autograd on the inputs already rounded to the tested dtype. Every
-output and gradient must satisfy, elementwise, |ours - fp64| <= |baseline - fp64| + tol, where the
-baseline is PyTorch computing in fp32 on the same rounded inputs (its gradient then rounded to the
-tested dtype): the best a careful unfused implementation gives, stricter than PyTorch run in bf16.
-tol is a few fp32 rounding errors: a rounding of the bf16 gradient that differs from the
-baseline's can only happen at a rounding boundary, where both errors are within fp32 error of half
-an ulp, so a whole-ulp error (e.g. truncation instead of rounding) fails.
+"""fusedrl.kernels.logprobs_and_entropy, both backends: values and gradients against a float64
+oracle (the rule is in logprobs_oracle.py), special rows, leading-dimension layouts, the in-place
+backward and bad input.
 
 On CPU the triton backend runs under the Triton interpreter (tests/conftest.py), which is slow:
 interpreter cases keep N * (tiles per row) small.
@@ -17,135 +11,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrl.kernels.logprobs_entropy as le
 from fusedrl.kernels import logprobs_and_entropy
-from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
-
-BACKENDS = ["torch", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-IGNORE = -100
+from logprobs_oracle import (
+    BACKENDS,
+    DTYPES,
+    IGNORE,
+    AllocationRecorder,
+    check_all,
+    interpreter_rounds_bf16_like_gpu,  # noqa: F401 (a fixture: pytest finds it by name)
+    make_inputs,
+    reference_grad_of_full,
+)
 
 # The interpreter evaluates both sides of tl.where in numpy (exp(-inf - -inf) and so on); the
-# kernels select the finite side, which the tests check. The warnings are noise.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_rounds_bf16_like_gpu():
-    """Triton 3.9's interpreter converts fp32 to bf16 by truncation (and its round-to-nearest path
-    carries into the exponent incorrectly); CUDA rounds to nearest even. Make the interpreter round
-    like the GPU so that the bf16 gradient is held to the same rule as on a GPU."""
-    if not le._INTERPRETED:
-        yield
-        return
-    import triton.language as tl
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._convert_float
-
-    def convert(values, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
-            return rounded.view(torch.int16).numpy().view(np.uint16)
-        return original(values, input_dtype, output_dtype, rounding_mode)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_convert_float", convert)
-        yield
-
-
-# ---------------------------------------------------------------------------------------------
-# oracle and comparison
-# ---------------------------------------------------------------------------------------------
-
-
-def reference(x: torch.Tensor, targets: torch.Tensor, temperature: float, compute_dtype=torch.float64):
-    """lp, H in compute_dtype by plain autograd-able PyTorch, and the leaf they depend on."""
-    leaf = x.detach().to(compute_dtype).requires_grad_()
-    logp = torch.log_softmax(leaf / temperature, dim=-1)
-    ignored = targets == IGNORE
-    lp = logp.gather(-1, targets.masked_fill(ignored, 0).long()[..., None]).squeeze(-1)
-    p_logp = logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)
-    entropy = -p_logp.sum(-1)
-    return leaf, lp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
-
-
-def grads(leaf, lp, entropy, g_lp, g_h):
-    """d(sum(lp * g_lp) + sum(H * g_h)) / d leaf; a None upstream gradient leaves that output out."""
-    outputs = [o for o, g in ((lp, g_lp), (entropy, g_h)) if g is not None]
-    upstream = [g.to(o.dtype) for o, g in ((lp, g_lp), (entropy, g_h)) if g is not None]
-    (grad,) = torch.autograd.grad(outputs, [leaf], upstream, retain_graph=True)
-    return grad
-
-
-def assert_rule(name, ours, ref, base, atol, rtol=0.0):
-    """|ours - ref| <= |base - ref| + atol + rtol |ref|, elementwise; equal infinities count as exact."""
-    ours, ref, base = ours.detach().double(), ref.detach().double(), base.detach().double()
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    err = torch.where(ours == ref, 0.0, (ours - ref).abs())
-    allowed = torch.where(base == ref, 0.0, (base - ref).abs()) + atol + rtol * ref.abs().nan_to_num(0.0, 0.0, 0.0)
-    bad = ~(err <= allowed)  # a nan error is bad
-    if bool(bad.any()):
-        i = tuple(int(k) for k in bad.nonzero()[err[bad].nan_to_num(float("inf")).argmax()])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements outside the rule; worst at {i}: "
-            f"ours={ours[i].item()!r} fp64={ref[i].item()!r} baseline={base[i].item()!r} allowed={allowed[i].item():.3g}"
-        )
-
-
-def make_inputs(n, vocab, dtype, *, seed_shift=0.0):
-    """Logits [n, vocab] whose rows cycle through the cases real kernels got wrong, and targets.
-
-    Row kinds: plain; peaked (one logit 40 above the rest, in the last, partial tile); far below
-    zero with a peak (a masked load with other=0 would dominate the max); sprinkled with -inf
-    (never at the target). Every fifth row from row 3 is ignored.
-    """
-    x = torch.randn(n, vocab) * 3.0 + seed_shift
-    targets = torch.randint(0, vocab, (n,))
-    for r in range(n):
-        kind = r % 4
-        if kind == 1:
-            x[r, vocab - 1] += 40.0
-            if r % 8 == 1:
-                targets[r] = vocab - 1
-        elif kind == 2:
-            x[r] -= 200.0
-            x[r, r % vocab] = -150.0
-            targets[r] = r % vocab
-        elif kind == 3 and vocab > 1:
-            neg = torch.rand(vocab) < 0.1
-            neg[targets[r]] = False
-            x[r, neg] = float("-inf")
-    targets[3::5] = IGNORE
-    return x.to(dtype), targets
-
-
-# Tolerances: a few fp32 rounding errors of the quantity's scale.
-OUT_ATOL, OUT_RTOL = 2e-6, 2e-6
-GRAD_RTOL_OF_MAX = 2e-6
-
-
-def check_all(backend, x, targets, temperature, **kwargs):
-    """Forward and the three gradient modes of one backend against the oracle and the fp32 baseline."""
-    n_rows = targets.numel()
-    leaf = x.detach().clone().requires_grad_()
-    lp, entropy = logprobs_and_entropy(leaf, targets, temperature=temperature, backend=backend, **kwargs)
-    assert lp.dtype == entropy.dtype == torch.float32
-    ref_leaf, ref_lp, ref_h = reference(x, targets, temperature)
-    base_leaf, base_lp, base_h = reference(x, targets, temperature, torch.float32)
-    assert_rule("lp", lp, ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
-    assert_rule("H", entropy, ref_h, base_h, OUT_ATOL, OUT_RTOL)
-    g_lp, g_h = torch.randn(targets.shape), torch.randn(targets.shape)
-    for mode, (a, b) in {"lp": (g_lp, None), "H": (None, g_h), "both": (g_lp, g_h)}.items():
-        ours = grads(leaf, lp, entropy, a, b)
-        assert ours.dtype == x.dtype and ours.shape == x.shape
-        ref = grads(ref_leaf, ref_lp, ref_h, a, b)
-        base = grads(base_leaf, base_lp, base_h, a, b).to(x.dtype)
-        scale = ref.abs().max().item() if n_rows else 0.0
-        assert_rule(f"d logits (upstream {mode})", ours, ref, base, GRAD_RTOL_OF_MAX * scale)
-    return lp, entropy
+# kernels select the finite side, which the tests check. The warnings are noise. The bf16 fixture
+# makes the interpreter round like a GPU (see logprobs_oracle).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+    pytest.mark.usefixtures("interpreter_rounds_bf16_like_gpu"),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +87,16 @@ def test_special_rows_exact(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_first_tile_all_minus_inf(backend):
+    """A row whose first 8192-wide tile is entirely -inf: the running max stays -inf for a whole
+    tile and must not turn the later tiles' sums into nan."""
+    x, targets = make_inputs(3, 8200, torch.bfloat16)
+    x[:, :8192] = float("-inf")
+    targets[:] = 8195
+    check_all(backend, x, targets, 0.6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates_to_its_row_only(backend):
     x, targets = make_inputs(6, 300, torch.float32)
     targets[:] = 7
@@ -240,35 +136,6 @@ def test_backends_agree_with_each_other(backend):
 # ---------------------------------------------------------------------------------------------
 # layouts: strided leading dimensions, in-place backward
 # ---------------------------------------------------------------------------------------------
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records (numel, dtype) of every tensor an aten op allocates; outputs that alias an input
-    (views, in-place and out= ops) are not allocations and are skipped."""
-
-    def __init__(self):
-        super().__init__()
-        self.allocations: list[tuple[int, torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, value in zip(returns, outputs):
-            if isinstance(value, torch.Tensor) and ret.alias_info is None:
-                self.allocations.append((value.numel(), value.dtype))
-        return out
-
-
-def reference_grad_of_full(full, logits_of, targets, temperature, g_lp, g_h):
-    """fp64 gradient with respect to a full tensor of which the op sees logits_of(full)."""
-    leaf = full.detach().double().requires_grad_()
-    logp = torch.log_softmax(logits_of(leaf) / temperature, dim=-1)
-    ignored = targets == IGNORE
-    lp = logp.gather(-1, targets.masked_fill(ignored, 0)[..., None]).squeeze(-1).masked_fill(ignored, 0.0)
-    entropy = -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1).masked_fill(ignored, 0.0)
-    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
-    return lp, entropy, grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -355,3 +222,92 @@ def test_inplace_backward_with_rows_sharing_memory_is_still_correct(backend):
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), row)
     _, _, ref_grad = reference_grad_of_full(row, lambda t: t.expand(4, 300), targets, 1.0, g_lp, g_h)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input, empty batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    x = torch.randn(4, 10)
+    y = torch.tensor([1, 2, 3, IGNORE])
+    return [
+        ("target_too_large", dict(logits=x, targets=torch.tensor([1, 2, 10, 0])), r"targets must be in \[0, 10\)"),
+        ("target_negative", dict(logits=x, targets=torch.tensor([1, -1, 3, 0])), r"targets must be in \[0, 10\).*-1"),
+        ("other_ignore_index", dict(logits=x, targets=y, ignore_index=-1), r"targets must be in \[0, 10\)"),
+        ("target_shape", dict(logits=x, targets=torch.tensor([1, 2, 3])), r"targets must have shape \(4,\)"),
+        ("target_dtype", dict(logits=x, targets=y.float()), r"targets must be an integer tensor"),
+        ("target_not_tensor", dict(logits=x, targets=[1, 2, 3, 4]), r"targets must be a torch.Tensor"),
+        ("logits_dtype", dict(logits=x.double(), targets=y), r"logits must have dtype in"),
+        ("logits_int", dict(logits=x.long(), targets=y), r"logits must have dtype in"),
+        ("logits_scalar", dict(logits=torch.tensor(1.0), targets=torch.tensor(0)), r"shape \[\.\.\., V\]"),
+        ("empty_vocab", dict(logits=torch.randn(4, 0), targets=y), r"V >= 1"),
+        ("last_dim_strided", dict(logits=torch.randn(10, 4).t(), targets=y), r"last dimension must be contiguous"),
+        ("temperature_zero", dict(logits=x, targets=y, temperature=0.0), r"temperature must be a finite number > 0"),
+        ("temperature_negative", dict(logits=x, targets=y, temperature=-1.0), r"temperature"),
+        ("temperature_nan", dict(logits=x, targets=y, temperature=float("nan")), r"temperature"),
+        ("temperature_inf", dict(logits=x, targets=y, temperature=float("inf")), r"temperature"),
+        ("temperature_text", dict(logits=x, targets=y, temperature="hot"), r"temperature"),
+        ("ignore_index_float", dict(logits=x, targets=y, ignore_index=-100.0), r"ignore_index must be an int"),
+        ("backend_unknown", dict(logits=x, targets=y, backend="cuda"), r"backend must be one of"),
+        ("inplace_not_bool", dict(logits=x, targets=y, inplace_backward=1), r"inplace_backward must be a bool"),
+        ("device_mismatch", dict(logits=x, targets=y.to("meta")), r"one device"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_raises_before_any_kernel(backend, case, monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel ran before the input was rejected")
+
+    monkeypatch.setattr(le, "logprobs_and_entropy_torch", launched)
+    monkeypatch.setattr(le._LogprobsEntropy, "apply", launched)
+    _, kwargs, match = case
+    kwargs = {"backend": backend, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        logprobs_and_entropy(kwargs.pop("logits"), kwargs.pop("targets"), **kwargs)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(le, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        logprobs_and_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend="triton")
+
+
+def test_auto_backend_is_torch_on_cpu():
+    lp, _ = logprobs_and_entropy(torch.randn(2, 5).requires_grad_(), torch.tensor([0, 1]))
+    assert type(lp.grad_fn).__name__ == "_TorchLogprobsEntropyBackward"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0, 7)])
+def test_empty_batch_gives_empty_outputs_and_gradient(backend, shape):
+    logits = torch.randn(shape).requires_grad_()
+    targets = torch.zeros(shape[:-1], dtype=torch.long)
+    lp, entropy = logprobs_and_entropy(logits, targets, backend=backend)
+    assert lp.shape == entropy.shape == shape[:-1]
+    assert lp.dtype == entropy.dtype == torch.float32
+    (lp.sum() + entropy.sum()).backward()
+    assert logits.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    logits = torch.randn(5, 40).requires_grad_()
+    targets = torch.full((5,), IGNORE)
+    lp, entropy = logprobs_and_entropy(logits, targets, backend=backend)
+    assert torch.equal(lp, torch.zeros(5)) and torch.equal(entropy, torch.zeros(5))
+    (lp.sum() + entropy.sum()).backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_of_any_integer_dtype_and_layout(backend):
+    x, targets = make_inputs(8, 50, torch.float32)
+    targets[targets == IGNORE] = 0
+    expected = logprobs_and_entropy(x, targets, backend=backend)
+    for other in (targets.int(), targets.short(), targets.repeat_interleave(2)[::2]):
+        for u, v in zip(logprobs_and_entropy(x, other, backend=backend), expected):
+            assert torch.equal(u, v)

@@ -1,0 +1,188 @@
+"""GRPO: group-relative policy optimisation with the fused policy loss.
+
+Each step samples `prompts_per_step` prompts and `group_size` responses to each at the rollout
+temperature, scores them, and turns the rewards into advantages relative to their group: the mean is
+subtracted and, unless Dr. GRPO is asked for (advantage.normalize_std=false), the group's std
+divides. Optional DAPO shaping: an overlong penalty added to the reward before the advantage, and
+dynamic sampling, which drops the groups whose rewards are all equal (if every group is dropped the
+step makes no update). The policy then takes `updates_per_batch` passes over the batch, each split
+into `mini_batches` optimizer steps; each mini-batch is cut into micro-batches by a token budget
+whose gradients accumulate before clipping and the AdamW step.
+
+The loss is FusedPolicyLoss on the fused linear path: the backbone's final hidden states and the
+output embedding go in, so the logits tensor is never built. With a single update per rollout the
+loss runs on-policy (old log-probs are the current ones, detached); with more, a no-grad pass fixes
+the old log-probs first, using the same micro-batches so that the first ratio is exactly 1. A
+reference model, when configured, gives per-token reference log-probs the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fusedrl.engine import rollout
+from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
+from fusedrl.engine.config import Config
+from fusedrl.engine.loss import FusedPolicyLoss
+from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
+from fusedrl.engine.session import Session, make_scheduler
+
+
+def make_loss(cfg: Config) -> FusedPolicyLoss:
+    """FusedPolicyLoss from the loss section; temperature and max length come from the rollout."""
+    c = cfg.loss
+    return FusedPolicyLoss(loss_type=c.loss_type, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
+                           dual_clip=c.dual_clip, beta=c.beta, kl_estimator=c.kl_estimator,
+                           entropy_coef=c.entropy_coef, top_entropy_fraction=c.top_entropy_fraction,
+                           prob_mask_threshold=c.prob_mask_threshold, cov_mode=c.cov_mode,
+                           cov_ratio=c.cov_ratio, cov_lower=c.cov_lower, cov_upper=c.cov_upper,
+                           kl_cov_coef=c.kl_cov_coef, normalize_by=c.normalize_by,
+                           max_completion_length=cfg.rollout.max_new_tokens,
+                           temperature=cfg.rollout.temperature)
+
+
+def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
+    """Splits `rows` into groups whose padded size (rows x (longest prompt + longest response))
+    fits the budget; rows are sorted by length first so that similar lengths share padding."""
+    prompt_len = batch.attention_mask[rows, : batch.prompt_length].sum(1)
+    response_len = batch.completion_mask[rows].sum(1)
+    order = rows[torch.argsort(prompt_len + response_len, stable=True)]
+    groups, current, p_max, r_max = [], [], 0, 0
+    for row in order.tolist():
+        p = int(batch.attention_mask[row, : batch.prompt_length].sum())
+        r = max(1, int(batch.completion_mask[row].sum()))
+        if current and (len(current) + 1) * (max(p_max, p) + max(r_max, r)) > token_budget:
+            groups.append(torch.tensor(current))
+            current, p_max, r_max = [], 0, 0
+        current.append(row)
+        p_max, r_max = max(p_max, p), max(r_max, r)
+    groups.append(torch.tensor(current))
+    return groups
+
+
+def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float) -> torch.Tensor:
+    """No-grad log-probs [B, T] of every response token, computed micro-batch by micro-batch."""
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for rows in (r for mini in plan for r in mini):
+        sub = batch.rows(rows)
+        lp, _ = token_logprobs(model, sub, temperature)
+        out[rows.to(out.device), : lp.shape[1]] = lp
+    return out
+
+
+def _weight(loss_type: str, sub: rollout.Batch, mini_rows: int, mini_tokens: int) -> float:
+    """Share of a micro-batch's loss in its mini-batch's loss.
+
+    dapo divides by the mini-batch's token count itself (num_items_in_batch); grpo and dr_grpo
+    average over responses, so a micro-batch counts by its rows; bnpo averages over tokens.
+    """
+    if loss_type == "dapo":
+        return 1.0
+    if loss_type == "bnpo":
+        return int(sub.completion_mask.sum()) / mini_tokens
+    return len(sub) / mini_rows
+
+
+def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch,
+           advantages: torch.Tensor) -> dict:
+    """The policy updates on one rollout batch; returns the loss metrics averaged over tokens."""
+    cfg, model = session.cfg, session.model
+    optim = cfg.optim
+    n = len(batch)
+    need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1
+    passes = []
+    for _ in range(optim.updates_per_batch):
+        order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
+        passes.append([micro_batches(batch, mini, optim.micro_batch_tokens)
+                       for mini in order.tensor_split(optim.mini_batches)])
+    old_lp = per_token(model, batch, passes[0], cfg.rollout.temperature) if need_old else None
+    ref_lp = (per_token(session.reference, batch, passes[0], cfg.rollout.temperature)
+              if session.reference is not None else None)
+    sums, tokens_seen, losses, grad_norms = {}, 0, [], []
+    model.train()
+    for plan in passes:
+        for mini in plan:
+            mini_rows = sum(len(r) for r in mini)
+            mini_tokens = sum(int(batch.completion_mask[r].sum()) for r in mini)
+            step_loss = 0.0
+            for rows in mini:
+                sub = batch.rows(rows)
+                length = sub.completion_ids.shape[1]
+                hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
+                weight, bias = output_projection(model)
+                loss, metrics = loss_fn(
+                    sub.completion_ids, sub.completion_mask, advantages[rows], hidden=hidden, weight=weight,
+                    bias=bias, old_logprobs=None if old_lp is None else old_lp[rows, :length],
+                    ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
+                    num_items_in_batch=mini_tokens if cfg.loss.loss_type == "dapo" else None)
+                share = _weight(cfg.loss.loss_type, sub, mini_rows, mini_tokens)
+                (loss * share).backward()
+                step_loss += float(loss.detach()) * share
+                valid = int(sub.completion_mask.sum())
+                tokens_seen += valid
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * valid
+            if optim.max_grad_norm > 0:
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+    out = {key: value / max(1, tokens_seen) for key, value in sums.items()}
+    out["loss/policy"] = sum(losses) / len(losses)
+    if grad_norms:
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out
+
+
+def train(cfg: Config) -> dict:
+    """Runs GRPO as configured; returns the run summary (accuracies, plot paths, entropy-law fit)."""
+    session = Session(cfg)
+    session.prepare()
+    model, tokenizer, r = session.model, session.tokenizer, cfg.rollout
+    loss_fn = make_loss(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    total_updates = cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches
+    scheduler = make_scheduler(optimizer, cfg, total_updates)
+    session.restore(optimizer, scheduler)
+    for step in session.steps():
+        start = time.perf_counter()
+        # Rollout: G responses per prompt, the group's rows adjacent.
+        prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+        batch = rollout.generate(model, tokenizer, prompts.prompt_ids, group_size=r.group_size,
+                                 temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                 batch_size=r.batch_size)
+        texts = rollout.decode(tokenizer, batch)
+        generated = time.perf_counter()
+        # Reward, shaped by the overlong penalty.
+        repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
+        columns = {k: [v[i] for i in repeat] for k, v in prompts.columns.items()}
+        rewards, failures = session.score([prompts.prompts[i] for i in repeat], texts, columns)
+        lengths = batch.lengths()
+        shaped = rewards + overlong_penalty(lengths, r.max_new_tokens, cfg.advantage.overlong_buffer,
+                                            cfg.advantage.overlong_penalty)
+        # Advantages within each group; dynamic sampling keeps the groups that carry signal.
+        advantages = group_advantages(shaped, r.group_size, normalize_std=cfg.advantage.normalize_std,
+                                      eps=cfg.advantage.eps)
+        keep = (informative_groups(shaped, r.group_size) if cfg.advantage.dynamic_sampling
+                else torch.ones(len(batch), dtype=torch.bool))
+        metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                   "reward/failures": failures, "accuracy": float((rewards >= 1).float().mean()),
+                   "completions/mean_length": float(lengths.float().mean()),
+                   "completions/truncated": float(batch.truncated.float().mean()),
+                   "groups/kept": float(keep.float().mean())}
+        # Policy update through the fused loss.
+        if keep.any():
+            rows = keep.nonzero().squeeze(1)
+            metrics.update(update(session, loss_fn, optimizer, scheduler, batch.rows(rows),
+                                  advantages[rows].to(batch.input_ids.device)))
+        elapsed = time.perf_counter() - start
+        metrics["tokens_per_second"] = float(batch.attention_mask.sum()) / elapsed
+        metrics["time/rollout_s"] = generated - start
+        metrics["time/step_s"] = elapsed
+        session.end_step(step, metrics, optimizer, scheduler)
+    return session.finish()

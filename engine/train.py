@@ -1,0 +1,16 @@
+"""Chooses the training loop named by run.algorithm."""
+
+from __future__ import annotations
+
+from fusedrl.engine.config import Config
+
+
+def train(cfg: Config) -> dict:
+    """Runs the configured algorithm to the end; returns its summary."""
+    match cfg.run.algorithm:
+        case "grpo":
+            from fusedrl.engine import grpo
+
+            return grpo.train(cfg)
+    # load_config already refused every other name; this guards direct callers.
+    raise ValueError(f"run.algorithm: {cfg.run.algorithm!r} is not implemented yet (available: grpo)")
