@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 ALGORITHMS = ("grpo", "ppo", "spo_chain", "spo_tree")
-IMPLEMENTED_ALGORITHMS = ("grpo",)
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -33,7 +32,7 @@ class ConfigError(UsageError):
 @dataclass
 class RunConfig:
     algorithm: str = "grpo"
-    """Training loop: grpo (ppo, spo_chain and spo_tree are not implemented yet)."""
+    """Training loop: grpo, ppo (with a critic), spo_chain or spo_tree (segment advantages)."""
     output_dir: str = "runs/fusedrl"
     """Directory for metrics, TensorBoard events, checkpoints and plots."""
     steps: int = 100
@@ -197,6 +196,46 @@ class LossConfig:
 
 
 @dataclass
+class PPOConfig:
+    gamma: float = 1.0
+    """GAE discount (1 in Xu et al. 2024)."""
+    lam: float = 1.0
+    """GAE lambda (1 in Xu et al. 2024)."""
+    kl_penalty: str = "reward"
+    """Where loss.beta's KL goes: reward (-beta * k1 on every token's reward) or loss (the loss's KL term)."""
+    reward_clip: Optional[float] = None
+    """Clamp sequence rewards to [-reward_clip, reward_clip] before GAE (null: off)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the rollout batch."""
+    value_clip: Optional[float] = 0.2
+    """Clip range of the value loss around the rollout-time values (null: plain squared error)."""
+    normalize_values: bool = False
+    """The critic learns returns scaled by their running mean and std."""
+    critic_model: Optional[str] = None
+    """Local model directory for the critic's backbone (null: a copy of the policy's backbone)."""
+    critic_lr: float = 1e-5
+    """AdamW learning rate of the critic (constant)."""
+    reference_ema: float = 0.0
+    """eta of ref <- (1 - eta) ref + eta policy after every step (0: frozen; needs model.reference=policy)."""
+
+
+@dataclass
+class SPOConfig:
+    num_continuations: int = 4
+    """K: continuations sampled per chain boundary to estimate its value (4 on MATH, 9 on GSM8K)."""
+    cutpoint_threshold: float = 0.9
+    """rho: a token whose rollout probability is below this is a cutpoint (spo_chain)."""
+    cutpoint_interval: int = 5
+    """Keep every cutpoint_interval-th cutpoint, from the first, as a segment boundary (spo_chain)."""
+    tree_branching: list[int] = field(default_factory=lambda: [6, 6, 6])
+    """Children per node at each tree level (spo_tree); its length is the depth."""
+    tree_level_tokens: list[int] = field(default_factory=lambda: [30, 30])
+    """New tokens per node at every level but the last, which runs to max_new_tokens (spo_tree)."""
+    tree_std_normalize: bool = False
+    """Divide each node's advantage by the std of its siblings' values + 1e-8 (spo_tree)."""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     """AdamW learning rate of the RL phase."""
@@ -238,6 +277,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    spo: SPOConfig = field(default_factory=SPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -302,8 +343,6 @@ def validate(cfg: Config) -> None:
     run, model, data, rollout, adv, loss, optim = (cfg.run, cfg.model, cfg.data, cfg.rollout,
                                                    cfg.advantage, cfg.loss, cfg.optim)
     _choice("run.algorithm", run.algorithm, ALGORITHMS)
-    if run.algorithm not in IMPLEMENTED_ALGORITHMS:
-        _fail("run.algorithm", f"{run.algorithm!r} is not implemented yet (available: grpo)")
     _at_least("run.steps", run.steps, 1)
     _choice("run.device", run.device, ("auto", "cpu", "cuda"))
     _at_least("run.num_threads", run.num_threads, 0)
@@ -342,10 +381,10 @@ def validate(cfg: Config) -> None:
     if cfg.reward.function == "task" and data.task is None:
         _fail("reward.function", "'task' needs data.task; with data.path use math or module:function")
     _positive("reward.timeout_s", cfg.reward.timeout_s)
-    if rollout.group_size == 1 and adv.normalize_std:
+    if run.algorithm == "grpo" and rollout.group_size == 1 and adv.normalize_std:
         _fail("advantage.normalize_std", "a group of 1 has no std; set rollout.group_size >= 2 or "
                                          "advantage.normalize_std=false")
-    if rollout.group_size == 1 and adv.dynamic_sampling:
+    if run.algorithm == "grpo" and rollout.group_size == 1 and adv.dynamic_sampling:
         _fail("advantage.dynamic_sampling", "every group of 1 has equal rewards; needs rollout.group_size >= 2")
     _positive("advantage.eps", adv.eps)
     _at_least("advantage.overlong_buffer", adv.overlong_buffer, 0)
@@ -387,7 +426,7 @@ def validate(cfg: Config) -> None:
     _at_least("optim.max_grad_norm", optim.max_grad_norm, 0)
     _at_least("optim.updates_per_batch", optim.updates_per_batch, 1)
     _at_least("optim.mini_batches", optim.mini_batches, 1)
-    if optim.mini_batches > rollout.prompts_per_step * rollout.group_size:
+    if run.algorithm != "spo_tree" and optim.mini_batches > rollout.prompts_per_step * rollout.group_size:
         _fail("optim.mini_batches", f"must be <= the responses per step "
                                     f"({rollout.prompts_per_step * rollout.group_size})")
     longest = data.max_prompt_length + rollout.max_new_tokens
@@ -396,3 +435,49 @@ def validate(cfg: Config) -> None:
                                           f"rollout.max_new_tokens = {longest}; got {optim.micro_batch_tokens}")
     _at_least("eval.every", cfg.eval.every, 0)
     _at_least("eval.temperature", cfg.eval.temperature, 0)
+    if run.algorithm == "ppo":
+        _validate_ppo(cfg)
+    if run.algorithm in ("spo_chain", "spo_tree"):
+        _validate_spo(cfg)
+
+
+def _validate_ppo(cfg: Config) -> None:
+    ppo = cfg.ppo
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(ppo, key) <= 1:
+            _fail(f"ppo.{key}", f"must be in [0, 1]; got {getattr(ppo, key)}")
+    _choice("ppo.kl_penalty", ppo.kl_penalty, ("reward", "loss"))
+    if ppo.reward_clip is not None:
+        _positive("ppo.reward_clip", ppo.reward_clip)
+    if ppo.value_clip is not None:
+        _positive("ppo.value_clip", ppo.value_clip)
+    _positive("ppo.critic_lr", ppo.critic_lr)
+    if not 0 <= ppo.reference_ema <= 1:
+        _fail("ppo.reference_ema", f"must be in [0, 1]; got {ppo.reference_ema}")
+    if ppo.reference_ema > 0 and cfg.model.reference != "policy":
+        _fail("ppo.reference_ema", "moves the reference toward the policy: needs model.reference=policy")
+    if cfg.advantage.dynamic_sampling or cfg.advantage.overlong_buffer:
+        _fail("advantage.dynamic_sampling" if cfg.advantage.dynamic_sampling else "advantage.overlong_buffer",
+              "is GRPO's group shaping; ppo does not use it")
+
+
+def _validate_spo(cfg: Config) -> None:
+    spo, rollout = cfg.spo, cfg.rollout
+    if cfg.advantage.dynamic_sampling or cfg.advantage.overlong_buffer:
+        _fail("advantage.dynamic_sampling" if cfg.advantage.dynamic_sampling else "advantage.overlong_buffer",
+              "is GRPO's group shaping; spo does not use it")
+    if cfg.run.algorithm == "spo_chain":
+        _at_least("spo.num_continuations", spo.num_continuations, 1)
+        _fraction("spo.cutpoint_threshold", spo.cutpoint_threshold)
+        _at_least("spo.cutpoint_interval", spo.cutpoint_interval, 1)
+        return
+    if not spo.tree_branching or min(spo.tree_branching) < 1:
+        _fail("spo.tree_branching", f"must be a non-empty list of counts >= 1; got {spo.tree_branching}")
+    if len(spo.tree_level_tokens) != len(spo.tree_branching) - 1:
+        _fail("spo.tree_level_tokens", f"needs one count per level but the last ({len(spo.tree_branching) - 1}); "
+                                       f"got {spo.tree_level_tokens}")
+    if spo.tree_level_tokens and min(spo.tree_level_tokens) < 1:
+        _fail("spo.tree_level_tokens", f"counts must be >= 1; got {spo.tree_level_tokens}")
+    if sum(spo.tree_level_tokens) >= rollout.max_new_tokens:
+        _fail("spo.tree_level_tokens", f"must leave tokens for the last level: sum < rollout.max_new_tokens "
+                                       f"({rollout.max_new_tokens}); got {sum(spo.tree_level_tokens)}")

@@ -74,7 +74,7 @@ def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], tempe
     return out
 
 
-def _weight(loss_type: str, sub: rollout.Batch, mini_rows: int, mini_tokens: int) -> float:
+def _weight(loss_type: str, sub_mask: torch.Tensor, mini_rows: int, mini_tokens: int) -> float:
     """Share of a micro-batch's loss in its mini-batch's loss.
 
     dapo divides by the mini-batch's token count itself (num_items_in_batch); grpo and dr_grpo
@@ -83,13 +83,18 @@ def _weight(loss_type: str, sub: rollout.Batch, mini_rows: int, mini_tokens: int
     if loss_type == "dapo":
         return 1.0
     if loss_type == "bnpo":
-        return int(sub.completion_mask.sum()) / mini_tokens
-    return len(sub) / mini_rows
+        return int(sub_mask.sum()) / mini_tokens
+    return sub_mask.shape[0] / mini_rows
 
 
-def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch,
-           advantages: torch.Tensor) -> dict:
-    """The policy updates on one rollout batch; returns the loss metrics averaged over tokens."""
+def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch, advantages: torch.Tensor,
+           loss_mask: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None) -> dict:
+    """The policy updates on one rollout batch; returns the loss metrics averaged over tokens.
+
+    advantages: [B] (one per response) or [B, T] (per token: PPO, SPO). loss_mask [B, T]: the response
+    tokens that get loss (default: all of them; SPO-tree drops zero-advantage segments). ref_logprobs
+    [B, T]: the reference's log-probs when the caller has them already (PPO, for its KL reward).
+    """
     cfg, model = session.cfg, session.model
     optim = cfg.optim
     n = len(batch)
@@ -98,32 +103,36 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
     for _ in range(optim.updates_per_batch):
         order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
         passes.append([micro_batches(batch, mini, optim.micro_batch_tokens)
-                       for mini in order.tensor_split(optim.mini_batches)])
+                       for mini in order.tensor_split(min(optim.mini_batches, n))])
     temperature, backend = cfg.rollout.temperature, cfg.loss.backend
     old_lp = per_token(model, batch, passes[0], temperature, backend) if need_old else None
-    ref_lp = (per_token(session.reference, batch, passes[0], temperature, backend)
-              if session.reference is not None else None)
+    ref_lp = ref_logprobs
+    if ref_lp is None and session.reference is not None:
+        ref_lp = per_token(session.reference, batch, passes[0], temperature, backend)
     sums, tokens_seen, losses, grad_norms = {}, 0, [], []
+    mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
     model.train()
     for plan in passes:
         for mini in plan:
             mini_rows = sum(len(r) for r in mini)
-            mini_tokens = sum(int(batch.completion_mask[r].sum()) for r in mini)
+            mini_tokens = sum(int(mask[r].sum()) for r in mini)
             step_loss = 0.0
             for rows in mini:
                 sub = batch.rows(rows)
                 length = sub.completion_ids.shape[1]
                 hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
                 weight, bias = output_projection(model)
+                sub_mask = mask[rows, :length]
+                sub_adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, :length]
                 loss, metrics = loss_fn(
-                    sub.completion_ids, sub.completion_mask, advantages[rows], hidden=hidden, weight=weight,
+                    sub.completion_ids, sub_mask, sub_adv, hidden=hidden, weight=weight,
                     bias=bias, old_logprobs=None if old_lp is None else old_lp[rows, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
                     num_items_in_batch=mini_tokens if cfg.loss.loss_type == "dapo" else None)
-                share = _weight(cfg.loss.loss_type, sub, mini_rows, mini_tokens)
+                share = _weight(cfg.loss.loss_type, sub_mask, mini_rows, mini_tokens)
                 (loss * share).backward()
                 step_loss += float(loss.detach()) * share
-                valid = int(sub.completion_mask.sum())
+                valid = int(sub_mask.sum())
                 tokens_seen += valid
                 for key, value in metrics_to_floats(metrics).items():
                     sums[key] = sums.get(key, 0.0) + value * valid

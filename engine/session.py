@@ -149,8 +149,11 @@ class Session:
         t = self.cfg.eval.temperature
         return f"{len(self.eval_split)} prompts, " + ("greedy" if t == 0 else f"sampled at temperature {t}")
 
-    def end_step(self, step: int, metrics: dict, optimizer, scheduler) -> None:
-        """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due."""
+    def end_step(self, step: int, metrics: dict, optimizer, scheduler) -> Path | None:
+        """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due.
+
+        Returns the checkpoint directory written at this step (None if none), where a loop adds its own
+        parts (PPO: the critic)."""
         cfg = self.cfg.run
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 or step == cfg.steps:
             metrics.update(self.evaluate())
@@ -159,7 +162,8 @@ class Session:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.logger.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            self.save(step, optimizer, scheduler)
+            return self.save(step, optimizer, scheduler)
+        return None
 
     def save(self, step: int, optimizer, scheduler) -> Path:
         self._last_saved = checkpoint.save_checkpoint(

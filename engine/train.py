@@ -12,5 +12,13 @@ def train(cfg: Config) -> dict:
             from fusedrl.engine import grpo
 
             return grpo.train(cfg)
+        case "ppo":
+            from fusedrl.engine import ppo
+
+            return ppo.train(cfg)
+        case "spo_chain" | "spo_tree":
+            from fusedrl.engine import spo
+
+            return spo.train(cfg)
     # load_config already refused every other name; this guards direct callers.
-    raise ValueError(f"run.algorithm: {cfg.run.algorithm!r} is not implemented yet (available: grpo)")
+    raise ValueError(f"run.algorithm: {cfg.run.algorithm!r} is not one of grpo, ppo, spo_chain, spo_tree")

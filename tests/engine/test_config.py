@@ -111,9 +111,9 @@ def test_out_of_range(override, key, words):
     assert message.startswith(f"config key {key!r}:") and words in message
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "spo_chain", "spo_tree"])
-def test_later_algorithms_not_implemented_yet(algorithm):
-    assert "not implemented yet" in _error(None, [f"run.algorithm={algorithm}"])
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "spo_chain", "spo_tree"])
+def test_every_algorithm_loads(algorithm):
+    assert load_config(None, [f"run.algorithm={algorithm}"]).run.algorithm == algorithm
 
 
 @pytest.mark.parametrize("overrides, key, words", [
