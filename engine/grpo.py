@@ -13,7 +13,11 @@ The loss is FusedPolicyLoss on the fused linear path: the backbone's final hidde
 output embedding go in, so the logits tensor is never built. With a single update per rollout the
 loss runs on-policy (old log-probs are the current ones, detached); with more, a no-grad pass fixes
 the old log-probs first, using the same micro-batches so that the first ratio is exactly 1. A
-reference model, when configured, gives per-token reference log-probs the same way.
+reference model, when configured, gives per-token reference log-probs the same way. The batch-wide
+statistics of the loss (the top-entropy threshold, Clip-Cov / KL-Cov's covariance and selection) are
+taken over the whole mini-batch, not per micro-batch: when one is configured, each mini-batch starts
+with a no-grad pass under the current policy that fixes its masks (FusedPolicyLoss.select), and every
+micro-batch's loss takes its rows of them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from fusedrl.engine import rollout
 from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
 from fusedrl.engine.config import Config
-from fusedrl.engine.loss import FusedPolicyLoss, metrics_to_floats
+from fusedrl.engine.loss import FusedPolicyLoss, Selection, metrics_to_floats
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
 from fusedrl.engine.session import Session, make_scheduler
 
@@ -66,12 +70,34 @@ def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -
 def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float,
               backend: str) -> torch.Tensor:
     """No-grad log-probs [B, T] of every response token, computed micro-batch by micro-batch."""
-    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    return per_token_lp_entropy(model, batch, plan, temperature, backend)[0]
+
+
+def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad log-probs and entropies [B, T] of the response tokens of the rows in `plan` (zero
+    elsewhere), micro-batch by micro-batch with the fused linear op (no logits tensor)."""
+    lp_out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    h_out = torch.zeros_like(lp_out)
     for rows in (r for mini in plan for r in mini):
         sub = batch.rows(rows)
-        lp, _ = token_logprobs(model, sub, temperature, backend)
-        out[rows.to(out.device), : lp.shape[1]] = lp
-    return out
+        lp, h = token_logprobs(model, sub, temperature, backend)
+        lp_out[rows.to(lp_out.device), : lp.shape[1]] = lp
+        h_out[rows.to(h_out.device), : h.shape[1]] = h
+    return lp_out, h_out
+
+
+def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, mini: list[torch.Tensor],
+                         mask: torch.Tensor, advantages: torch.Tensor, old_lp: torch.Tensor | None,
+                         temperature: float, backend: str) -> Selection:
+    """The batch-wide masks (top-entropy tau, Clip-Cov / KL-Cov) over the tokens of one mini-batch
+    that get loss (`mask` [B, T] on its rows), from a no-grad pass under the current policy, the one
+    its micro-batches' losses see. Rows outside the mini-batch count as padding; indexed by batch row."""
+    lp, entropy = per_token_lp_entropy(model, batch, [mini], temperature, backend)
+    in_mini = torch.zeros(len(batch), dtype=torch.bool, device=lp.device)
+    in_mini[torch.cat(mini).to(lp.device)] = True
+    return loss_fn.select(mask.bool() & in_mini[:, None], advantages, entropy=entropy, logprobs=lp,
+                          old_logprobs=old_lp)
 
 
 def _weight(loss_type: str, sub_mask: torch.Tensor, mini_rows: int, mini_tokens: int) -> float:
@@ -111,12 +137,16 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
         ref_lp = per_token(session.reference, batch, passes[0], temperature, backend)
     sums, tokens_seen, losses, grad_norms = {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
+    # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it.
+    batch_wide = loss_fn.top_entropy_fraction < 1.0 or loss_fn.cov_mode is not None
     model.train()
     for plan in passes:
         for mini in plan:
             mini_rows = sum(len(r) for r in mini)
             mini_tokens = sum(int(mask[r].sum()) for r in mini)
             step_loss = 0.0
+            selection = (mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp,
+                                              temperature, backend) if batch_wide else None)
             for rows in mini:
                 sub = batch.rows(rows)
                 length = sub.completion_ids.shape[1]
@@ -128,7 +158,8 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
                     sub.completion_ids, sub_mask, sub_adv, hidden=hidden, weight=weight,
                     bias=bias, old_logprobs=None if old_lp is None else old_lp[rows, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
-                    num_items_in_batch=mini_tokens if cfg.loss.loss_type == "dapo" else None)
+                    num_items_in_batch=mini_tokens if cfg.loss.loss_type == "dapo" else None,
+                    selection=None if selection is None else selection.rows(rows, length))
                 share = _weight(cfg.loss.loss_type, sub_mask, mini_rows, mini_tokens)
                 (loss * share).backward()
                 step_loss += float(loss.detach()) * share

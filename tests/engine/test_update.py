@@ -66,29 +66,57 @@ def test_micro_batches_respect_the_budget_and_cover_all_rows(policy):
     assert len(micro_batches(batch, rows, 10_000)) == 1
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
-def test_accumulated_micro_batches_equal_one_batch(policy, loss_type):
+def _one_vs_many(policy, overrides):
+    """The update's weight change and metrics with one micro-batch, then with one row per micro-batch."""
     model, _ = policy
     batch = _batch(policy)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     results = []
     for budget in (10_000, batch.prompt_length + batch.completion_ids.shape[1]):
-        cfg = load_config(None, [f"loss.loss_type={loss_type}", "optim.max_grad_norm=0",
-                                 f"optim.micro_batch_tokens={budget}", "data.max_prompt_length=8",
-                                 "rollout.max_new_tokens=10", "rollout.temperature=0.7"])
+        cfg = load_config(None, overrides + ["optim.max_grad_norm=0", f"optim.micro_batch_tokens={budget}",
+                                             "data.max_prompt_length=8", "rollout.max_new_tokens=10",
+                                             "rollout.temperature=0.7"])
         start = {k: v.clone() for k, v in model.state_dict().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        torch.manual_seed(5)  # Clip-Cov's draw
         metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer,
                          scheduler, batch, advantages)
         results.append(({k: start[k] - v for k, v in model.state_dict().items()}, metrics))
         model.load_state_dict(start)
-    (step_one, m_one), (step_many, m_many) = results
+    return results
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_accumulated_micro_batches_equal_one_batch(policy, loss_type):
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, [f"loss.loss_type={loss_type}"])
     assert any(d.abs().max() > 0 for d in step_one.values())
     for key in step_one:
         torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
     assert m_many["loss/policy"] == pytest.approx(m_one["loss/policy"], rel=1e-4, abs=1e-7)
     assert m_many["entropy/mean"] == pytest.approx(m_one["entropy/mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.loss_type=dapo", "loss.top_entropy_fraction=0.2"],
+    ["loss.loss_type=bnpo", "loss.cov_mode=kl_cov", "loss.cov_ratio=0.1", "optim.updates_per_batch=2"],
+    ["loss.loss_type=dapo", "loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=0.0",
+     "loss.top_entropy_fraction=0.5", "optim.mini_batches=2"],
+], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy"])
+def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
+    """The top-entropy threshold and the covariance selection cover the whole mini-batch: one row per
+    micro-batch gives the same step as one micro-batch (per-call statistics would not)."""
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides)
+    assert any(d.abs().max() > 0 for d in step_one.values())
+    for key in step_one:
+        torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
+    assert m_many["loss/policy"] == pytest.approx(m_one["loss/policy"], rel=1e-4, abs=1e-7)
+    assert m_many["cov/mean" if "cov/mean" in m_one else "entropy/mean"] == pytest.approx(
+        m_one["cov/mean" if "cov/mean" in m_one else "entropy/mean"], rel=1e-5, abs=1e-7)
+    for key in ("mask/top_entropy", "mask/cov"):
+        if key in m_one:
+            assert 0 < m_one[key] < 1  # the mask bites
+            assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7)
 
 
 def test_demo_tokenizer_round_trip():

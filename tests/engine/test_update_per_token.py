@@ -24,10 +24,10 @@ def setup():
     return model, batch
 
 
-def _step(model, batch, advantages, loss_type, loss_mask=None):
+def _step(model, batch, advantages, loss_type, loss_mask=None, extra=()):
     """Parameter change of one SGD update (lr 1, no clipping), the model restored afterwards."""
     cfg = load_config(None, [f"loss.loss_type={loss_type}", "optim.max_grad_norm=0", "data.max_prompt_length=8",
-                             "rollout.max_new_tokens=10", "optim.micro_batch_tokens=40"])
+                             "rollout.max_new_tokens=10", "optim.micro_batch_tokens=40", *extra])
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -52,12 +52,15 @@ def test_per_token_advantages_equal_to_broadcast_sequence_advantages(setup, loss
     _assert_same(_step(model, batch, adv, loss_type), _step(model, batch, per_token, loss_type))
 
 
+@pytest.mark.parametrize("extra", [(), ("loss.top_entropy_fraction=0.3",)], ids=["all_tokens", "top_entropy"])
 @pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
-def test_loss_mask_removes_tokens_as_if_their_rows_were_absent(setup, loss_type):
+def test_loss_mask_removes_tokens_as_if_their_rows_were_absent(setup, loss_type, extra):
+    """Masked tokens enter no statistic either: the top-entropy threshold is the kept tokens' quantile."""
     model, batch = setup
     adv = torch.randn(batch.completion_ids.shape)
     mask = torch.ones_like(batch.completion_mask)
     mask[4:] = False
     kept = torch.arange(4)
-    _assert_same(_step(model, batch.rows(kept), adv[kept, : batch.rows(kept).completion_ids.shape[1]], loss_type),
-                 _step(model, batch, adv, loss_type, loss_mask=mask))
+    _assert_same(_step(model, batch.rows(kept), adv[kept, : batch.rows(kept).completion_ids.shape[1]], loss_type,
+                       extra=extra),
+                 _step(model, batch, adv, loss_type, loss_mask=mask, extra=extra))
