@@ -137,7 +137,9 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
         ref_lp = per_token(session.reference, batch, passes[0], temperature, backend)
     sums, tokens_seen, losses, grad_norms = {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
-    # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it.
+    # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it, and so does
+    # a mini-batch that is one micro-batch (its loss call sees the whole mini-batch) unless Clip-Cov
+    # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
     batch_wide = loss_fn.top_entropy_fraction < 1.0 or loss_fn.cov_mode is not None
     model.train()
     for plan in passes:
@@ -145,8 +147,10 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
             mini_rows = sum(len(r) for r in mini)
             mini_tokens = sum(int(mask[r].sum()) for r in mini)
             step_loss = 0.0
-            selection = (mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp,
-                                              temperature, backend) if batch_wide else None)
+            selection = None
+            if batch_wide and (len(mini) > 1 or loss_fn.cov_mode == "clip_cov"):
+                selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp,
+                                                 temperature, backend)
             for rows in mini:
                 sub = batch.rows(rows)
                 length = sub.completion_ids.shape[1]
