@@ -331,7 +331,9 @@ class FusedPolicyLoss(nn.Module):
         valid = check_mask("completion_mask", completion_mask, shape)
         adv = broadcast_advantages(advantages, shape).detach().float()
         for name, t in (("entropy", entropy), ("logprobs", logprobs), ("old_logprobs", old_logprobs)):
-            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape)):
+            if name == "old_logprobs" and t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {getattr(t, 'shape', t)!r}")
         lp = torch.where(valid, logprobs.float(), 0.0)
         olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)

@@ -149,8 +149,12 @@ def test_selection_errors_name_the_argument():
     lp, h = current_lp_h(loss_fn, inputs, ids, mask)
     with pytest.raises(ValueError, match="entropy"):
         loss_fn.select(mask, adv, entropy=h[:, :4], logprobs=lp)
-    with pytest.raises(ValueError, match="logprobs"):
+    with pytest.raises(ValueError, match="entropy must be a tensor"):
+        loss_fn.select(mask, adv, entropy=None, logprobs=lp)
+    with pytest.raises(ValueError, match="^logprobs"):
         loss_fn.select(mask, adv, entropy=h, logprobs=lp[1:])
+    with pytest.raises(ValueError, match="old_logprobs"):
+        loss_fn.select(mask, adv, entropy=h, logprobs=lp, old_logprobs=lp[:, 1:])
     with pytest.raises(ValueError, match="completion_mask"):
         loss_fn.select(mask[0], adv, entropy=h, logprobs=lp)
     selection = loss_fn.select(mask, adv, entropy=h, logprobs=lp)
