@@ -112,6 +112,10 @@ class Session:
             seconds, loss = warm_start(self.model, self.tokenizer, self.task, rows, self.cfg.warm_start)
             self.logger.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
                               f"final loss {loss:.3f}")
+            if self.reference is not None and self.cfg.model.reference == "policy":
+                # The reference is the policy RL starts from, the warm-started one: a copy of the
+                # untrained model would put a KL of several nats on every token from step 1.
+                self.reference.load_state_dict(self.model.state_dict())
         self.extra["eval_before"] = self.evaluate()
         self.logger.log(0, dict(self.extra["eval_before"]))  # step 0: the held-out metrics before RL
         self.logger.print(f"held-out accuracy before RL: {self.extra['eval_before']['eval/accuracy']:.3f} "
