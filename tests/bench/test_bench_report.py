@@ -1,0 +1,81 @@
+"""bench/report.py: the markdown table from a small pytest-benchmark JSON whose numbers were worked by
+hand (2e9 bytes in 10 ms is 200 GB/s, half of a 400 GB/s copy ceiling; 1e12 FLOPs in 2.5 ms is
+400 TFLOP/s, half of an 800 TFLOP/s matmul ceiling)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = Path(__file__).parent / "data" / "benchmark-sample.json"
+
+
+@pytest.fixture(scope="module")
+def report():
+    # bench/ is a directory of scripts and benchmark modules, not a package: load the script by path.
+    spec = importlib.util.spec_from_file_location("fusedrl_bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return json.loads(SAMPLE.read_text())
+
+
+def _rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_table_rows_hand_worked(report, sample):
+    rows = _rows(report.table(sample))
+    assert rows[0] == list(report.COLUMNS)
+    assert rows[1] == ["---"] * len(report.COLUMNS)
+    body = rows[2:]
+    assert body == [
+        # sorted by op, shape, mode, then fastest first
+        ["linear_logprobs_and_entropy", "triton", "N=8192 H=4096 V=131072 bf16", "fwd", "2.50 ms",
+         "400.0 TFLOP/s", "50%", "-"],
+        ["logprobs_and_entropy", "triton", "N=8192 V=151936 bf16", "fwd", "5.00 ms", "400.0 GB/s", "100%",
+         "1.00 MiB"],
+        ["logprobs_and_entropy", "torch", "N=8192 V=151936 bf16", "fwd", "10.00 ms", "200.0 GB/s", "50%",
+         "3.00 GiB"],
+        # no extra_info: op, impl and shape come from the test's parameters; no rate without bytes
+        ["top_entropy_mask", "torch.quantile", "N=1048576", "-", "12.5 us", "-", "-", "-"],
+    ]
+
+
+def test_fraction_needs_a_ceiling(report, sample):
+    del sample["machine_info"]["fusedrl"]["copy_gbps"]
+    cells = report.row(sample["benchmarks"][0], sample["machine_info"]["fusedrl"])
+    assert cells["GB/s or TFLOP/s"] == "200.0 GB/s"
+    assert cells["fraction of ceiling"] == "-"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(2.5, "2.50 s"), (0.0421, "42.10 ms"), (0.000333, "333.0 us")]
+)
+def test_format_time(report, seconds, text):
+    assert report.format_time(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("n", "text"), [(None, "-"), (512, "512 B"), (1536, "1.50 KiB"), (5 * 2**20, "5.00 MiB"), (2**31, "2.00 GiB")]
+)
+def test_format_bytes(report, n, text):
+    assert report.format_bytes(n) == text
+
+
+def test_main_writes_header_and_table(report, tmp_path):
+    out = tmp_path / "result.md"
+    assert report.main([str(SAMPLE), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# fusedrl benchmarks: Test GPU 80GB\n")
+    for fact in ("- driver: 555.42", "- torch: 2.13.0", "- triton: 3.9.0", "- commit: abc123",
+                 "- copy ceiling: 400.0 GB/s", "- matmul ceiling: 800.0 TFLOP/s"):
+        assert fact in text
+    assert text.endswith(report.table(json.loads(SAMPLE.read_text())))
