@@ -2,11 +2,15 @@
 
 Each benchmark row is described by its `extra_info`, which the bench modules fill:
 
-- `op`, `impl`, `shape`, `mode`: what ran (`mode` is "fwd" or "fwd+bwd"); where one is missing the
-  test's parameters (`params`) are read instead.
+- `op`, `impl`, `shape`, `mode`: what ran (`mode` is "fwd" or "fwd+bwd");
 - `bytes`: the bytes the op must move at the least (inputs read once, outputs written once);
-  `flops`: the floating-point operations it must do. Either may be absent.
+  `flops`: the floating-point operations it must do. Either may be absent;
 - `peak_memory_bytes`: the peak memory of one call, beyond its inputs.
+
+Where a module names these otherwise, they are read from what it has: the op from the test's name,
+`impl` from the `impl` or `path` parameter, `mode` from a `mode` or boolean `backward` parameter, the
+shape from `N`, `H`, `V` and `dtype`, the FLOPs or bytes back from a recorded `tflops` or `gbps` rate
+(at the mean time), the peak from `peak_extra_mib`.
 
 The device's ceilings come from `machine_info["fusedrl"]` (`copy_gbps`: a measured device-to-device
 copy bandwidth; `matmul_tflops`: a measured large matmul), with `device`, `driver`, `torch` and
@@ -43,16 +47,39 @@ def format_bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
-def _field(bench: dict, key: str) -> str:
-    value = bench.get("extra_info", {}).get(key)
-    if value is None:
-        value = (bench.get("params") or {}).get(key)
+def normalise(bench: dict) -> dict:
+    """The entry's extra_info in this module's terms (op, impl, shape, mode, bytes, flops, peak)."""
+    info = dict(bench.get("extra_info") or {})
+    params = bench.get("params") or {}
+    for key in ("op", "impl", "shape", "mode"):
+        if info.get(key) is None and params.get(key) is not None:
+            info[key] = params[key]
+    if info.get("op") is None:
+        info["op"] = bench["name"].split("[")[0].removeprefix("test_")
+    if info.get("impl") is None and params.get("path") is not None:
+        info["impl"] = params["path"]
+    if info.get("mode") is None and isinstance(params.get("backward"), bool):
+        info["mode"] = "fwd+bwd" if params["backward"] else "fwd"
+    if info.get("shape") is None and info.get("N") is not None:
+        dims = " ".join(f"{k}={info[k]}" for k in ("N", "H", "V") if info.get(k) is not None)
+        info["shape"] = f"{dims} {info['dtype']}" if info.get("dtype") else dims
+    mean = bench["stats"].get("mean")
+    if info.get("flops") is None and info.get("tflops") and mean:
+        info["flops"] = info["tflops"] * 1e12 * mean
+    if info.get("bytes") is None and info.get("gbps") and mean:
+        info["bytes"] = info["gbps"] * 1e9 * mean
+    if info.get("peak_memory_bytes") is None and info.get("peak_extra_mib") is not None:
+        info["peak_memory_bytes"] = info["peak_extra_mib"] * 2**20
+    return info
+
+
+def _text(value) -> str:
     return "-" if value is None else str(value)
 
 
 def row(bench: dict, ceilings: dict) -> dict:
     """One table row from one pytest-benchmark entry; times are medians (robust to a slow first call)."""
-    info = bench.get("extra_info", {})
+    info = normalise(bench)
     seconds = bench["stats"]["median"]
     rate, fraction = "-", "-"
     if info.get("flops"):
@@ -66,10 +93,10 @@ def row(bench: dict, ceilings: dict) -> dict:
         if ceilings.get("copy_gbps"):
             fraction = f"{gbps / ceilings['copy_gbps']:.0%}"
     return {
-        "op": _field(bench, "op"),
-        "impl": _field(bench, "impl"),
-        "shape": _field(bench, "shape"),
-        "mode": _field(bench, "mode"),
+        "op": _text(info.get("op")),
+        "impl": _text(info.get("impl")),
+        "shape": _text(info.get("shape")),
+        "mode": _text(info.get("mode")),
         "time": format_time(seconds),
         "GB/s or TFLOP/s": rate,
         "fraction of ceiling": fraction,
@@ -82,7 +109,7 @@ def table(data: dict) -> str:
     ceilings = data.get("machine_info", {}).get("fusedrl", {})
     benches = sorted(
         data.get("benchmarks", []),
-        key=lambda b: (_field(b, "op"), _field(b, "shape"), _field(b, "mode"), b["stats"]["median"]),
+        key=lambda b: (*(_text(normalise(b).get(k)) for k in ("op", "shape", "mode")), b["stats"]["median"]),
     )
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for bench in benches:

@@ -1,13 +1,13 @@
-"""Other projects' kernels for the same two ops, on the same shapes and the same byte and FLOP counts as
+"""Other projects' kernels for the same two ops, on the shapes and with the byte and FLOP counts of
 fusedrl's own benchmark modules, so that their rows sit in one table.
 
 - From logits: TRL's `selective_log_softmax_and_entropy` (one fused Triton pass on a GPU, a chunked
   PyTorch path elsewhere), TRL's older pair `selective_log_softmax` + `entropy_from_logits`, and
   Liger-Kernel's cross-entropy with `reduction="none"` (log-prob only: it computes no entropy).
-- From hidden states: TRL's `ChunkedLogProbFunction` (log-prob and entropy), Liger-Kernel's fused
-  linear cross-entropy and Apple's cut-cross-entropy (log-prob only, so they are compared on that).
+- From hidden states: TRL's `ChunkedLogProbFunction` (log-prob and entropy). Liger-Kernel's and
+  cut-cross-entropy's fused linear cross-entropy are in bench/test_bench_linear_logprobs_entropy.py.
 
-Liger-Kernel and cut-cross-entropy are Triton-only: on a machine without CUDA they skip, saying so.
+Liger-Kernel is Triton-only: on a machine without CUDA its rows skip, saying so.
 Each row checks its log-probs (and entropies, where the peer computes them) against float64 before it
 is timed: a fast wrong answer is not a result.
 """
@@ -21,15 +21,10 @@ from _measure import DEVICE, measure
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 LOGITS_SHAPES = [(8192, 32000), (8192, 151936), (32768, 151936)] if DEVICE == "cuda" else [(64, 32000)]
-LINEAR_SHAPES = [(8192, 4096, 131072), (8192, 4096, 151936)] if DEVICE == "cuda" else [(64, 128, 8192)]
+LINEAR_SHAPES = [(8192, 4096, 131072)] if DEVICE == "cuda" else [(128, 64, 2048)]  # as test_bench_linear_logprobs_entropy.py
 MODES = ["fwd", "fwd+bwd"]
 # log-probs and entropies within this of float64 (bf16 inputs, fp32 accumulation, V up to 151936)
 ATOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-3
-
-
-def _need_cuda(package: str) -> None:
-    if DEVICE != "cuda":
-        pytest.skip(f"{package} runs Triton kernels on CUDA only")
 
 
 def _trl_fused(logits, targets):
@@ -45,7 +40,8 @@ def _trl_pair(logits, targets):
 
 
 def _liger(logits, targets):
-    _need_cuda("Liger-Kernel")
+    if DEVICE != "cuda":
+        pytest.skip("Liger-Kernel runs Triton kernels on CUDA only")
     liger = pytest.importorskip("liger_kernel.transformers.functional")
     # Liger writes the gradient into the logits during the forward; work on a copy so that repeated
     # calls keep reading logits, and so that the copy's cost is the same in both modes.
@@ -92,7 +88,7 @@ def test_logprobs_and_entropy_peers(benchmark, impl, shape, mode):
     element = logits.element_size()
     # fwd: read the logits; fwd+bwd: read them again in the backward and write their gradient.
     moved = (1 if mode == "fwd" else 3) * n * vocab * element + 16 * n
-    measure(benchmark, lambda: _call(fn, mode, (logits, targets)), op="logprobs_and_entropy", impl=impl,
+    measure(benchmark, lambda: _call(fn, mode, (logits, targets)), op="logprobs_entropy", impl=impl,
             shape=f"N={n} V={vocab} {str(DTYPE).removeprefix('torch.')}", mode=mode, bytes=moved)
 
 
@@ -104,19 +100,7 @@ def _trl_linear(hidden, weight, targets):
     return lp, entropy
 
 
-def _liger_linear(hidden, weight, targets):
-    _need_cuda("Liger-Kernel")
-    liger = pytest.importorskip("liger_kernel.transformers.functional")
-    return -liger.liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none"), None
-
-
-def _cce_linear(hidden, weight, targets):
-    _need_cuda("cut-cross-entropy")
-    cce = pytest.importorskip("cut_cross_entropy")
-    return -cce.linear_cross_entropy(hidden, weight, targets, reduction="none"), None
-
-
-LINEAR_IMPLS = {"trl-chunked": _trl_linear, "liger": _liger_linear, "cut-cross-entropy": _cce_linear}
+LINEAR_IMPLS = {"trl-chunked": _trl_linear}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -135,6 +119,6 @@ def test_linear_logprobs_and_entropy_peers(benchmark, impl, shape, mode):
         _check(lp, entropy, (hidden[:rows].double() @ weight.double().T), targets[:rows])
     # 2NHV for the logits; the backward does the two gradient matmuls, 4NHV more.
     flops = (2 if mode == "fwd" else 6) * n * hidden_size * vocab
-    measure(benchmark, lambda: _call(fn, mode, (hidden, weight, targets)), op="linear_logprobs_and_entropy",
+    measure(benchmark, lambda: _call(fn, mode, (hidden, weight, targets)), op="linear_logprobs_entropy",
             impl=impl, shape=f"N={n} H={hidden_size} V={vocab} {str(DTYPE).removeprefix('torch.')}", mode=mode,
             flops=flops, rounds=3)
