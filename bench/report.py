@@ -17,7 +17,10 @@ copy bandwidth; `matmul_tflops`: a measured large matmul), with `device`, `drive
 `triton` for the header. A row with FLOPs is rated against the matmul ceiling, one with only bytes
 against the copy ceiling, so "fraction" says how close each op gets to what this device can do.
 
-Usage: python bench/report.py results.json [-o results.md]
+Usage: python bench/report.py results.json [more.json ...] [-o results.md] [--device-info device.json]
+       [--json-output merged.json] [--note TEXT]
+Several JSON files (one per bench module) make one table. --device-info: what bench/device_info.py
+wrote, placed under machine_info["fusedrl"]; --json-output: all of it in one pytest-benchmark JSON.
 """
 
 from __future__ import annotations
@@ -118,7 +121,14 @@ def table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def header(data: dict) -> str:
+def merge(runs: list[dict]) -> dict:
+    """One run from several: the first one's machine and commit, every run's benchmarks."""
+    data = dict(runs[0])
+    data["benchmarks"] = [bench for run in runs for bench in run.get("benchmarks", [])]
+    return data
+
+
+def header(data: dict, notes: list[str] = ()) -> str:
     info = data.get("machine_info", {})
     ours = info.get("fusedrl", {})
     device = ours.get("device") or info.get("cpu", {}).get("brand_raw") or "unknown device"
@@ -134,17 +144,25 @@ def header(data: dict) -> str:
         ("matmul ceiling", f"{ours['matmul_tflops']:.1f} TFLOP/s" if ours.get("matmul_tflops") else None),
     ]
     lines += [f"- {name}: {value}" for name, value in facts if value]
+    lines += [f"- {note}" for note in notes]
     lines += ["", "Times are medians; rates use the bytes and FLOPs the op must move and do.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_path", type=Path, help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("json_paths", type=Path, nargs="+", help="pytest-benchmark --benchmark-json outputs")
     parser.add_argument("-o", "--output", type=Path, help="markdown file to write (default: stdout)")
+    parser.add_argument("--device-info", type=Path, help="bench/device_info.py's JSON: device and ceilings")
+    parser.add_argument("--json-output", type=Path, help="write the input JSON with the device info merged in")
+    parser.add_argument("--note", action="append", default=[], help="a line for the header (repeatable)")
     args = parser.parse_args(argv)
-    data = json.loads(args.json_path.read_text())
-    text = header(data) + table(data)
+    data = merge([json.loads(path.read_text()) for path in args.json_paths])
+    if args.device_info:
+        data.setdefault("machine_info", {})["fusedrl"] = json.loads(args.device_info.read_text())
+    if args.json_output:
+        args.json_output.write_text(json.dumps(data, indent=1) + "\n")
+    text = header(data, args.note) + table(data)
     if args.output:
         args.output.write_text(text)
     else:

@@ -83,3 +83,35 @@ def test_main_writes_header_and_table(report, tmp_path):
                  "- copy ceiling: 400.0 GB/s", "- matmul ceiling: 800.0 TFLOP/s"):
         assert fact in text
     assert text.endswith(report.table(json.loads(SAMPLE.read_text())))
+
+
+def test_device_info_and_notes_merged(report, tmp_path):
+    data = json.loads(SAMPLE.read_text())
+    del data["machine_info"]["fusedrl"]
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(data))
+    device = tmp_path / "device.json"
+    device.write_text(json.dumps({"device": "Other GPU", "driver": "560.1", "copy_gbps": 800.0}))
+    out, merged = tmp_path / "out.md", tmp_path / "merged.json"
+    report.main([str(bare), "-o", str(out), "--device-info", str(device), "--json-output", str(merged),
+                 "--note", "tests: 12 passed"])
+    text = out.read_text()
+    assert text.startswith("# fusedrl benchmarks: Other GPU\n")
+    assert "- driver: 560.1\n" in text and "- tests: 12 passed\n" in text
+    # the 200 GB/s row is now a quarter of the 800 GB/s ceiling; no matmul ceiling, no TFLOP/s fraction
+    assert "| 10.00 ms | 200.0 GB/s | 25% |" in text
+    assert "| 2.50 ms | 400.0 TFLOP/s | - |" in text
+    assert json.loads(merged.read_text())["machine_info"]["fusedrl"]["device"] == "Other GPU"
+
+
+def test_several_runs_make_one_table(report, tmp_path):
+    data = json.loads(SAMPLE.read_text())
+    first, second = dict(data), dict(data)
+    first["benchmarks"], second["benchmarks"] = data["benchmarks"][:2], data["benchmarks"][2:]
+    paths = []
+    for i, run in enumerate((first, second)):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    out = tmp_path / "out.md"
+    report.main([str(p) for p in paths] + ["-o", str(out)])
+    assert out.read_text() == report.header(data) + report.table(data)
