@@ -24,6 +24,14 @@ _OPS = {
 __all__ = sorted(_OPS)
 
 
+# These three modules share their op's name: importing one (as its own tests do) would bind the
+# module, not the function, to the package attribute and shadow the lazy lookup. They need only torch,
+# so they are imported eagerly and the function wins.
+from fusedrl.kernels.covariance_mask import covariance_mask  # noqa: E402
+from fusedrl.kernels.probability_mask import probability_mask  # noqa: E402
+from fusedrl.kernels.top_entropy_mask import top_entropy_mask  # noqa: E402
+
+
 def __getattr__(name):
     if name in _OPS:
         return getattr(importlib.import_module(_OPS[name]), name)

@@ -10,6 +10,7 @@ from fusedrl.kernels._compile_check import check_module_in_subprocess
 
 MODULES = [
     "fusedrl.kernels.logprobs_entropy",
+    "fusedrl.kernels.linear_logprobs_entropy",
 ]
 
 

@@ -1,0 +1,493 @@
+"""Per-token log-prob and entropy straight from hidden states, never materialising the logits.
+
+z = (h W^T + b) / T is computed one [BLOCK_N, BLOCK_V] tile at a time (a tensor-core `tl.dot` over H in
+BLOCK_H chunks, fp32 accumulate) and reduced on the spot, so no [N, V] tensor exists at any moment.
+
+Forward (`_forward_kernel`): a work item is one block of BLOCK_N rows times one range of the vocabulary.
+It streams its logit tiles through an online max / sum-exp / sum-exp-times-shifted-logit reduction and
+picks the target logit, then writes those four fp32 partials; `_combine` merges the ranges of each row
+into lse, lp = z_y - lse and H = log(sum exp(z - m)) - sum p (z - m) (the shifted form of lse - sum p z,
+which keeps H accurate when it is tiny). Splitting the vocabulary gives enough work items to fill the
+GPU even when N is small; items are ordered so that GROUP_N row blocks run side by side: their hidden
+blocks stay in L2 while the weight tiles they share stream through it once per group.
+
+Backward: the gradient with respect to the logits, dz = (g_lp (onehot - p) - g_H p (z - lse + H)) / T,
+is recomputed tile by tile (`_dlogits_kernel`, which also column-sums it in fp32 for the bias) into a
+workspace of at most CHUNK_ROWS x CHUNK_COLS elements, and two accumulating GEMMs (`_matmul_acc_kernel`)
+add dz @ W to an fp32 hidden-gradient buffer and dz^T @ h to an fp32 weight-gradient buffer. Every
+output tile has exactly one writer, so the result is deterministic (no atomics), and the backward does
+the minimum of 6 N V H flops for arbitrary per-token upstream gradients (recompute, d hidden, d weight).
+Extra memory: the fp32 weight-gradient accumulator (V H 4 bytes, required for fp32 accumulation when
+the weight is bf16/fp16), one workspace chunk, one fp32 [CHUNK_ROWS, H] buffer, and [N, splits] fp32
+forward partials; the largest of them does not grow with N.
+
+Block sizes (H100/A100, bf16/fp16): 128 x 128 logit tiles with BLOCK_H = 64, 8 warps, 3 stages - the
+largest tile whose fp32 accumulator plus the softmax epilogue fit in registers without spilling on
+sm_80 and sm_90 (checked by tests/kernels/test_compile.py); GPU timings are not measured yet.
+fp32 inputs use exact ("ieee") fp32 dots on smaller tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedrl.kernels import reference
+from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature
+from fusedrl.kernels._compile_check import CompileSpec
+
+
+@triton.jit
+def _grouped(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
+    """Flat program id -> (row block, column index), GROUP_N row blocks side by side (L2 reuse)."""
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_row_blocks - first, GROUP_N)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, bias_ptr,
+    rows, cols,  # int64 row / vocabulary indices of the tile
+    n_rows, hidden_size, vocab_size, stride_h, stride_w, inv_temperature,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """(h[rows] @ W[cols]^T + b[cols]) / T in fp32; lanes past V are -inf so they add nothing."""
+    offs_h = tl.arange(0, BLOCK_H)
+    row_ok = rows < n_rows
+    col_ok = cols < vocab_size
+    h_ptrs = hidden_ptr + rows[:, None] * stride_h + offs_h[None, :]
+    w_ptrs = weight_ptr + cols[None, :] * stride_w + offs_h[:, None]  # W^T tile, [BLOCK_H, BLOCK_V]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, hidden_size, BLOCK_H):
+        h_ok = offs_h + k < hidden_size  # masked, so any H works (not only multiples of BLOCK_H)
+        h = tl.load(h_ptrs + k, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + k, mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def _forward_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V] (if HAS_BIAS), [N] int64
+    stats_ptr,  # [4, N, n_splits] fp32: running max m, sum exp(z - m), sum exp(z - m) (z - m), target logit
+    n_rows, hidden_size, vocab_size, n_splits, tiles_per_split,
+    stride_h, stride_w,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n, split = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab_size, BLOCK_V))
+    for vt in range(first, last):
+        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, vocab_size,
+                        stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                        UPCAST_DOT)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: keep exp() finite
+        alpha = tl.exp(m - m_safe)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_safe)  # never -inf * 0
+        zc = z - m_safe[:, None]
+        e = tl.exp(zc)
+        t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * zc, 0.0), 1)  # p = 0 adds 0, not 0 * -inf
+        s = alpha * s + tl.sum(e, 1)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        m = m_new
+    out = stats_ptr + rows * n_splits + split
+    plane = tl.cast(n_rows, tl.int64) * n_splits  # N * splits passes 2^31 at a few million rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + plane, s, mask=row_ok)
+    tl.store(out + 2 * plane, t, mask=row_ok)
+    tl.store(out + 3 * plane, zy, mask=row_ok)
+
+
+@triton.jit
+def _dlogits_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # one chunk: [n, H], [v, H], [v], [n]
+    lse_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,  # [n] fp32; the gradients are 0 on ignored rows
+    dlogits_ptr,  # [n, v] workspace in the input dtype
+    dbias_ptr,  # [cdiv(n, BLOCK_N), v] fp32 column sums of dz per row block
+    n_rows, hidden_size, vocab_size, col_offset,  # col_offset: vocabulary index of the chunk's column 0
+    stride_h, stride_w,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n, pid_v = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    col_ok = cols < vocab_size
+    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, vocab_size,
+                    stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                        UPCAST_DOT)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(grad_lp_ptr + rows, mask=row_ok, other=0.0)
+    g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    p = tl.exp(z - lse[:, None])  # exactly 0 on -inf logits and on masked lanes
+    ent_term = tl.where(p > 0.0, p * (z - lse[:, None] + ent[:, None]), 0.0)
+    onehot = (cols[None, :] + col_offset == y[:, None]).to(tl.float32)
+    dz = (g_lp[:, None] * (onehot - p) - g_ent[:, None] * ent_term) * inv_temperature
+    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+    tl.store(dlogits_ptr + rows[:, None] * vocab_size + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_n * vocab_size + cols, tl.sum(dz, 0), mask=col_ok)
+
+
+@triton.jit
+def _matmul_acc_kernel(
+    a_ptr, b_ptr, c_ptr,  # a: [M, K] (or [K, M] stored if A_TRANSPOSED), b: [K, N], c: [M, N] fp32; rows contiguous
+    M, N, K,
+    stride_a, stride_b, stride_c,  # row strides
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """c += a @ b with fp32 accumulation; one program per c tile, so the sum order is fixed."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m, pid_n = _grouped(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if A_TRANSPOSED:
+        a_ptrs = a_ptr + offs_k[None, :] * stride_a + offs_m[:, None]
+    else:
+        a_ptrs = a_ptr + offs_m[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_b + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k + k < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_a if A_TRANSPOSED else BLOCK_K
+        b_ptrs += BLOCK_K * stride_b
+    c_ptrs = c_ptr + offs_m[:, None] * stride_c + offs_n[None, :]
+    c_ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_ok, other=0.0) + acc, mask=c_ok)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """Block sizes and chunking for one device / dtype (see the module docstring for the choice)."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+    gemm_block: tuple[int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K) of the accumulating GEMM
+    gemm_warps: int
+    gemm_stages: int
+    chunk_rows: int  # backward workspace: rows x columns of dz per step
+    chunk_cols: int
+    dot_precision: str
+    upcast_dot: bool = False  # Triton 3.9's interpreter multiplies bf16 dot operands wrongly; fp32 copies
+    # of them give the same exact products that a bf16 tensor-core dot sums in fp32
+
+
+GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
+TILES_PER_SPLIT = 32  # vocabulary tiles per forward work item: at N = 8192, V = 131072, 2048 items (15.5 waves)
+_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "tf32")
+_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 32), 4, 2, 1024, 16384, "ieee")
+# Under the interpreter (CPU) small blocks keep the tests fast and still cross every tile, split and
+# chunk boundary at the tested shapes.
+_INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, "ieee", upcast_dot=True)
+
+
+def _blocks(t: torch.Tensor) -> _Blocks:
+    if not t.is_cuda:
+        return _INTERPRETER
+    return _GPU_FP32 if t.dtype == torch.float32 else _GPU_16BIT
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, enough to split the vocabulary in tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def _vocab_splits(n_row_blocks: int, n_tiles: int, n_sm: int) -> tuple[int, int]:
+    """(ranges per row block, tiles per range): about TILES_PER_SPLIT tiles per work item, and at least
+    two work items per SM when N is small, so that the GPU fills up at any N."""
+    wanted = max(triton.cdiv(n_tiles, TILES_PER_SPLIT), triton.cdiv(2 * n_sm, n_row_blocks))
+    tiles = triton.cdiv(n_tiles, min(wanted, n_tiles))
+    return triton.cdiv(n_tiles, tiles), tiles
+
+
+def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
+    """lp, H and lse for [N, H] hidden, [V, H] weight and [N] int64 targets (all fp32, [N])."""
+    n_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    cfg = _blocks(hidden)
+    n_row_blocks = triton.cdiv(n_rows, cfg.block_n)
+    if n_rows == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    splits, tiles = _vocab_splits(n_row_blocks, triton.cdiv(vocab_size, cfg.block_v), _num_sms(hidden.device))
+    stats = torch.empty(4, n_rows, splits, dtype=torch.float32, device=hidden.device)  # each slot written once
+    _forward_kernel[(n_row_blocks * splits,)](
+        hidden, weight, weight if bias is None else bias, targets, stats,
+        n_rows, hidden_size, vocab_size, splits, tiles,
+        hidden.stride(0), weight.stride(0),
+        inv_temperature,
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+        GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _combine(stats, targets != ignore_index)
+
+
+def _combine(stats: torch.Tensor, valid: torch.Tensor):
+    """Merge the per-range partials of each row (the same algebra as the kernel's online update)."""
+    m, s, t, target_logit = stats.unbind(0)
+    top = m.amax(1, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    scale = torch.exp(m - top)
+    shift = torch.where(scale > 0, m - top, 0.0)  # ranges that saw only -inf logits add nothing
+    total = (scale * s).sum(1)
+    log_total = torch.log(total)
+    lse = top.squeeze(1) + log_total
+    entropy = log_total - (scale * (t + shift * s)).sum(1) / total
+    logprobs = target_logit.sum(1) - lse
+    return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), lse
+
+
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks) -> None:
+    """c (fp32) += a @ b, where a is row-major or the transpose of a row-major tensor."""
+    (m, k), n = a.shape, b.shape[1]
+    transposed = a.stride(0) == 1 and a.stride(1) != 1
+    stride_a = a.stride(1) if transposed else a.stride(0)
+    bm, bn, bk = cfg.gemm_block
+    _matmul_acc_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+        a, b, c, m, n, k, stride_a, b.stride(0), c.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_N, A_TRANSPOSED=transposed,
+        DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+        num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
+    )
+
+
+def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, options, needs):
+    """Gradients for (hidden, weight, bias), each None where not needed; see the module docstring."""
+    n_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    cfg = _blocks(hidden)
+    valid = targets != options.ignore_index
+    grad_lp = torch.where(valid, grad_lp.float(), 0.0).contiguous()  # ignored rows contribute nothing
+    grad_entropy = torch.where(valid, grad_entropy.float(), 0.0).contiguous()
+    need_h, need_w, need_b = needs
+    rows, cols = min(n_rows, cfg.chunk_rows), min(vocab_size, cfg.chunk_cols)
+    workspace = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+    dbias_blocks = torch.empty(triton.cdiv(rows, cfg.block_n) * cols, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    dh = torch.empty(rows, hidden_size, dtype=torch.float32, device=hidden.device) if need_h else None
+    dw = torch.zeros(vocab_size, hidden_size, dtype=torch.float32, device=hidden.device) if need_w else None
+    db = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_b else None
+    for r0 in range(0, n_rows, rows):
+        r1 = min(n_rows, r0 + rows)
+        h_chunk = hidden[r0:r1]
+        if need_h:
+            dh[: r1 - r0].zero_()
+        for c0 in range(0, vocab_size, cols):
+            c1 = min(vocab_size, c0 + cols)
+            dz = workspace[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            n_row_blocks = triton.cdiv(r1 - r0, cfg.block_n)
+            _dlogits_kernel[(n_row_blocks * triton.cdiv(c1 - c0, cfg.block_v),)](
+                h_chunk, weight[c0:c1], weight if bias is None else bias[c0:c1], targets[r0:r1],
+                lse[r0:r1], entropy[r0:r1], grad_lp[r0:r1], grad_entropy[r0:r1],
+                dz, dbias_blocks,
+                r1 - r0, hidden_size, c1 - c0, c0,
+                hidden.stride(0), weight.stride(0),
+                options.inv_temperature,
+                HAS_BIAS=need_b, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+            if need_b:
+                db[c0:c1] += dbias_blocks[: n_row_blocks * (c1 - c0)].view(n_row_blocks, c1 - c0).sum(0)
+            if need_h:
+                _matmul_acc(dz, weight[c0:c1], dh[: r1 - r0], cfg)
+            if need_w:
+                _matmul_acc(dz.t(), h_chunk, dw[c0:c1], cfg)
+        if need_h:
+            grad_hidden[r0:r1] = dh[: r1 - r0]
+    return (
+        grad_hidden,
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    inv_temperature: float
+    ignore_index: int
+
+
+class _LinearLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options: _Options):
+        logprobs, entropy, lse = _forward(hidden, weight, bias, targets, options.inv_temperature, options.ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.options = options
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grads = _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, ctx.options, needs)
+        return (*grads, None, None)
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def linear_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of `targets` and entropy under softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: [..., H] final hidden states, float32 / bfloat16 / float16.
+        weight: [V, H] output embedding, the dtype of `hidden` (often tied to the input embedding).
+        targets: integer ids of the leading shape of `hidden`, each in [0, V) or equal to `ignore_index`.
+        bias: optional [V] output bias, the dtype of `hidden`.
+        temperature: T > 0, a runtime value (changing it never recompiles).
+        ignore_index: rows whose target equals it get lp = H = 0 and add nothing to any gradient.
+        backend: "triton" (fused kernels; CUDA, or the interpreter with TRITON_INTERPRET=1), "torch"
+            (chunked plain PyTorch, fusedrl.kernels.reference), or "auto" (triton on CUDA, else torch).
+
+    Returns:
+        (logprobs, entropy), float32, of the leading shape. Differentiable with respect to hidden, weight
+        and bias through either or both outputs; the weight gradient is accumulated in float32 and returned
+        in the weight's dtype. No [N, V] tensor is allocated, forward or backward.
+
+    Raises:
+        ValueError: naming the argument, for wrong shapes, dtypes, devices, target ids, temperature or
+            backend; raised before any kernel launch.
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    vocab_size = weight.shape[0]
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (vocab_size,):
+            raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    check_targets(targets, hidden.shape[:-1], vocab_size, ignore_index)
+    temperature = check_temperature(temperature)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
+        return reference.linear_logprobs_and_entropy(
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+        )
+
+    leading = hidden.shape[:-1]
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden_2d.stride(-1) != 1:
+        hidden_2d = hidden_2d.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    options = _Options(inv_temperature=1.0 / temperature, ignore_index=int(ignore_index))
+    targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
+    logprobs, entropy = _LinearLogprobsEntropy.apply(hidden_2d, weight, bias, targets_1d, options)
+    return logprobs.view(leading), entropy.view(leading)
+
+
+def _specs() -> list[CompileSpec]:
+    """Production configurations. Pointers and the sizes / strides that are multiples of 16 at the
+    design shapes (H = 4096, V = 131072) are declared divisible by 16, as the JIT would specialise."""
+    aligned = {"hidden_size", "vocab_size", "stride_h", "stride_w", "M", "N", "K", "stride_a", "stride_b", "stride_c"}
+
+    def spec(name, fn, signature, constexprs, warps, stages):
+        divisible = tuple(a for a, ty in signature.items() if ty.startswith("*") or a in aligned)
+        return CompileSpec(name, fn, signature, constexprs, warps, stages, divisible)
+
+    specs = []
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        cfg = _GPU_FP32 if dtype == torch.float32 else _GPU_16BIT
+        tile = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h, "GROUP_N": GROUP_N,
+                "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False, "HAS_BIAS": True}
+        common = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64"}
+        specs.append(spec(
+            f"forward_{name}", _forward_kernel,
+            {**common, "stats_ptr": "*fp32", "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32",
+             "n_splits": "i32", "tiles_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
+             "inv_temperature": "fp32"},
+            tile, cfg.num_warps, cfg.num_stages,
+        ))
+        specs.append(spec(
+            f"dlogits_{name}", _dlogits_kernel,
+            {**common, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
+             "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{name}", "dbias_ptr": "*fp32",
+             "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32",
+             "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"},
+            tile, cfg.num_warps, cfg.num_stages,
+        ))
+        bm, bn, bk = cfg.gemm_block
+        specs.extend(spec(
+            f"matmul_acc_{name}{'_at' if transposed else ''}", _matmul_acc_kernel,
+            {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+             "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_N, "A_TRANSPOSED": transposed,
+             "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False},
+            cfg.gemm_warps, cfg.gemm_stages,
+        ) for transposed in (False, True))
+    return specs
+
+
+COMPILE_SPECS = _specs()

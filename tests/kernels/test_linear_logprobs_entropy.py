@@ -1,0 +1,229 @@
+"""linear_logprobs_and_entropy against float64 PyTorch on the same rounded inputs.
+
+Rule, elementwise for outputs and all three gradients under random upstream gradients:
+|ours - fp64| <= |same-dtype PyTorch two-step - fp64| + tol. The Triton backend runs through the
+interpreter on CPU (small blocks, so every tile, vocabulary split and backward chunk boundary is crossed).
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusedrl.kernels import linear_logprobs_entropy as kernel_module
+from fusedrl.kernels import reference
+from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
+
+IGNORE = -100
+# (rtol, atol as a fraction of the tensor's largest fp64 magnitude): about one rounding of the dtype.
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 2**-9), torch.float16: (2**-10, 2**-12)}
+
+
+def _inputs(n, h, v, dtype, with_bias, ignored=(1, 5)):
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype)  # logits of a few units: peaked but not one-hot rows
+    bias = torch.randn(v).to(dtype) if with_bias else None
+    targets = torch.randint(0, v, (n,))
+    targets[[i for i in ignored if i < n]] = IGNORE
+    return hidden, weight, bias, targets
+
+
+def _two_step(hidden, weight, bias, targets, temperature, dtype):
+    """Matmul to logits in `dtype`, then log_softmax / gather / entropy in fp32 (fp64 when dtype is)."""
+    leaves = [hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()]
+    logits = leaves[0] @ leaves[1].T
+    if bias is not None:
+        leaves.append(bias.to(dtype).requires_grad_())
+        logits = logits + leaves[2]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logp = (logits.to(acc) / temperature).log_softmax(-1)
+    valid = targets != IGNORE
+    lp = logp.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    ent = -(logp.exp() * torch.where(logp.exp() > 0, logp, 0.0)).sum(-1)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0), leaves
+
+
+def _run(fn, hidden, weight, bias, targets, g_lp, g_ent):
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    if bias is not None:
+        leaves.append(bias.clone().requires_grad_())
+    lp, ent = fn(*leaves)
+    loss = (0 if g_lp is None else (lp * g_lp).sum()) + (0 if g_ent is None else (ent * g_ent).sum())
+    loss.backward()
+    return [lp.detach(), ent.detach()] + [x.grad for x in leaves]
+
+
+def _assert_rule(name, ours, same_dtype, exact, dtype):
+    rtol, atol = TOL[dtype]
+    ours, same_dtype = ours.double(), same_dtype.double()
+    tol = rtol * exact.abs() + atol * exact.abs().max()
+    excess = (ours - exact).abs() - (same_dtype - exact).abs() - tol
+    worst = int(excess.flatten().argmax())
+    if excess.flatten()[worst] > 0:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), exact.shape))
+        pytest.fail(f"{name}: worst at {idx}: ours {ours[idx]:.8g}, same-dtype torch {same_dtype[idx]:.8g}, "
+                    f"fp64 {exact[idx]:.8g}, tol {tol[idx]:.3g}")
+
+
+def _check(backend, n, h, v, dtype, with_bias, temperature, upstream):
+    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias)
+    g_lp = torch.randn(n) if upstream in ("lp", "both") else None
+    g_ent = torch.randn(n) if upstream in ("entropy", "both") else None
+
+    def ours(*leaves):
+        return linear_logprobs_and_entropy(leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None,
+                                           temperature=temperature, backend=backend)
+
+    def two_step(dt):
+        def fn(*leaves):
+            lp, ent, _ = _two_step(leaves[0], leaves[1], leaves[2] if with_bias else None, targets, temperature, dt)
+            return lp, ent
+        return fn
+
+    got = _run(ours, hidden, weight, bias, targets, g_lp, g_ent)
+    same = _run(two_step(dtype), hidden, weight, bias, targets, g_lp, g_ent)
+    exact = _run(two_step(torch.float64), hidden.double(), weight.double(),
+                 None if bias is None else bias.double(), targets, g_lp, g_ent)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert got[2].dtype == got[3].dtype == dtype
+    ignored = targets == IGNORE
+    assert torch.all(got[0][ignored] == 0) and torch.all(got[1][ignored] == 0)
+    for name, a, b, c in zip(("logprobs", "entropy", "d hidden", "d weight", "d bias"), got, same, exact):
+        _assert_rule(name, a, b, c, dtype)
+
+
+TORCH_CASES = [
+    (67, 48, 1003, torch.float32, True, 1.0, "both"),
+    (67, 48, 1003, torch.bfloat16, True, 0.6, "both"),
+    (67, 48, 1003, torch.float16, False, 1.7, "lp"),
+    (7, 40, 3, torch.bfloat16, True, 1.7, "entropy"),
+    (33, 72, 517, torch.float32, False, 0.6, "entropy"),
+    (1, 16, 1003, torch.float16, True, 1.0, "both"),
+]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=str)
+def test_torch_backend_matches_float64(case, monkeypatch):
+    # A small chunk budget so that the tested shapes cross token and vocabulary chunk boundaries.
+    monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)
+    monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    _check("torch", *case)
+
+
+TRITON_CASES = [
+    (67, 48, 1003, torch.bfloat16, True, 0.6, "both"),
+    (67, 40, 1003, torch.float16, False, 1.7, "lp"),
+    (50, 72, 3, torch.float32, True, 1.0, "entropy"),
+    (19, 48, 200, torch.float32, True, 0.6, "both"),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_backend_matches_float64(case):
+    _check("triton", *case)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_minus_inf_bias_masks_vocabulary(backend):
+    """-inf logits (a masked vocabulary) have p = 0: finite lp, H and gradients, as if the columns were gone."""
+    hidden, weight, bias, targets = _inputs(20, 16, 130, torch.float32, True)
+    masked = torch.zeros(130, dtype=torch.bool)
+    masked[::3] = True
+    bias[masked] = float("-inf")
+    targets = torch.where(masked[targets.clamp(min=0)], 1, targets)  # targets on unmasked columns
+    g = torch.randn(20), torch.randn(20)
+    got = _run(lambda h, w, b: linear_logprobs_and_entropy(h, w, targets, bias=b, backend=backend),
+               hidden, weight, bias, targets, *g)
+    keep = ~masked
+    remap = torch.cumsum(keep.long(), 0) - 1
+    small_targets = torch.where(targets == IGNORE, IGNORE, remap[targets.clamp(min=0)])
+    exact = _run(lambda h, w, b: _two_step(h, w, b, small_targets, 1.0, torch.float64)[:2],
+                 hidden.double(), weight[keep].double(), bias[keep].double(), small_targets, *g)
+    for a, b in zip(got[:3], exact[:3]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3][keep].double(), exact[3], rtol=1e-5, atol=1e-5)
+    assert torch.all(got[3][masked] == 0) and torch.all(got[4][masked] == 0)
+
+
+def test_leading_shape_and_frozen_weight():
+    hidden, weight, _, targets = _inputs(12, 16, 50, torch.float32, False)
+    h = hidden.view(3, 4, 16).clone().requires_grad_()
+    lp, ent = linear_logprobs_and_entropy(h, weight, targets.view(3, 4), backend="triton")
+    assert lp.shape == ent.shape == (3, 4)
+    (lp.sum() + ent.sum()).backward()  # weight has no grad: that GEMM is skipped
+    ref_lp, ref_ent, leaves = _two_step(hidden.double(), weight.double(), None, targets, 1.0, torch.float64)
+    (ref_lp.sum() + ref_ent.sum()).backward()
+    torch.testing.assert_close(lp.flatten().double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.view(12, 16).double(), leaves[0].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, argument",
+    [
+        (dict(weight=torch.randn(50, 15)), "weight"),
+        (dict(weight=torch.randn(50, 16, dtype=torch.float16)), "weight"),
+        (dict(bias=torch.randn(49)), "bias"),
+        (dict(bias=torch.randn(50, dtype=torch.bfloat16)), "bias"),
+        (dict(targets=torch.full((12,), 50)), "targets"),
+        (dict(targets=torch.zeros(11, dtype=torch.long)), "targets"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(hidden=torch.randn(12, 16).long()), "hidden"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_argument(change, argument):
+    args = dict(hidden=torch.randn(12, 16), weight=torch.randn(50, 16), targets=torch.zeros(12, dtype=torch.long),
+                bias=None, temperature=1.0, backend="torch")
+    args.update(change)
+    with pytest.raises(ValueError, match=argument):
+        linear_logprobs_and_entropy(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an op creates (outputs of each dispatched op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t._base is None and not func._schema.is_mutable:
+                self.sizes.append(t.numel())
+        return out
+
+
+def _largest_allocation(backend, n, h, v):
+    hidden, weight, bias, targets = _inputs(n, h, v, torch.float32, True)
+    leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
+    with _Allocations() as mode:
+        lp, ent = linear_logprobs_and_entropy(leaves[0], leaves[1], targets, bias=leaves[2], backend=backend)
+        (lp.sum() + ent.sum()).backward()
+    return max(mode.sizes)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_n_by_v_allocation_and_peak_independent_of_n(backend, monkeypatch):
+    monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)
+    monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    h, v = 4, 1024  # small H: the [N, H] hidden gradient stays below the chunk budget
+    small, large = _largest_allocation(backend, 64, h, v), _largest_allocation(backend, 128, h, v)
+    assert small < 64 * v
+    assert large == small, f"largest allocation grew with N: {small} -> {large}"
+    assert large >= v * h  # the fp32 weight-gradient accumulator: proves the mode saw the allocations
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_realistic_size_matches_torch_backend(dtype):
+    n, h, v = 2048, 4096, 32003
+    hidden = torch.randn(n, h, device="cuda").to(dtype)
+    weight = (torch.randn(v, h, device="cuda") / h**0.5 * 3).to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda")
+    targets[::7] = IGNORE
+    g = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    outs = [_run(lambda a, b: linear_logprobs_and_entropy(a, b, targets, temperature=0.7, backend=be),
+                 hidden, weight, None, targets, *g) for be in ("triton", "torch")]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3 * b.abs().max().item())
