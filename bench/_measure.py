@@ -11,9 +11,11 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def measure(benchmark, fn, *, rounds: int = 5 if DEVICE == "cuda" else 3, **info):
-    """Time fn and record `info` (op, impl, shape, mode, bytes or flops) and, on a GPU, the peak memory
-    of one call beyond what was allocated before it. Returns fn's result (from the last timed call)."""
+def measure(benchmark, fn, *, rounds: int | None = None, **info):
+    """Time fn over `rounds` calls (default 5 on a GPU, 3 on a CPU) and record `info` (op, impl, shape,
+    mode, bytes or flops) and, on a GPU, the peak memory of one call beyond what was allocated before
+    it. Returns fn's result (from the last timed call)."""
+    rounds = rounds or (5 if DEVICE == "cuda" else 3)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -21,7 +21,7 @@ from _measure import DEVICE, measure
 
 QUANTILE_LIMIT = 1 << 24  # torch.quantile raises on more elements than this
 # The largest size of each device is past the limit (on CPU by one element, the smallest refused size).
-SIZES = [1 << 20, 1 << 24, 1 << 26] if DEVICE == "cuda" else [1 << 16, 1 << 20, QUANTILE_LIMIT + 1]
+SIZES = [1 << 20, 1 << 24, 1 << 26] if DEVICE == "cuda" else [1 << 16, QUANTILE_LIMIT + 1]
 RHO = 0.2
 
 
@@ -64,7 +64,7 @@ def test_top_entropy_mask(benchmark, impl, n):
     fn = TOP_ENTROPY_IMPLS[impl]
     expected = _by_sort(entropy, mask)
     selected = measure(benchmark, lambda: fn(entropy, mask), op="top_entropy_mask", impl=impl,
-                       shape=f"N={n}", mode="fwd", bytes=6 * n)
+                       shape=f"N={n}", mode="fwd", bytes=6 * n, rounds=1 if DEVICE == "cpu" and n > QUANTILE_LIMIT else None)
     # A benchmark of a wrong answer is worth nothing: every implementation picks the same tokens.
     assert torch.equal(selected, expected)
 
@@ -102,7 +102,7 @@ def _torch_clip_cov(logprobs, advantages, mask, ratio, generator):
     return selected
 
 
-@pytest.mark.parametrize("n", SIZES[:2], ids=lambda n: f"N={n}")
+@pytest.mark.parametrize("n", SIZES[:-1], ids=lambda n: f"N={n}")
 @pytest.mark.parametrize("impl", ["fusedrl", "torch"])
 @pytest.mark.parametrize("mode", ["kl_cov", "clip_cov"])
 def test_covariance_mask(benchmark, mode, impl, n):
