@@ -76,6 +76,11 @@ def normalise(bench: dict) -> dict:
     return info
 
 
+def _number(x: float) -> str:
+    """One decimal, or three significant digits below 1 (CPU runs of GPU-sized ideas are slow)."""
+    return f"{x:.1f}" if x >= 1 else f"{x:.3g}"
+
+
 def _text(value) -> str:
     return "-" if value is None else str(value)
 
@@ -87,12 +92,12 @@ def row(bench: dict, ceilings: dict) -> dict:
     rate, fraction = "-", "-"
     if info.get("flops"):
         tflops = info["flops"] / seconds / 1e12
-        rate = f"{tflops:.1f} TFLOP/s"
+        rate = f"{_number(tflops)} TFLOP/s"
         if ceilings.get("matmul_tflops"):
             fraction = f"{tflops / ceilings['matmul_tflops']:.0%}"
     elif info.get("bytes"):
         gbps = info["bytes"] / seconds / 1e9
-        rate = f"{gbps:.1f} GB/s"
+        rate = f"{_number(gbps)} GB/s"
         if ceilings.get("copy_gbps"):
             fraction = f"{gbps / ceilings['copy_gbps']:.0%}"
     return {
@@ -145,7 +150,7 @@ def header(data: dict, notes: list[str] = ()) -> str:
     ]
     lines += [f"- {name}: {value}" for name, value in facts if value]
     lines += [f"- {note}" for note in notes]
-    lines += ["", "Times are medians; rates use the bytes and FLOPs the op must move and do.", ""]
+    lines += ["", "Times are medians; rates use the bytes and FLOPs the op must move and do.", "", ""]
     return "\n".join(lines)
 
 

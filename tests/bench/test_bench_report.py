@@ -115,3 +115,8 @@ def test_several_runs_make_one_table(report, tmp_path):
     out = tmp_path / "out.md"
     report.main([str(p) for p in paths] + ["-o", str(out)])
     assert out.read_text() == report.header(data) + report.table(data)
+
+
+def test_small_rates_keep_three_digits(report, sample):
+    bench = dict(sample["benchmarks"][0], stats={"median": 100.0})  # 2e9 bytes in 100 s: 0.02 GB/s
+    assert report.row(bench, {})["GB/s or TFLOP/s"] == "0.02 GB/s"
