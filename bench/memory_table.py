@@ -15,15 +15,18 @@ needs):
   included. Only run where the counted peak (or, without one, a run at N / 8 scaled up) says the
   process fits in --budget-gib; the table says so where it did not.
 
-Usage: python bench/memory_table.py [--n 8192] [--vocab 151936] [--hidden 4096] [--output FILE]
-Run the full sizes alone on the machine (about 16 GiB at the defaults).
+From hidden states the real runs use --linear-n tokens (512): a CPU needs about half an hour for one
+forward + backward of the fused-linear op at N = 8192, H = 4096, V = 151936 (31 TFLOP before recompute).
+
+Usage: python bench/memory_table.py [--n 8192] [--linear-n 512] [--vocab 151936] [--hidden 4096]
+       [--only NAME-PART ...] [--output bench/results/memory-cpu.md]
+Run the full sizes alone on the machine (up to --budget-gib, 16 GiB, per process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -165,59 +168,69 @@ def _run_child(name: str, method: str, n: int, args) -> dict:
 
 def measure(name: str, args) -> dict:
     kind, _, count = IMPLS[name]
-    input_bytes = 4 * args.n * (args.vocab if kind == "logits" else args.hidden) + 16 * args.n
+    n = args.n if kind == "logits" else args.linear_n
+    input_bytes = 4 * n * (args.vocab if kind == "logits" else args.hidden) + 16 * n
     input_bytes += 4 * args.vocab * args.hidden if kind == "linear" else 0
     if count == "fake":
-        row = _run_child(name, "fake", args.n, args)
+        row = _run_child(name, "fake", n, args)
         expected = row.get("counted")
     else:  # a trial at N / SMALL tokens, scaled up, says whether the full run fits
-        trial = _run_child(name, "real", args.n // SMALL, args)
+        trial = _run_child(name, "real", max(1, n // SMALL), args)
         row = {"error": trial["error"]} if "error" in trial else {}
         expected = SMALL * trial["rss"] if "rss" in trial else None
-    row["input_bytes"] = input_bytes
+    row.update(n=n, input_bytes=input_bytes)
     if expected is None:
         return row
     if input_bytes + expected > args.budget_gib * 2**30:
-        row["skipped"] = f"needs about {_gib(input_bytes + expected)} in all, over the {args.budget_gib} GiB budget"
+        row["skipped"] = f"not run: needs about {_gib(input_bytes + expected)}, over the {args.budget_gib:g} GiB budget"
         return row
-    row.update(_run_child(name, "real+count" if count == "real" else "real", args.n, args))
+    row.update(_run_child(name, "real+count" if count == "real" else "real", n, args))
     return row
 
 
 def _gib(n) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def markdown(rows: dict, args, seconds: float) -> str:
-    cpu = platform.processor() or platform.machine()
+def markdown(rows: dict, args) -> str:
     with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "a CPU")
     lines = [
-        f"# Peak memory of lp + H + gradients: N = {args.n}, V = {args.vocab}, fp32",
+        "# Peak memory of lp + H + gradients on a CPU, fp32",
         "",
         f"Measured by `python bench/memory_table.py` on {cpu} ({time.strftime('%Y-%m-%d')}, torch "
-        f"{torch.__version__}, {seconds:.0f} s). From hidden states: H = {args.hidden}. Bytes beyond the "
-        "inputs, gradients included; counted = peak live tensor bytes (MemTracker), peak RSS = process "
-        "resident peak minus its size before the call.",
-        "",
-        "| implementation | inputs | counted peak | peak RSS |",
-        "|---|---|---|---|",
+        f"{torch.__version__}), V = {args.vocab}; from hidden states H = {args.hidden}. Bytes beyond the "
+        "inputs, gradients included. Counted: the peak of live tensor bytes (MemTracker; under "
+        "FakeTensorMode where the implementation is plain PyTorch). Peak RSS: the process's resident "
+        "peak minus its size just before the call.",
     ]
-    for name, row in rows.items():
-        rss = _gib(row.get("rss")) if "rss" in row else row.get("skipped", "-")
-        counted = f"failed: {row['error']}" if "error" in row else _gib(row.get("counted"))
-        lines.append(f"| {name} | {_gib(row['input_bytes'])} | {counted} | {rss} |")
+    for kind, title in (("logits", "From logits"), ("linear", "From hidden states")):
+        names = [name for name in rows if IMPLS[name][0] == kind]
+        if not names:
+            continue
+        tokens = sorted({rows[name]["n"] for name in names})
+        lines += ["", f"## {title}, N = {', '.join(map(str, tokens))}", "",
+                  "| implementation | inputs | counted peak | peak RSS |", "|---|---|---|---|"]
+        for name in names:
+            row = rows[name]
+            counted = f"failed: {row['error']}" if "error" in row else _gib(row.get("counted"))
+            rss = _gib(row["rss"]) if "rss" in row else row.get("skipped", "-")
+            lines.append(f"| {name} | {_gib(row['input_bytes'])} | {counted} | {rss} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=8192, help="tokens")
+    parser.add_argument("--n", type=int, default=8192, help="tokens, from logits")
+    parser.add_argument("--linear-n", type=int, default=512, help="tokens, from hidden states")
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size of the from-hidden-states rows")
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size, from hidden states")
     parser.add_argument("--budget-gib", type=float, default=16.0, help="largest process a real run may need")
     parser.add_argument("--only", action="append", help="measure only implementations whose name has this")
-    parser.add_argument("--output", type=Path, help="markdown file (default: print)")
+    parser.add_argument("--output", type=Path, help="markdown file; its rows are also kept in a .json beside "
+                        "it, so that a run with --only updates those rows and keeps the others")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=["fake", "real", "real+count"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -225,16 +238,19 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.method, args.n, args.vocab, args.hidden)))
         return 0
-    start = time.perf_counter()
-    names = [name for name in IMPLS if not args.only or any(part in name for part in args.only)]
-    rows = {}
-    for name in names:
-        rows[name] = measure(name, args)
-        print(name, rows[name], flush=True)
-    text = markdown(rows, args, time.perf_counter() - start)
+    stored = args.output.with_suffix(".json") if args.output else None
+    rows = json.loads(stored.read_text()) if stored and stored.exists() else {}
+    for name in IMPLS:
+        if not args.only or any(part in name for part in args.only):
+            start = time.perf_counter()
+            rows[name] = measure(name, args)
+            print(f"{name}: {rows[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows = {name: rows[name] for name in IMPLS if name in rows}
+    text = markdown(rows, args)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
+        stored.write_text(json.dumps(rows, indent=1) + "\n")
     print(text)
     return 0
 
