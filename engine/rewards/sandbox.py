@@ -1,0 +1,343 @@
+"""Run untrusted Python programs in isolated processes, several at a time.
+
+Each program gets its own process tree (see sandbox_child.py for the launcher) with:
+
+- no network: a fresh network namespace whose only interface, loopback, is down;
+- a fresh pid namespace: the program cannot see or signal host processes, and when its namespace's
+  init exits (the program finished, or the launcher was killed) the kernel kills every process left;
+- a fresh mount namespace with an empty, size-capped tmpfs over /tmp, /var/tmp, /run/lock, /dev/shm
+  and /dev/mqueue; the program runs in /tmp/work there, so its files vanish with the namespace;
+- an unprivileged uid (one per pool slot, `first_uid + slot`) with no-new-privileges: no writes to
+  host files, no signals to host processes, and RLIMIT_NPROC applies (root ignores it), which
+  contains fork bombs;
+- limits on CPU time, address space, file size and process count, a clean environment, and a
+  wall-clock timeout after which the caller kills the launcher's whole process group;
+- stdout and stderr read incrementally and capped: past `max_output_bytes` the run is killed.
+
+Isolation needs root (CAP_SYS_ADMIN for the namespaces and mounts, CAP_SETUID for the uid change).
+It fails closed: `Sandbox()` runs a probe program and raises SandboxUnavailableError, saying why,
+when isolation cannot be set up; a run whose isolation fails is reported as "refused" and no user
+code runs. The only way around that is `allow_unisolated_execution_UNSAFE=True`, which keeps the
+limits, the clean environment, the timeout and the output cap but runs the program as the caller.
+"""
+
+import json
+import math
+import os
+import queue
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+_FIRST_UID, _MAX_SLOTS = 2**24, 64  # far above the uids and subuid ranges distributions hand out
+_CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
+
+
+def _world_executable(path: str) -> bool:
+    """True when any uid may run `path`: the file is o+rx and every directory above it o+x."""
+    path = os.path.realpath(path)
+    try:
+        if os.stat(path).st_mode & 0o005 != 0o005:
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+            if parent == os.path.dirname(parent):
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def default_python() -> str:
+    """This interpreter if the sandbox uid can run it (it cannot under a 0700 home), else a system python3."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
+        if _world_executable(candidate):
+            return os.path.realpath(candidate)
+    return os.path.realpath(sys.executable)
+
+
+class SandboxUnavailableError(RuntimeError):
+    """Isolation cannot be set up on this machine; no program was run."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-program resource limits."""
+
+    timeout_s: float = 2.0
+    """Wall-clock limit; the whole process tree is killed when it passes."""
+    memory_bytes: int = 512 * 2**20
+    """Address-space limit (RLIMIT_AS) of each process."""
+    max_processes: int = 16
+    """Processes and threads the sandbox uid may have at once (RLIMIT_NPROC)."""
+    max_output_bytes: int = 2**20
+    """Cap on each of stdout and stderr; a program that writes more is killed."""
+    max_file_bytes: int = 16 * 2**20
+    """Largest file the program may write (RLIMIT_FSIZE)."""
+    tmpfs_bytes: int = 64 * 2**20
+    """Size of each tmpfs, the working directory's included."""
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("memory_bytes", "max_processes", "max_output_bytes", "max_file_bytes", "tmpfs_bytes"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened to one program run."""
+
+    status: str
+    """"exited" (returncode says how), "timed_out", "output_limit" or "refused" (never ran)."""
+    returncode: int | None
+    """Exit code, or 128 + signal number; None unless status is "exited"."""
+    stdout: str
+    stderr: str
+    wall_s: float
+    reason: str
+    """Empty for a clean exit; otherwise a short human-readable cause."""
+
+
+class Sandbox:
+    """Runs one program at a time per call; thread-safe, so a pool may call `run` concurrently.
+
+    Args:
+        limits: the resource limits of every run.
+        python: interpreter for the programs; default: `default_python()`. Programs run with -I
+            (no PYTHON* variables, no user site-packages, not even the script's own directory).
+        first_uid: programs run as uid `first_uid + slot` (slot < 64); these uids must own no files
+            and run no other processes, since RLIMIT_NPROC counts all processes of a uid. The default
+            derives a block of 64 uids from the process id, so two trainers on one host (or two
+            test workers) do not share uids.
+        allow_unisolated_execution_UNSAFE: run programs without namespaces or the uid change when
+            isolation is unavailable. Untrusted code then runs with the caller's privileges.
+    """
+
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        *,
+        python: str | None = None,
+        first_uid: int | None = None,
+        allow_unisolated_execution_UNSAFE: bool = False,
+    ):
+        if not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a Limits, got {type(limits).__name__}")
+        if first_uid is None:
+            first_uid = _FIRST_UID + (os.getpid() % 2**20) * _MAX_SLOTS
+        if not (isinstance(first_uid, int) and 0 < first_uid < 2**31 - _MAX_SLOTS):
+            raise ValueError(f"first_uid must be an int in (0, 2**31 - {_MAX_SLOTS}), got {first_uid!r}")
+        self.limits = limits
+        self.python = os.path.realpath(python or default_python())
+        self.first_uid = first_uid
+        self.isolated = True
+        why = self._probe()
+        if why:
+            if not allow_unisolated_execution_UNSAFE:
+                raise SandboxUnavailableError(
+                    f"program isolation is unavailable: {why}. No code was run. Isolation needs root "
+                    "(namespaces, mounts, setuid). To run untrusted code WITHOUT isolation anyway, pass "
+                    "allow_unisolated_execution_UNSAFE=True."
+                )
+            warnings.warn(
+                f"UNSAFE: sandbox isolation unavailable ({why}); untrusted programs will run with this "
+                "process's privileges, network access and filesystem access.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.isolated = False
+            if self._probe():
+                raise SandboxUnavailableError(f"even unisolated execution failed: {self._probe()}")
+
+    def _probe(self) -> str:
+        """Empty when a trivial program runs to the expected output; else the reason it did not."""
+        result = self.run("print(6 * 7)")
+        if result.status == "exited" and result.returncode == 0 and result.stdout == "42\n":
+            return ""
+        return result.reason or f"probe program gave {result.status} {result.returncode} {result.stdout!r}"
+
+    def run(self, source: str, stdin: str = "", *, slot: int = 0) -> RunResult:
+        """Run `source` as a Python program fed `stdin`; `slot` picks the uid (one per concurrent run)."""
+        if not (isinstance(slot, int) and 0 <= slot < _MAX_SLOTS):
+            raise ValueError(f"slot must be an int in [0, {_MAX_SLOTS}), got {slot!r}")
+        start = time.monotonic()
+        workdir = tempfile.mkdtemp(prefix="fusedrl-sandbox-")
+        try:
+            program = os.path.join(workdir, "main.py")
+            with open(program, "w", encoding="utf-8") as f:
+                f.write(source)
+            return self._launch(program, workdir, stdin.encode(), self.first_uid + slot, start)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _launch(self, program: str, workdir: str, stdin: bytes, uid: int, start: float) -> RunResult:
+        status_r, status_w = os.pipe()
+        cfg = {
+            "isolate": self.isolated,
+            "program_path": program,
+            "program_name": os.path.basename(program),
+            "python": self.python,
+            "uid": uid,
+            "env": _CLEAN_ENV if self.isolated else {**_CLEAN_ENV, "HOME": workdir},
+            "status_fd": status_w,
+            # CPU time only backs up the wall clock, for programs that outlive a stalled caller.
+            "cpu_s": math.ceil(self.limits.timeout_s) + 1,
+            "memory_bytes": self.limits.memory_bytes,
+            "file_bytes": self.limits.max_file_bytes,
+            "processes": self.limits.max_processes,
+            "tmpfs_bytes": self.limits.tmpfs_bytes,
+        }
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-I", "-S", _CHILD, json.dumps(cfg)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env={},
+                pass_fds=(status_w,),
+                start_new_session=True,  # its own process group, killed as a whole
+            )
+        except OSError as exc:
+            os.close(status_r)
+            os.close(status_w)
+            return RunResult("refused", None, "", "", time.monotonic() - start, f"cannot start launcher: {exc}")
+        os.close(status_w)
+        try:
+            return self._supervise(proc, status_r, stdin, start)
+        finally:
+            os.close(status_r)
+
+    def _supervise(self, proc: subprocess.Popen, status_r: int, stdin: bytes, start: float) -> RunResult:
+        """Feed stdin, drain the outputs under their cap, and kill the group on timeout or excess."""
+        deadline = start + self.limits.timeout_s
+        pidfd = os.pidfd_open(proc.pid)
+        out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+        buffers = {out_fd: bytearray(), err_fd: bytearray(), status_r: bytearray()}
+        sel = selectors.DefaultSelector()
+        for fd in buffers:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        sel.register(pidfd, selectors.EVENT_READ)
+        if stdin:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        status, reason, exited, sent = "exited", "", False, 0
+        try:
+            while not exited or sel.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    status, reason = "timed_out", f"wall-clock timeout of {self.limits.timeout_s} s"
+                    break
+                for key, _ in sel.select(remaining):
+                    fd = key.fd
+                    if fd == pidfd:
+                        exited = True
+                        sel.unregister(fd)
+                    elif key.events & selectors.EVENT_WRITE:
+                        sent = self._feed(proc, sel, stdin, sent)
+                    else:
+                        chunk = os.read(fd, 65536)
+                        if not chunk:
+                            sel.unregister(fd)
+                        buffers[fd] += chunk
+                if max(len(buffers[out_fd]), len(buffers[err_fd])) > self.limits.max_output_bytes:
+                    status, reason = "output_limit", f"output exceeded {self.limits.max_output_bytes} bytes"
+                    break
+        finally:
+            sel.close()
+            # The launcher is the group leader and, until reaped below, its pgid cannot be reused.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            os.close(pidfd)
+            buffers[status_r] += _drain(status_r)  # every writer is dead now: this cannot block
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if not stream.closed:
+                    stream.close()
+        wall = time.monotonic() - start
+        out = bytes(buffers[out_fd][: self.limits.max_output_bytes]).decode(errors="replace")
+        err = bytes(buffers[err_fd][-4096:]).decode(errors="replace")
+        lines = buffers[status_r].decode(errors="replace").splitlines()
+        errors = [line[len("ERROR ") :] for line in lines if line.startswith("ERROR ")]
+        if errors or "READY" not in lines:
+            if errors:
+                cause = errors[0]
+            elif status == "timed_out":
+                cause = f"setup did not finish within the {self.limits.timeout_s} s timeout"
+            else:
+                cause = f"launcher ended without starting the program (exit {proc.returncode})"
+            return RunResult("refused", None, "", "", wall, f"isolation failed: {cause}")
+        if status != "exited":
+            return RunResult(status, None, out, err, wall, reason)
+        code = proc.returncode
+        if code > 128:
+            reason = f"killed by signal {code - 128} ({signal.strsignal(code - 128)})"
+        elif code != 0:
+            reason = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
+        return RunResult("exited", code, out, err, wall, reason)
+
+    @staticmethod
+    def _feed(proc: subprocess.Popen, sel: selectors.BaseSelector, stdin: bytes, sent: int) -> int:
+        try:
+            sent += os.write(proc.stdin.fileno(), stdin[sent : sent + 65536])
+        except BrokenPipeError:  # the program stopped reading; its output decides
+            sent = len(stdin)
+        if sent >= len(stdin):
+            sel.unregister(proc.stdin.fileno())
+            proc.stdin.close()
+        return sent
+
+
+def _drain(fd: int) -> bytes:
+    """Everything left in a pipe whose writers have all exited."""
+    os.set_blocking(fd, True)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class SandboxPool:
+    """Runs many programs on `workers` threads, each holding its own sandbox uid while it runs."""
+
+    def __init__(self, sandbox: Sandbox, workers: int):
+        if not (isinstance(workers, int) and 1 <= workers <= _MAX_SLOTS):
+            raise ValueError(f"workers must be an int in [1, {_MAX_SLOTS}], got {workers!r}")
+        self.sandbox = sandbox
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
+        self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(workers):
+            self._slots.put(slot)
+
+    def map(self, fn, items: list) -> list:
+        """[fn(run, item) for item in items] on the pool; `run(source, stdin)` runs one program."""
+
+        def call(item):
+            slot = self._slots.get()
+            try:
+                return fn(lambda source, stdin="": self.sandbox.run(source, stdin, slot=slot), item)
+            finally:
+                self._slots.put(slot)
+
+        return list(self._executor.map(call, items))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

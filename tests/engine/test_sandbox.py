@@ -1,0 +1,189 @@
+"""The sandbox itself: isolation facts seen from inside, fail-closed behaviour, limits, cleanup."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+from fusedrl.engine.rewards import sandbox as sandbox_module
+from fusedrl.engine.rewards.sandbox import Limits, Sandbox, SandboxPool, SandboxUnavailableError
+
+
+@pytest.fixture
+def work_root(tmp_path, monkeypatch):
+    """Host-side working directories go here, so the test can see that none is left behind."""
+    root = tmp_path / "work"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    yield root
+    assert list(root.iterdir()) == []
+
+
+@pytest.fixture
+def sandbox(work_root):
+    return Sandbox(Limits(timeout_s=2.0))
+
+
+def test_program_sees_an_isolated_world(sandbox, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_TEST_SECRET", "hunter2")
+    program = textwrap.dedent(
+        """
+        import json, os, socket
+        print(json.dumps({
+            "uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "cwd": os.getcwd(),
+            "env": dict(os.environ), "interfaces": socket.if_nameindex(), "tmp": os.listdir("/tmp"),
+            "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+            "stdin": input(),
+        }))
+        """
+    )
+    result = sandbox.run(program, "from the test\n", slot=3)
+    assert (result.status, result.returncode, result.reason) == ("exited", 0, "")
+    seen = json.loads(result.stdout)
+    assert seen["uid"] == seen["gid"] == sandbox.first_uid + 3
+    assert seen["pid"] == 2  # pid 1 is the namespace's init: host processes are invisible
+    assert seen["pids"] == [1, 2]
+    assert seen["cwd"] == "/tmp/work" and seen["tmp"] == ["work"]
+    assert seen["env"] == {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
+    assert seen["interfaces"] == [[1, "lo"]]  # a fresh network namespace: loopback only
+    assert seen["stdin"] == "from the test"
+
+
+def test_exit_codes_and_signals_are_reported(sandbox):
+    assert sandbox.run("raise SystemExit(3)").returncode == 3
+    crashed = sandbox.run("raise KeyError('boom')")
+    assert (crashed.returncode, crashed.reason) == (1, "KeyError: 'boom'")
+    killed = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)")
+    assert killed.returncode == 128 + 15 and "Terminated" in killed.reason
+
+
+def test_cpu_time_limit_ends_a_busy_program(work_root):
+    """RLIMIT_CPU backs up the wall clock; here the program lowers its own soft limit to reach it first."""
+    program = textwrap.dedent(
+        """
+        import resource
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        assert hard == 12  # ceil(timeout_s) + 2: the sandbox's own limit, which the program cannot raise
+        resource.setrlimit(resource.RLIMIT_CPU, (1, hard))
+        while True:
+            pass
+        """
+    )
+    result = Sandbox(Limits(timeout_s=10.0)).run(program)
+    assert result.status == "exited" and result.returncode == 128 + 24  # SIGXCPU
+    assert "CPU time limit exceeded" in result.reason
+
+
+def test_large_stdin_that_the_program_ignores_does_not_block(sandbox):
+    result = sandbox.run("print('done')", "x" * (4 * 2**20))
+    assert (result.status, result.stdout) == ("exited", "done\n")
+
+
+def test_output_below_the_cap_is_kept_whole(work_root):
+    sandbox = Sandbox(Limits(max_output_bytes=100_000))
+    result = sandbox.run("print('y' * 99_999, end='')")
+    assert result.status == "exited" and result.stdout == "y" * 99_999
+    over = sandbox.run("print('y' * 100_001, end='')")
+    assert over.status == "output_limit" and over.stdout == "y" * 100_000
+
+
+def test_a_growing_memory_hog_stops_at_the_address_space_limit(work_root):
+    sandbox = Sandbox(Limits(memory_bytes=256 * 2**20, timeout_s=5.0))
+    result = sandbox.run("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))")
+    assert (result.status, result.returncode, result.reason) == ("exited", 1, "MemoryError")
+
+
+def test_background_processes_die_with_the_program(sandbox):
+    program = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    result = sandbox.run(program)
+    assert (result.status, result.returncode) == ("exited", 0)  # not "timed_out": nobody waited for the sleeper
+    assert _processes_of_uid(sandbox.first_uid) == []
+
+
+def test_pool_runs_on_distinct_uids(work_root):
+    pool = SandboxPool(Sandbox(), workers=3)
+    try:
+        results = pool.map(lambda run, i: run(f"import os, time\ntime.sleep(0.2)\nprint(os.getuid(), {i})"), range(6))
+    finally:
+        pool.close()
+    uids = [int(r.stdout.split()[0]) for r in results]
+    assert [int(r.stdout.split()[1]) for r in results] == list(range(6))
+    assert set(uids) <= {pool.sandbox.first_uid + k for k in range(3)} and len(set(uids)) >= 2
+
+
+def test_unrunnable_interpreter_fails_closed(work_root, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    python = private / "python3"
+    shutil.copy(os.path.realpath(sys.executable), python)
+    with pytest.raises(SandboxUnavailableError, match="isolation failed: .*python3.*allow_unisolated"):
+        Sandbox(python=str(python))
+
+
+def test_without_privileges_nothing_runs_unless_unsafe_is_named(tmp_path):
+    """As an unprivileged user the namespaces cannot be created: the constructor refuses and says why."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, json, sys, warnings
+        spec = importlib.util.spec_from_file_location("sandbox", {sandbox_module.__file__!r})
+        sandbox = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sandbox)
+        try:
+            sandbox.Sandbox()
+            refused = ""
+        except sandbox.SandboxUnavailableError as exc:
+            refused = str(exc)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            unsafe = sandbox.Sandbox(allow_unisolated_execution_UNSAFE=True)
+        result = unsafe.run("import os; print(os.getuid())")
+        print(json.dumps([refused, [str(w.message) for w in caught], result.stdout, unsafe.isolated]))
+        """
+    )
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    os.chmod(tmp_path, 0o777)
+    out = subprocess.run(
+        [sandbox_module.default_python(), "-I", "-c", script], user=65534, group=65534, extra_groups=[],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )
+    refused, warned, stdout, isolated = json.loads(out.stdout)
+    assert "isolation failed: PermissionError" in refused and "unshare" in refused
+    assert "allow_unisolated_execution_UNSAFE=True" in refused
+    assert len(warned) == 1 and warned[0].startswith("UNSAFE")
+    assert (stdout, isolated) == ("65534\n", False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("timeout_s", 0.0), ("memory_bytes", 0), ("max_output_bytes", -1), ("max_processes", 1.5)]
+)
+def test_bad_limits_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Limits(**{field: value})
+
+
+def test_bad_slot_and_workers_are_rejected(sandbox):
+    with pytest.raises(ValueError, match="slot"):
+        sandbox.run("pass", slot=64)
+    with pytest.raises(ValueError, match="workers"):
+        SandboxPool(sandbox, workers=0)
+
+
+def _processes_of_uid(uid: int) -> list[int]:
+    """Pids whose real uid is `uid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                uid_line = next(line for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(uid_line.split()[1]) == uid:
+            found.append(int(entry))
+    return found
