@@ -55,12 +55,20 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0]
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def device_info() -> dict:
     import triton
 
     info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
     if not torch.cuda.is_available():
-        return {**info, "device": platform.processor() or platform.machine()}
+        return {**info, "device": _cpu_name()}
     return {**info, "device": torch.cuda.get_device_name(), "driver": _driver(),
             "copy_gbps": copy_gbps(), "matmul_tflops": matmul_tflops()}
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def _number(x: float) -> str:
     return f"{x:.1f}" if x >= 1 else f"{x:.3g}"
 
 
+def _natural(text: str) -> list:
+    """Sort key that orders N=65536 before N=16777217."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
 def _text(value) -> str:
     return "-" if value is None else str(value)
 
@@ -117,7 +123,7 @@ def table(data: dict) -> str:
     ceilings = data.get("machine_info", {}).get("fusedrl", {})
     benches = sorted(
         data.get("benchmarks", []),
-        key=lambda b: (*(_text(normalise(b).get(k)) for k in ("op", "shape", "mode")), b["stats"]["median"]),
+        key=lambda b: (*(_natural(_text(normalise(b).get(k))) for k in ("op", "shape", "mode")), b["stats"]["median"]),
     )
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for bench in benches:
