@@ -15,10 +15,10 @@ needs):
   included. Only run where the counted peak (or, without one, a run at N / 8 scaled up) says the
   process fits in --budget-gib; the table says so where it did not.
 
-From hidden states the real runs use --linear-n tokens (512): a CPU needs about half an hour for one
+From hidden states the real runs use --linear-n tokens (256): a CPU needs about half an hour for one
 forward + backward of the fused-linear op at N = 8192, H = 4096, V = 151936 (31 TFLOP before recompute).
 
-Usage: python bench/memory_table.py [--n 8192] [--linear-n 512] [--vocab 151936] [--hidden 4096]
+Usage: python bench/memory_table.py [--n 8192] [--linear-n 256] [--vocab 151936] [--hidden 4096]
        [--only NAME-PART ...] [--output bench/results/memory-cpu.md]
 Run the full sizes alone on the machine (up to --budget-gib, 16 GiB, per process).
 """
@@ -224,7 +224,7 @@ def markdown(rows: dict, args) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192, help="tokens, from logits")
-    parser.add_argument("--linear-n", type=int, default=512, help="tokens, from hidden states")
+    parser.add_argument("--linear-n", type=int, default=256, help="tokens, from hidden states")
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size, from hidden states")
     parser.add_argument("--budget-gib", type=float, default=16.0, help="largest process a real run may need")
