@@ -1,12 +1,6 @@
-"""The device a benchmark run is on, and its two measured ceilings, as JSON for bench/report.py.
-
-- copy_gbps: device-to-device copy of a 1 GiB tensor (bytes read + bytes written, per second), the
-  best of several repetitions: the bandwidth a memory-bound kernel such as lp + H can hope for.
-- matmul_tflops: a bf16 8192 x 8192 x 8192 matmul, the best of several: the ceiling for the
-  fused-linear op, which is a matmul with a reduction on top.
-
-Both are measured rather than taken from a data sheet, because clocks, memory and power limits differ
-between boards of one name. Without CUDA only the versions are written.
+"""The machine a benchmark run is on, as JSON for bench/report.py: device name, driver, and the torch,
+triton and CUDA versions. (The ceilings, copy bandwidth and matmul rate, are measured by the benchmark
+session itself: bench/conftest.py.)
 
 Usage: python bench/device_info.py OUTPUT.json
 """
@@ -19,31 +13,6 @@ import subprocess
 import sys
 
 import torch
-
-
-def _best_seconds(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return min(times)
-
-
-def copy_gbps() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / _best_seconds(lambda: dst.copy_(src)) / 1e9
-
-
-def matmul_tflops(size: int = 8192) -> float:
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    return 2 * size**3 / _best_seconds(lambda: a @ b) / 1e12
 
 
 def _driver() -> str | None:
@@ -69,8 +38,7 @@ def device_info() -> dict:
     info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
     if not torch.cuda.is_available():
         return {**info, "device": _cpu_name()}
-    return {**info, "device": torch.cuda.get_device_name(), "driver": _driver(),
-            "copy_gbps": copy_gbps(), "matmul_tflops": matmul_tflops()}
+    return {**info, "device": torch.cuda.get_device_name(), "driver": _driver()}
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ Each benchmark row is described by its `extra_info`, which the bench modules fil
   `flops`: the floating-point operations it must do. Either may be absent;
 - `peak_memory_bytes`: the peak memory of one call, beyond its inputs.
 
-Where a module names these otherwise, they are read from what it has: the op from the test's name,
-`impl` from the `impl` or `path` parameter, `mode` from a `mode` or boolean `backward` parameter, the
-shape from `N`, `H`, `V` and `dtype`, the FLOPs or bytes back from a recorded `tflops` or `gbps` rate
-(at the mean time), the peak from `peak_extra_mib`.
+Where a row names these otherwise, they are read from what it has: `bytes_moved` (bench/_runner.py's
+run_case), the op from the test's name, `impl` from the `impl` or `path` parameter, `mode` from a
+boolean `backward` parameter ("fwd_bwd" reads as "fwd+bwd"), the shape from `N`, `H`, `V` and `dtype`,
+the FLOPs or bytes back from a recorded `tflops` or `gbps` rate (at the row's `time_ms`, else its mean
+time), the peak from `peak_extra_mib`.
 
-The device's ceilings come from `machine_info["fusedrl"]` (`copy_gbps`: a measured device-to-device
-copy bandwidth; `matmul_tflops`: a measured large matmul), with `device`, `driver`, `torch` and
-`triton` for the header. A row with FLOPs is rated against the matmul ceiling, one with only bytes
+The device's ceilings (`copy_gbps`, a measured copy bandwidth; `matmul_tflops`, a measured large
+matmul) come from `machine_info["fusedrl"]` if given, else from the rows that run_case rated against
+the session's measurement. A row with FLOPs is rated against the matmul ceiling, one with only bytes
 against the copy ceiling, so "fraction" says how close each op gets to what this device can do.
+`machine_info["fusedrl"]` (bench/device_info.py) also names the device, driver, torch and triton.
 
 Usage: python bench/report.py results.json [more.json ...] [-o results.md] [--device-info device.json]
        [--json-output merged.json] [--note TEXT]
@@ -67,11 +69,15 @@ def normalise(bench: dict) -> dict:
     if info.get("shape") is None and info.get("N") is not None:
         dims = " ".join(f"{k}={info[k]}" for k in ("N", "H", "V") if info.get(k) is not None)
         info["shape"] = f"{dims} {info['dtype']}" if info.get("dtype") else dims
-    mean = bench["stats"].get("mean")
-    if info.get("flops") is None and info.get("tflops") and mean:
-        info["flops"] = info["tflops"] * 1e12 * mean
-    if info.get("bytes") is None and info.get("gbps") and mean:
-        info["bytes"] = info["gbps"] * 1e9 * mean
+    if info.get("mode") == "fwd_bwd":
+        info["mode"] = "fwd+bwd"
+    if info.get("bytes") is None and info.get("bytes_moved") is not None:
+        info["bytes"] = info["bytes_moved"]
+    seconds = info["time_ms"] / 1e3 if info.get("time_ms") else bench["stats"].get("mean")
+    if info.get("flops") is None and info.get("tflops") and seconds:
+        info["flops"] = info["tflops"] * 1e12 * seconds
+    if info.get("bytes") is None and info.get("gbps") and seconds:
+        info["bytes"] = info["gbps"] * 1e9 * seconds
     if info.get("peak_memory_bytes") is None and info.get("peak_extra_mib") is not None:
         info["peak_memory_bytes"] = info["peak_extra_mib"] * 2**20
     return info
@@ -118,16 +124,29 @@ def row(bench: dict, ceilings: dict) -> dict:
     }
 
 
+def ceilings(data: dict) -> dict:
+    """copy_gbps and matmul_tflops: as given in machine_info["fusedrl"], else as the rows were rated."""
+    given = data.get("machine_info", {}).get("fusedrl", {})
+    found = {key: given[key] for key in ("copy_gbps", "matmul_tflops") if given.get(key)}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if "copy_gbps" not in found and info.get("achieved_gbps") and info.get("fraction_of_copy_bandwidth"):
+            found["copy_gbps"] = info["achieved_gbps"] / info["fraction_of_copy_bandwidth"]
+        if "matmul_tflops" not in found and info.get("tflops") and info.get("fraction_of_matmul"):
+            found["matmul_tflops"] = info["tflops"] / info["fraction_of_matmul"]
+    return found
+
+
 def table(data: dict) -> str:
     """The markdown table, rows sorted by op, shape, mode, then time (fastest first)."""
-    ceilings = data.get("machine_info", {}).get("fusedrl", {})
+    limits = ceilings(data)
     benches = sorted(
         data.get("benchmarks", []),
         key=lambda b: (*(_natural(_text(normalise(b).get(k))) for k in ("op", "shape", "mode")), b["stats"]["median"]),
     )
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for bench in benches:
-        cells = row(bench, ceilings)
+        cells = row(bench, limits)
         lines.append("| " + " | ".join(cells[c] for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
@@ -142,8 +161,10 @@ def merge(runs: list[dict]) -> dict:
 def header(data: dict, notes: list[str] = ()) -> str:
     info = data.get("machine_info", {})
     ours = info.get("fusedrl", {})
-    device = ours.get("device") or info.get("cpu", {}).get("brand_raw") or "unknown device"
-    lines = [f"# fusedrl benchmarks: {device}", ""]
+    devices = [b["extra_info"]["device"] for b in data.get("benchmarks", []) if (b.get("extra_info") or {}).get("device")]
+    device = ours.get("device") or (devices[0] if devices else None) or info.get("cpu", {}).get("brand_raw")
+    limits = ceilings(data)
+    lines = [f"# fusedrl benchmarks: {device or 'unknown device'}", ""]
     facts = [
         ("date", data.get("datetime")),
         ("driver", ours.get("driver")),
@@ -151,8 +172,8 @@ def header(data: dict, notes: list[str] = ()) -> str:
         ("triton", ours.get("triton")),
         ("python", info.get("python_version")),
         ("commit", (data.get("commit_info") or {}).get("id")),
-        ("copy ceiling", f"{ours['copy_gbps']:.1f} GB/s" if ours.get("copy_gbps") else None),
-        ("matmul ceiling", f"{ours['matmul_tflops']:.1f} TFLOP/s" if ours.get("matmul_tflops") else None),
+        ("copy ceiling", f"{_number(limits['copy_gbps'])} GB/s" if limits.get("copy_gbps") else None),
+        ("matmul ceiling", f"{_number(limits['matmul_tflops'])} TFLOP/s" if limits.get("matmul_tflops") else None),
     ]
     lines += [f"- {name}: {value}" for name, value in facts if value]
     lines += [f"- {note}" for note in notes]

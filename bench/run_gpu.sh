@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: sets up .venv (scripts/bootstrap.sh, with the CUDA build of torch
 # and the GPU peers Liger-Kernel and cut-cross-entropy), then, within 10 minutes:
-#   1. measures the device's copy and matmul ceilings (bench/device_info.py);
+#   1. records the device, driver and versions (bench/device_info.py; the benchmark sessions measure
+#      the copy and matmul ceilings themselves);
 #   2. runs the whole test suite, the `gpu`-marked tests included (they run wherever CUDA is present);
 #   3. runs every benchmark module, each with its own JSON, so that one that runs out of time loses
 #      only its own rows;

@@ -15,14 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench._runner import run_case
 from fusedrl.kernels import covariance_mask, top_entropy_mask
 
-from _measure import DEVICE, measure
-
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUANTILE_LIMIT = 1 << 24  # torch.quantile raises on more elements than this
 # The largest size of each device is past the limit (on CPU by one element, the smallest refused size).
 SIZES = [1 << 20, 1 << 24, 1 << 26] if DEVICE == "cuda" else [1 << 16, QUANTILE_LIMIT + 1]
 RHO = 0.2
+ROUNDS = 10 if DEVICE == "cuda" else 3
 
 
 def _entropies(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +58,17 @@ TOP_ENTROPY_IMPLS = {
 
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"N={n}")
 @pytest.mark.parametrize("impl", TOP_ENTROPY_IMPLS)
-def test_top_entropy_mask(benchmark, impl, n):
+def test_top_entropy_mask(benchmark, ceilings, device, impl, n):
     if impl == "torch.quantile" and n > QUANTILE_LIMIT:
         pytest.skip(f"torch.quantile refuses more than 2^24 elements (N = {n})")
     entropy, mask = _entropies(n)
     fn = TOP_ENTROPY_IMPLS[impl]
     expected = _by_sort(entropy, mask)
-    selected = measure(benchmark, lambda: fn(entropy, mask), op="top_entropy_mask", impl=impl,
-                       shape=f"N={n}", mode="fwd", bytes=6 * n, rounds=1 if DEVICE == "cpu" and n > QUANTILE_LIMIT else None)
     # A benchmark of a wrong answer is worth nothing: every implementation picks the same tokens.
-    assert torch.equal(selected, expected)
+    assert torch.equal(fn(entropy, mask), expected)
+    run_case(benchmark, ceilings, lambda: fn(entropy, mask), device=device, bytes_moved=6 * n,
+             rounds=1 if DEVICE == "cpu" and n > QUANTILE_LIMIT else ROUNDS, op="top_entropy_mask", impl=impl,
+             mode="fwd", shape=f"N={n}")
 
 
 def _covariance_inputs(n: int):
@@ -105,7 +107,7 @@ def _torch_clip_cov(logprobs, advantages, mask, ratio, generator):
 @pytest.mark.parametrize("n", SIZES[:-1], ids=lambda n: f"N={n}")
 @pytest.mark.parametrize("impl", ["fusedrl", "torch"])
 @pytest.mark.parametrize("mode", ["kl_cov", "clip_cov"])
-def test_covariance_mask(benchmark, mode, impl, n):
+def test_covariance_mask(benchmark, ceilings, device, mode, impl, n):
     logprobs, advantages, mask = _covariance_inputs(n)
     ratio = 2e-3
     generator = torch.Generator(device=DEVICE)
@@ -118,8 +120,7 @@ def test_covariance_mask(benchmark, mode, impl, n):
     else:
         def fn():
             return _torch_clip_cov(logprobs, advantages, mask, ratio, generator)
-    selected = measure(benchmark, fn, op=f"covariance_mask[{mode}]", impl=impl, shape=f"N={n}", mode="fwd",
-                       bytes=10 * n)
+    selected = fn()
     k = max(1, int(ratio * int(mask.sum())))
     if mode == "kl_cov":
         assert torch.equal(selected, _torch_kl_cov(logprobs, advantages, mask, ratio))
@@ -127,3 +128,5 @@ def test_covariance_mask(benchmark, mode, impl, n):
         cov = _centred_covariance(logprobs, advantages, mask)
         assert bool((mask & (cov > 1.0) & (cov < 5.0))[selected].all())
         assert int(selected.sum()) == min(k, int((mask & (cov > 1.0) & (cov < 5.0)).sum()))
+    run_case(benchmark, ceilings, fn, device=device, bytes_moved=10 * n, rounds=ROUNDS,
+             op=f"covariance_mask[{mode}]", impl=impl, mode="fwd", shape=f"N={n}")

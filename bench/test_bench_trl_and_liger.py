@@ -17,12 +17,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _measure import DEVICE, measure
+from bench._runner import run_case
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-LOGITS_SHAPES = [(8192, 32000), (8192, 151936), (32768, 151936)] if DEVICE == "cuda" else [(64, 32000)]
+# As test_bench_logprobs_entropy.py on a GPU; on a CPU fewer rows, in fp32 (TRL's CPU path is slow in bf16).
+LOGITS_SHAPES = [(8192, 151936), (32768, 32000)] if DEVICE == "cuda" else [(64, 32000)]
 LINEAR_SHAPES = [(8192, 4096, 131072)] if DEVICE == "cuda" else [(128, 64, 2048)]  # as test_bench_linear_logprobs_entropy.py
-MODES = ["fwd", "fwd+bwd"]
+MODES = ["fwd", "fwd_bwd"]
+ROUNDS = 10 if DEVICE == "cuda" else 3
 # log-probs and entropies within this of float64 (bf16 inputs, fp32 accumulation, V up to 151936)
 ATOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-3
 
@@ -64,7 +67,7 @@ def _check(lp, entropy, logits, targets):
 
 
 def _call(fn, mode, inputs):
-    """fn(*inputs) for "fwd"; for "fwd+bwd" also the backward of a loss that uses both outputs."""
+    """fn(*inputs) for "fwd"; for "fwd_bwd" also the backward of a loss that uses both outputs."""
     if mode == "fwd":
         with torch.no_grad():
             return fn(*inputs)
@@ -77,7 +80,7 @@ def _call(fn, mode, inputs):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", LOGITS_SHAPES, ids=lambda s: f"N={s[0]} V={s[1]}")
 @pytest.mark.parametrize("impl", LOGITS_IMPLS)
-def test_logprobs_and_entropy_peers(benchmark, impl, shape, mode):
+def test_logprobs_and_entropy_peers(benchmark, ceilings, device, impl, shape, mode):
     n, vocab = shape
     logits = torch.randn(n, vocab, device=DEVICE, dtype=DTYPE).mul_(3).requires_grad_(mode != "fwd")
     targets = torch.randint(0, vocab, (n,), device=DEVICE)
@@ -86,10 +89,11 @@ def test_logprobs_and_entropy_peers(benchmark, impl, shape, mode):
         rows = min(n, 512)
         _check(*fn(logits[:rows], targets[:rows]), logits.detach()[:rows], targets[:rows])
     element = logits.element_size()
-    # fwd: read the logits; fwd+bwd: read them again in the backward and write their gradient.
+    # fwd: read the logits; fwd_bwd: read them again in the backward and write their gradient.
     moved = (1 if mode == "fwd" else 3) * n * vocab * element + 16 * n
-    measure(benchmark, lambda: _call(fn, mode, (logits, targets)), op="logprobs_entropy", impl=impl,
-            shape=f"N={n} V={vocab} {str(DTYPE).removeprefix('torch.')}", mode=mode, bytes=moved)
+    run_case(benchmark, ceilings, lambda: _call(fn, mode, (logits, targets)), device=device, bytes_moved=moved,
+             rounds=ROUNDS, op="logprobs_and_entropy", impl=impl, mode=mode,
+             shape=f"N={n} V={vocab} {str(DTYPE).removeprefix('torch.')}")
 
 
 def _trl_linear(hidden, weight, targets):
@@ -106,7 +110,7 @@ LINEAR_IMPLS = {"trl-chunked": _trl_linear}
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"N={s[0]} H={s[1]} V={s[2]}")
 @pytest.mark.parametrize("impl", LINEAR_IMPLS)
-def test_linear_logprobs_and_entropy_peers(benchmark, impl, shape, mode):
+def test_linear_logprobs_and_entropy_peers(benchmark, ceilings, device, impl, shape, mode):
     n, hidden_size, vocab = shape
     grad = mode != "fwd"
     hidden = (torch.randn(n, hidden_size, device=DEVICE) / hidden_size**0.25).to(DTYPE).requires_grad_(grad)
@@ -119,6 +123,7 @@ def test_linear_logprobs_and_entropy_peers(benchmark, impl, shape, mode):
         _check(lp, entropy, (hidden[:rows].double() @ weight.double().T), targets[:rows])
     # 2NHV for the logits; the backward does the two gradient matmuls, 4NHV more.
     flops = (2 if mode == "fwd" else 6) * n * hidden_size * vocab
-    measure(benchmark, lambda: _call(fn, mode, (hidden, weight, targets)), op="linear_logprobs_entropy",
-            impl=impl, shape=f"N={n} H={hidden_size} V={vocab} {str(DTYPE).removeprefix('torch.')}", mode=mode,
-            flops=flops, rounds=3)
+    run_case(benchmark, ceilings, lambda: _call(fn, mode, (hidden, weight, targets)), device=device,
+             bytes_moved=(n * hidden_size + vocab * hidden_size) * hidden.element_size(), flops=flops, rounds=3,
+             op="linear_logprobs_entropy", impl=impl, mode=mode,
+             shape=f"N={n} H={hidden_size} V={vocab} {str(DTYPE).removeprefix('torch.')}")

@@ -122,3 +122,29 @@ def test_several_runs_make_one_table(report, tmp_path):
 def test_small_rates_keep_three_digits(report, sample):
     bench = dict(sample["benchmarks"][0], stats={"median": 100.0})  # 2e9 bytes in 100 s: 0.02 GB/s
     assert report.row(bench, {})["GB/s or TFLOP/s"] == "0.02 GB/s"
+
+
+def test_run_case_rows_carry_their_own_ceilings(report):
+    """Rows from bench/_runner.py's run_case: bytes_moved, "fwd_bwd", and the session's ceilings in
+    the fractions it recorded (20 GB/s at 25% is an 80 GB/s copy ceiling; 2 TFLOP/s at 50%, 4)."""
+    data = {"benchmarks": [
+        {"name": "test_logprobs_entropy[eager-fwd_bwd-N256-V32000]", "params": {"impl": "eager", "mode": "fwd_bwd"},
+         "extra_info": {"op": "logprobs_and_entropy", "impl": "eager", "mode": "fwd_bwd",
+                        "shape": "N=256 V=32000 bfloat16", "device": "cpu (2 threads)", "bytes_moved": 200_000_000,
+                        "time_ms": 10.0, "achieved_gbps": 20.0, "fraction_of_copy_bandwidth": 0.25,
+                        "peak_memory_bytes": 2048},
+         "stats": {"median": 0.01, "mean": 0.012}},
+        {"name": "test_linear[x]", "params": {},
+         "extra_info": {"op": "linear", "impl": "x", "mode": "fwd", "shape": "N=1", "device": "cpu (2 threads)",
+                        "bytes_moved": 1000, "time_ms": 4.0, "tflops": 2.0, "fraction_of_matmul": 0.5},
+         "stats": {"median": 0.004, "mean": 0.005}},
+    ]}
+    assert report.ceilings(data) == {"copy_gbps": 80.0, "matmul_tflops": 4.0}
+    assert _rows(report.table(data))[2:] == [
+        ["linear", "x", "N=1", "fwd", "4.00 ms", "2.0 TFLOP/s", "50%", "-"],
+        ["logprobs_and_entropy", "eager", "N=256 V=32000 bfloat16", "fwd+bwd", "10.00 ms", "20.0 GB/s", "25%",
+         "2.00 KiB"],
+    ]
+    text = report.header(data)
+    assert text.startswith("# fusedrl benchmarks: cpu (2 threads)\n")
+    assert "- copy ceiling: 80.0 GB/s\n" in text and "- matmul ceiling: 4.0 TFLOP/s\n" in text
