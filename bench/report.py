@@ -97,7 +97,7 @@ def _text(value) -> str:
     return "-" if value is None else str(value)
 
 
-def row(bench: dict, ceilings: dict) -> dict:
+def row(bench: dict, limits: dict) -> dict:
     """One table row from one pytest-benchmark entry; times are medians (robust to a slow first call)."""
     info = normalise(bench)
     seconds = bench["stats"]["median"]
@@ -105,13 +105,13 @@ def row(bench: dict, ceilings: dict) -> dict:
     if info.get("flops"):
         tflops = info["flops"] / seconds / 1e12
         rate = f"{_number(tflops)} TFLOP/s"
-        if ceilings.get("matmul_tflops"):
-            fraction = f"{tflops / ceilings['matmul_tflops']:.0%}"
+        if limits.get("matmul_tflops"):
+            fraction = f"{tflops / limits['matmul_tflops']:.0%}"
     elif info.get("bytes"):
         gbps = info["bytes"] / seconds / 1e9
         rate = f"{_number(gbps)} GB/s"
-        if ceilings.get("copy_gbps"):
-            fraction = f"{gbps / ceilings['copy_gbps']:.0%}"
+        if limits.get("copy_gbps"):
+            fraction = f"{gbps / limits['copy_gbps']:.0%}"
     return {
         "op": _text(info.get("op")),
         "impl": _text(info.get("impl")),
