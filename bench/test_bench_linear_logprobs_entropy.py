@@ -3,6 +3,7 @@
 Paths compared, forward only and forward + backward (random upstream gradients on lp and H):
 - "fused": the op itself (Triton on CUDA; the chunked torch backend on CPU);
 - "two_step": matmul to [N, V] logits, then log_softmax / gather / entropy (what most RL code does);
+- "two_step_op": matmul to logits, then fusedrl's logits op (logprobs_and_entropy);
 - "chunked_torch": the op's plain-PyTorch backend (token x vocabulary chunks, recomputing backward);
 - "liger" / "cce": Liger-Kernel's fused linear cross-entropy and Apple's cut-cross-entropy, where they
   import (CUDA only). They compute the log-prob alone, so they are compared with "fused_lp", the op with
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedrl.kernels import reference
 from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
+from fusedrl.kernels.logprobs_entropy import logprobs_and_entropy
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -33,6 +35,10 @@ ROUNDS = 5 if CUDA else 2
 def _two_step(hidden, weight, targets):
     logp = (hidden @ weight.T).float().log_softmax(-1)
     return logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def _two_step_op(hidden, weight, targets):
+    return logprobs_and_entropy(hidden @ weight.T, targets)
 
 
 def _fused(hidden, weight, targets):
@@ -57,7 +63,7 @@ def _fused_lp(hidden, weight, targets):
     return linear_logprobs_and_entropy(hidden, weight, targets, backend="auto")[:1]
 
 
-PATHS = {"fused": _fused, "two_step": _two_step, "chunked_torch": _chunked, "fused_lp": _fused_lp,
+PATHS = {"fused": _fused, "two_step": _two_step, "two_step_op": _two_step_op, "chunked_torch": _chunked, "fused_lp": _fused_lp,
          "liger": _liger, "cce": _cce}
 
 

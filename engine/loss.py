@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from fusedrl import kernels
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
 from fusedrl.kernels._checks import check_fraction, check_temperature
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
@@ -142,8 +143,10 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError("dual_clip must be None with cov_mode='kl_cov': KL-Cov drops the PPO clip")
         self.normalize_by = normalize_by
         if loss_type == "dr_grpo":
-            if max_completion_length is None or int(max_completion_length) != max_completion_length or max_completion_length < 1:
-                raise ValueError(f"max_completion_length must be a positive int for loss_type='dr_grpo', got {max_completion_length!r}")
+            if not isinstance(max_completion_length, int) or max_completion_length < 1:
+                raise ValueError(
+                    f"max_completion_length must be a positive int for loss_type='dr_grpo', got {max_completion_length!r}"
+                )
             if normalize_by == "selected":
                 raise ValueError("normalize_by must be 'valid' for loss_type='dr_grpo', whose denominator is a constant")
         self.max_completion_length = None if max_completion_length is None else int(max_completion_length)
@@ -235,9 +238,9 @@ class FusedPolicyLoss(nn.Module):
             keep = keep & unlikely
             metrics["mask/probability"] = frac(unlikely)
 
-        pg_loss = self._aggregate(torch.where(keep, pg, 0.0), keep if self.normalize_by == "selected" else valid, num_items_in_batch)
+        counted = keep if self.normalize_by == "selected" else valid
+        pg_loss = self._aggregate(torch.where(keep, pg, 0.0), counted, num_items_in_batch)
         loss = pg_loss
-        kl = None
         if ref_logprobs is not None:
             kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().float(), 0.0))
             metrics["kl"] = (kl.detach() * valid).sum() / n_valid
@@ -266,8 +269,6 @@ class FusedPolicyLoss(nn.Module):
 
     def _logprobs_entropy(self, ids, valid, logits, hidden, weight, bias):
         """lp and H of the sampled tokens, [B, T] float32 each, from the one fused pass."""
-        from fusedrl.kernels import linear_logprobs_and_entropy, logprobs_and_entropy
-
         if (logits is None) == (hidden is None):
             raise ValueError("exactly one of logits or hidden must be given")
         # Padded positions may hold any id (even out of the vocabulary); the ops skip ignore_index.
@@ -278,12 +279,12 @@ class FusedPolicyLoss(nn.Module):
                 raise ValueError("weight and bias belong to the hidden path; pass them with hidden, not logits")
             if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
                 raise ValueError(f"logits must have shape [B, T, V] with [B, T] = {tuple(ids.shape)}, got {tuple(logits.shape)}")
-            return logprobs_and_entropy(logits, targets, **options)
+            return kernels.logprobs_and_entropy(logits, targets, **options)
         if weight is None:
             raise ValueError("weight (the output embedding [V, H]) must be given with hidden")
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(ids.shape):
             raise ValueError(f"hidden must have shape [B, T, H] with [B, T] = {tuple(ids.shape)}, got {tuple(hidden.shape)}")
-        return linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, **options)
+        return kernels.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, **options)
 
     def _kl(self, lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """Per-token KL estimate to the reference policy (Schulman's k1, k2, k3)."""

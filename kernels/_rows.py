@@ -68,7 +68,8 @@ def rows_are_disjoint(t: torch.Tensor) -> bool:
     layout = row_layout(t)
     if layout is None:
         return False
-    levels = sorted((stride, size) for size, stride in ((layout.inner, layout.stride_inner), (layout.outer, layout.stride_outer)) if size > 1)
+    levels = [(layout.stride_inner, layout.inner), (layout.stride_outer, layout.outer)]
+    levels = sorted((stride, size) for stride, size in levels if size > 1)
     extent = t.shape[-1]
     for stride, size in levels:
         if stride < extent:

@@ -1,10 +1,12 @@
 """Exact batch-wide order statistics for the selection ops, across ranks, without host syncs.
 
-A radix select over order-preserving integer keys: each pass histograms one 16-bit digit of the keys
-still in the running (one all-reduce of 65,536 counts per pass), picks the bucket that holds the
-wanted rank, and narrows the prefix. Float32 values take two passes, int64 / float64 keys four. Work is
+A radix select over order-preserving integer keys: each pass histograms one 8-bit digit of the keys
+still in the running (one all-reduce of 256 counts per pass), picks the bucket that holds the wanted
+rank, and narrows the prefix. Float32 values take four passes, int64 / float64 keys eight. Work is
 O(N) per pass, nothing is sorted, no rank ever sees another rank's values, and every quantity (ranks,
-counts, the selected key) stays a device tensor, so no step waits on the host.
+counts, the selected key) stays a device tensor, so no step waits on the host. Why 8-bit digits:
+with 16-bit ones the 65,536-bin histogram dominated small batches (30 ms per call on CPU for 300
+tokens, 0.7 ms with 256 bins), and every pass all-reduces a 512 KB vector instead of 2 KB.
 """
 
 from __future__ import annotations
@@ -101,3 +103,39 @@ def top_k_mask(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, key_bit
     tied_before = all_reduce(tied_per_rank, group)[:rank].sum()
     order = tied.reshape(-1).cumsum(0).reshape(tied.shape) + tied_before  # 1-based global tie order
     return (above | (tied & (order <= quota))) & (k > 0)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in 16-bit halves of c so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^32) with full avalanche (Wellons' "lowbias32" integer hash)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_keys(shape: torch.Size, generator: torch.Generator | None, device, group) -> torch.Tensor:
+    """Independent uniform 63-bit int64 keys, one per token, that depend only on the token's global
+    position (ranks in order, then flat index) and on seeds drawn from rank 0's generator.
+
+    A counter-based draw rather than torch.randint per rank: the same concatenated batch gets the same
+    keys on any number of ranks, and ranks whose generators share a seed still draw different keys.
+    """
+    seeds = torch.randint(0, 1 << 32, (4,), generator=generator, device=device)
+    rank, size = world(group)
+    seeds = all_reduce(seeds * (rank == 0), group)
+    numel = torch.zeros(size, dtype=torch.int64, device=device)
+    numel[rank] = shape.numel()
+    offset = all_reduce(numel, group)[:rank].sum()
+    index = torch.arange(shape.numel(), dtype=torch.int64, device=device) + offset
+    low, high = index & 0xFFFFFFFF, index >> 32
+    # Two 32-bit halves from independent seeds; for a fixed high word each is a bijection of the low
+    # word, so keys within 2^32 tokens never collide.
+    upper = _hash32(_hash32(low ^ seeds[0]) ^ ((high + seeds[1]) & 0xFFFFFFFF))
+    lower = _hash32(_hash32(low ^ seeds[2]) ^ ((high + seeds[3]) & 0xFFFFFFFF))
+    return ((upper << 31) | (lower >> 1)).reshape(shape)

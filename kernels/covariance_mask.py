@@ -7,14 +7,14 @@ source of instability. Statistics are taken in float64 and padding never enters 
 
 - clip_cov: k = max(1, int(ratio * N_valid)) tokens drawn uniformly at random among the candidates
   (valid, lower < Cov < upper, not marked by `exclude`); fewer when there are fewer candidates.
-  Every token gets an independent random 63-bit key from `generator` and the k largest keys over all
-  ranks win (exact radix select, kernels/_select.py), which is a uniform k-subset of the candidates.
+  Every token gets a random 63-bit key and the k largest keys over all ranks win (exact radix select,
+  kernels/_select.py), which is a uniform k-subset of the candidates. Keys come from a counter-based
+  hash of the token's global position, seeded from rank 0's `generator`.
 - kl_cov: the k tokens with the largest Cov over all ranks.
 
-Reproducibility: the same inputs and generator state give the same mask. Keys are drawn per rank
-from that rank's generator, so across ranks seed each generator differently (e.g. seed + rank); a
-clip_cov mask is reproducible for a fixed world size, not across world sizes. kl_cov is
-deterministic and equals the single-process mask of the concatenated batch.
+Reproducibility: the same inputs and generator state give the same mask, on any number of ranks:
+both modes equal the single-process mask of the concatenated batch (ranks in order), given the same
+generator state on rank 0. Every rank draws from its own generator, so all generators advance alike.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction
-from fusedrl.kernels._select import all_reduce, float_keys, top_k_mask
+from fusedrl.kernels._select import all_reduce, float_keys, random_keys, top_k_mask
 from fusedrl.kernels.top_entropy_mask import check_mask
 
 _MODES = ("clip_cov", "kl_cov")
@@ -96,5 +96,5 @@ def covariance_mask(
     candidates = valid & (cov > float(lower)) & (cov < float(upper))
     if exclude is not None:
         candidates = candidates & ~check_mask("exclude", exclude, logprobs.shape)
-    keys = torch.randint(0, 2**63 - 1, logprobs.shape, generator=generator, device=logprobs.device)
+    keys = random_keys(logprobs.shape, generator, logprobs.device, process_group)
     return top_k_mask(keys, candidates, k, 64, process_group)

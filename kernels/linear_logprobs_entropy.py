@@ -13,7 +13,7 @@ blocks stay in L2 while the weight tiles they share stream through it once per g
 
 Backward: the gradient with respect to the logits, dz = (g_lp (onehot - p) - g_H p (z - lse + H)) / T,
 is recomputed tile by tile (`_dlogits_kernel`, which also column-sums it in fp32 for the bias) into a
-workspace of at most CHUNK_ROWS x CHUNK_COLS elements, and two accumulating GEMMs (`_matmul_acc_kernel`)
+workspace of at most chunk_rows x chunk_cols elements (`_Blocks`), and two accumulating GEMMs (`_matmul_acc_kernel`)
 add dz @ W to an fp32 hidden-gradient buffer and dz^T @ h to an fp32 weight-gradient buffer. Every
 output tile has exactly one writer, so the result is deterministic (no atomics), and the backward does
 the minimum of 6 N V H flops for arbitrary per-token upstream gradients (recompute, d hidden, d weight).
@@ -55,18 +55,20 @@ def _grouped(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
 def _logit_tile(
     hidden_ptr, weight_ptr, bias_ptr,
     rows, cols,  # int64 row / vocabulary indices of the tile
-    n_rows, hidden_size, vocab_size, stride_h, stride_w, inv_temperature,
+    n_rows, hidden_size, k_stop, vocab_size, stride_h, stride_w, inv_temperature,  # k_stop: H, or 0 to skip
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """(h[rows] @ W[cols]^T + b[cols]) / T in fp32; lanes past V are -inf so they add nothing."""
+    """(h[rows] @ W[cols]^T + b[cols]) / T in fp32; lanes past V are -inf so they add nothing.
+
+    k_stop = 0 skips the matmul (tiles whose rows are all ignored: prompt tokens in RL batches)."""
     offs_h = tl.arange(0, BLOCK_H)
     row_ok = rows < n_rows
     col_ok = cols < vocab_size
     h_ptrs = hidden_ptr + rows[:, None] * stride_h + offs_h[None, :]
     w_ptrs = weight_ptr + cols[None, :] * stride_w + offs_h[:, None]  # W^T tile, [BLOCK_H, BLOCK_V]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, hidden_size, BLOCK_H):
+    for k in range(0, k_stop, BLOCK_H):
         h_ok = offs_h + k < hidden_size  # masked, so any H works (not only multiples of BLOCK_H)
         h = tl.load(h_ptrs + k, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k, mask=h_ok[:, None] & col_ok[None, :], other=0.0)
@@ -82,7 +84,7 @@ def _logit_tile(
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V] (if HAS_BIAS), [N] int64
     stats_ptr,  # [4, N, n_splits] fp32: running max m, sum exp(z - m), sum exp(z - m) (z - m), target logit
-    n_rows, hidden_size, vocab_size, n_splits, tiles_per_split,
+    n_rows, hidden_size, vocab_size, n_splits, tiles_per_split, ignore_index,
     stride_h, stride_w,
     inv_temperature,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -93,15 +95,17 @@ def _forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    any_live = tl.max((row_ok & (y != ignore_index)).to(tl.int32), 0) > 0
+    k_stop = tl.where(any_live, hidden_size, 0)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
     first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab_size, BLOCK_V))
+    last = tl.where(any_live, tl.minimum(first + tiles_per_split, tl.cdiv(vocab_size, BLOCK_V)), first)
     for vt in range(first, last):
         cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, vocab_size,
+        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
                         stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
                         UPCAST_DOT)
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -127,35 +131,36 @@ def _dlogits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # one chunk: [n, H], [v, H], [v], [n]
     lse_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,  # [n] fp32; the gradients are 0 on ignored rows
     dlogits_ptr,  # [n, v] workspace in the input dtype
-    dbias_ptr,  # [cdiv(n, BLOCK_N), v] fp32 column sums of dz per row block
-    n_rows, hidden_size, vocab_size, col_offset,  # col_offset: vocabulary index of the chunk's column 0
+    dbias_ptr,  # [cdiv(n, BLOCK_N), v] fp32 column sums of dz per row block (if BIAS_GRAD)
+    n_rows, hidden_size, vocab_size, col_offset, ignore_index,  # col_offset: vocabulary id of column 0
     stride_h, stride_w,
     inv_temperature,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_n, pid_v = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_rows
+    y = tl.load(targets_ptr + rows, mask=rows < n_rows, other=-1)
+    live = (rows < n_rows) & (y != ignore_index)
+    k_stop = tl.where(tl.max(live.to(tl.int32), 0) > 0, hidden_size, 0)
     col_ok = cols < vocab_size
-    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, vocab_size,
+    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
                     stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-                        UPCAST_DOT)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-    g_lp = tl.load(grad_lp_ptr + rows, mask=row_ok, other=0.0)
-    g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
-    y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+                    UPCAST_DOT)
+    lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
+    ent = tl.load(entropy_ptr + rows, mask=live, other=0.0)
+    g_lp = tl.load(grad_lp_ptr + rows, mask=live, other=0.0)
+    g_ent = tl.load(grad_entropy_ptr + rows, mask=live, other=0.0)
     p = tl.exp(z - lse[:, None])  # exactly 0 on -inf logits and on masked lanes
     ent_term = tl.where(p > 0.0, p * (z - lse[:, None] + ent[:, None]), 0.0)
     onehot = (cols[None, :] + col_offset == y[:, None]).to(tl.float32)
     dz = (g_lp[:, None] * (onehot - p) - g_ent[:, None] * ent_term) * inv_temperature
-    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+    dz = tl.where(live[:, None] & col_ok[None, :], dz, 0.0)  # ignored rows: exactly 0, whatever z was
     tl.store(dlogits_ptr + rows[:, None] * vocab_size + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-    if HAS_BIAS:
+             mask=(rows < n_rows)[:, None] & col_ok[None, :])
+    if BIAS_GRAD:
         tl.store(dbias_ptr + pid_n * vocab_size + cols, tl.sum(dz, 0), mask=col_ok)
 
 
@@ -180,7 +185,9 @@ def _matmul_acc_kernel(
     else:
         a_ptrs = a_ptr + offs_m[:, None] * stride_a + offs_k[None, :]
     b_ptrs = b_ptr + offs_k[:, None] * stride_b + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_c + offs_n[None, :]
+    c_ok = m_ok[:, None] & n_ok[None, :]
+    acc = tl.load(c_ptrs, mask=c_ok, other=0.0)  # accumulate on top of c: no second tile live at the end
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k + k < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -190,9 +197,7 @@ def _matmul_acc_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_a if A_TRANSPOSED else BLOCK_K
         b_ptrs += BLOCK_K * stride_b
-    c_ptrs = c_ptr + offs_m[:, None] * stride_c + offs_n[None, :]
-    c_ok = m_ok[:, None] & n_ok[None, :]
-    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_ok, other=0.0) + acc, mask=c_ok)
+    tl.store(c_ptrs, acc, mask=c_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +221,8 @@ class _Blocks:
 
 GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
 TILES_PER_SPLIT = 32  # vocabulary tiles per forward work item: at N = 8192, V = 131072, 2048 items (15.5 waves)
-_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "tf32")
-_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 32), 4, 2, 1024, 16384, "ieee")
+_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "ieee")  # 16-bit products are exact
+_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 4, 3, 1024, 16384, "ieee")
 # Under the interpreter (CPU) small blocks keep the tests fast and still cross every tile, split and
 # chunk boundary at the tested shapes.
 _INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, "ieee", upcast_dot=True)
@@ -257,7 +262,7 @@ def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index
     stats = torch.empty(4, n_rows, splits, dtype=torch.float32, device=hidden.device)  # each slot written once
     _forward_kernel[(n_row_blocks * splits,)](
         hidden, weight, weight if bias is None else bias, targets, stats,
-        n_rows, hidden_size, vocab_size, splits, tiles,
+        n_rows, hidden_size, vocab_size, splits, tiles, ignore_index,
         hidden.stride(0), weight.stride(0),
         inv_temperature,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -279,7 +284,8 @@ def _combine(stats: torch.Tensor, valid: torch.Tensor):
     lse = top.squeeze(1) + log_total
     entropy = log_total - (scale * (t + shift * s)).sum(1) / total
     logprobs = target_logit.sum(1) - lse
-    return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), lse
+    # Rows of fully ignored blocks were skipped (no partials): lse there is meaningless, so 0.
+    return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), torch.where(valid, lse, 0.0)
 
 
 def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks) -> None:
@@ -325,10 +331,11 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
                 h_chunk, weight[c0:c1], weight if bias is None else bias[c0:c1], targets[r0:r1],
                 lse[r0:r1], entropy[r0:r1], grad_lp[r0:r1], grad_entropy[r0:r1],
                 dz, dbias_blocks,
-                r1 - r0, hidden_size, c1 - c0, c0,
+                r1 - r0, hidden_size, c1 - c0, c0, options.ignore_index,
                 hidden.stride(0), weight.stride(0),
                 options.inv_temperature,
-                HAS_BIAS=need_b, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_b,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
@@ -466,7 +473,7 @@ def _specs() -> list[CompileSpec]:
         specs.append(spec(
             f"forward_{name}", _forward_kernel,
             {**common, "stats_ptr": "*fp32", "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32",
-             "n_splits": "i32", "tiles_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
+             "n_splits": "i32", "tiles_per_split": "i32", "ignore_index": "i32", "stride_h": "i32", "stride_w": "i32",
              "inv_temperature": "fp32"},
             tile, cfg.num_warps, cfg.num_stages,
         ))
@@ -474,9 +481,9 @@ def _specs() -> list[CompileSpec]:
             f"dlogits_{name}", _dlogits_kernel,
             {**common, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
              "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{name}", "dbias_ptr": "*fp32",
-             "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32",
+             "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32", "ignore_index": "i32",
              "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"},
-            tile, cfg.num_warps, cfg.num_stages,
+            {**tile, "BIAS_GRAD": True}, cfg.num_warps, cfg.num_stages,
         ))
         bm, bn, bk = cfg.gemm_block
         specs.extend(spec(

@@ -1,22 +1,27 @@
 """Per-token log-prob and entropy from logits, fused: lp = log softmax(x / T)[y], H = -sum p log p.
 
 The forward reads each logits row once, streaming over the vocabulary with an online max, sum of
-exponentials and sum of p * z in fp32 (ALGORITHMS.md section 1), and keeps only the per-row
-log-sum-exp and entropy for the backward. The backward reads the row once more, recomputes p block
-by block and writes d logits = (g_lp (onehot(y) - p) - g_H p (log p + H)) / T once, in the logits'
-dtype, optionally into the logits' own storage.
+exponentials and sum of p * log p in fp32 (ALGORITHMS.md section 1), and keeps only per-row state
+for the backward: the row max and log S (lse = max / T + log S) and H, 12 bytes a row. The
+backward reads the row once more, recomputes p tile by tile and writes
+d logits = (g_lp (onehot(y) - p) - g_H p (log p + H)) / T once, in the logits' dtype, optionally
+into the logits' own storage.
 
 Block sizes. The op is memory-bound: at V = 151,936 bf16 a row is 297 KiB and the arithmetic is a
-few flops per byte. A program owns BLOCK_N rows and walks them in tiles of BLOCK_N x BLOCK_V
-= 8192 elements with 16 warps, so each thread holds 16 consecutive elements per tile: two 16-byte
-vector loads for bf16 (when V and the row strides are multiples of 8, which Triton's divisibility
-specialisation sees for every padded vocabulary: 32,000, 128,256, 151,936, 152,064). The loop is
-software-pipelined (tl.range num_stages=2), so the next tile's loads are in flight while this one
-is reduced; together with several resident programs per SM that keeps the tens of KiB per SM in
-flight that HBM3 needs. Each element costs one exponential: the running max is a per-tile scalar
-(one reduction per tile), so the per-element rescale is a broadcast multiply, not a second exp, and
-the kernel stays well under the SFU throughput at 3 TB/s. Short vocabularies put several rows in a
-program (BLOCK_N > 1) so that small-V calls do not launch one tiny program per row.
+few flops per byte, so the design goal is bytes in flight per SM. A program walks its row in
+tiles of BLOCK_V = 8192 elements with 16 warps: each thread holds 16 consecutive elements, two
+16-byte vector loads for bf16 when V and the row strides are multiples of 8 (Triton's divisibility
+specialisation sees this for every padded vocabulary: 32,000, 128,256, 151,936, 152,064). The
+tile loop is software-pipelined (tl.range, 3 stages): the compiler issues the next two tiles'
+loads as cp.async into shared memory (2 x 16 KiB for bf16) while this tile is reduced, so a
+program keeps about 48 KiB in flight without spending registers on it; an H100 needs roughly
+3.35 TB/s x ~0.7 us / 132 SMs = 18 KiB per SM. The forward uses under 120 registers per thread,
+the backward under 100 (compile check: no spills on sm_80/sm_90). Each element costs one
+exponential: the running max is a per-tile scalar (one reduction per tile), so the per-element
+rescale is a broadcast multiply, not a second exp. At 3.35 TB/s of bf16 (1.7e12 elements/s) one
+ex2 per element is about 40% of an H100's SFU throughput (16 per clock per SM); two would be 80%.
+Vocabularies under 2048 put several rows in a program (BLOCK_N > 1) so that small-V calls do not
+launch one tiny program per row. None of this is measured yet: see docs/k-logits.md.
 
 Grid: one axis, cdiv(N, BLOCK_N) programs (CUDA allows 2^31 - 1 on axis 0), program ids cast to
 int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
@@ -24,13 +29,12 @@ int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
-from triton.runtime.interpreter import InterpretedFunction
 
 from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature
 from fusedrl.kernels._compile_check import CompileSpec
@@ -40,7 +44,7 @@ from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entro
 
 @triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index"])
 def _forward_kernel(
-    logits_ptr, targets_ptr, lp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, targets_ptr, lp_ptr, entropy_ptr, max_ptr, log_sum_ptr,
     n_rows, vocab, inner_rows, stride_outer, stride_inner,  # row r at (r // inner) * so + (r % inner) * si
     inv_temperature, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -49,11 +53,17 @@ def _forward_kernel(
     in_rows = rows < n_rows
     targets = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
     active = in_rows & (targets != ignore_index)  # ignored rows read nothing
-    row_ptr = logits_ptr + (rows.to(tl.int32) // inner_rows).to(tl.int64) * stride_outer + (rows.to(tl.int32) % inner_rows).to(tl.int64) * stride_inner
+    # Row index -> (outer, inner) in int32 (the launcher guarantees N < 2^31; 64-bit division costs
+    # ~100 registers), then 64-bit offsets.
+    outer = (rows.to(tl.int32) // inner_rows).to(tl.int64)
+    inner = (rows.to(tl.int32) % inner_rows).to(tl.int64)
+    row_ptr = logits_ptr + outer * stride_outer + inner * stride_inner
     cols = tl.arange(0, BLOCK_V)
 
-    # Online statistics relative to the running max m: s = sum exp(z - m), t = sum exp(z - m) (z - m),
-    # kept per lane and reduced once at the end. H = log S - T / S needs no cancellation of large
+    # Online statistics relative to the running max m of the raw logits, with d = (x - m) / T:
+    # s = sum exp(d) and t = sum exp(d) d, per lane, reduced once at the end. Subtracting before
+    # scaling keeps d exact near the max (bf16/fp16 differences are exact in fp32), so a peaked
+    # row's lp = d_y - log S keeps full relative precision; H = log S - t / S never cancels large
     # numbers, unlike lse - sum p z.
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -61,34 +71,34 @@ def _forward_kernel(
     for start in tl.range(0, vocab, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
         mask = active[:, None] & (offs < vocab)[None, :]
-        # Lanes past V load -inf: exp(-inf - m) = 0 adds nothing (other=0 would add exp(-m)).
-        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf"))
-        z = x.to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # Lanes past V load -inf: exp(-inf) = 0 adds nothing (other=0 would add exp(-m / T)).
+        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
-        alpha = tl.exp(m - ref)[:, None]
-        shift = tl.where(m == float("-inf"), 0.0, m - ref)[:, None]  # s = 0 there: avoid 0 * -inf
-        e = tl.exp(z - ref[:, None])
-        e_z = tl.where(z == float("-inf"), 0.0, e * (z - ref[:, None]))  # p = 0 adds 0, not 0 * -inf
-        t = alpha * (t + shift * s) + e_z
+        alpha = tl.exp((m - ref) * inv_temperature)[:, None]
+        shift = tl.where(m == float("-inf"), 0.0, (m - ref) * inv_temperature)[:, None]  # s = 0 there
+        d = (x - ref[:, None]) * inv_temperature
+        e = tl.exp(d)
+        e_d = tl.where(x == float("-inf"), 0.0, e * d)  # p = 0 adds 0, never 0 * -inf
+        t = alpha * (t + shift * s) + e_d
         s = alpha * s + e
         m = m_new
 
-    ref = tl.where(m == float("-inf"), 0.0, m)
     s_row = tl.sum(s, axis=1)
-    log_s = tl.log(s_row)
-    lse = ref + log_s
+    log_s = tl.log(s_row)  # an all -inf row has no distribution: S = 0, and lp, H are nan
     entropy = log_s - tl.sum(t, axis=1) / s_row
     x_target = tl.load(row_ptr + targets, mask=active, other=0.0).to(tl.float32)
-    lp = x_target * inv_temperature - lse
+    lp = (x_target - m) * inv_temperature - log_s
     tl.store(lp_ptr + rows, tl.where(active, lp, 0.0), mask=in_rows)
     tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_rows)
-    tl.store(lse_ptr + rows, lse, mask=in_rows)
+    # lse = max / T + log S, kept as its two parts for the same precision in the backward.
+    tl.store(max_ptr + rows, m, mask=in_rows)
+    tl.store(log_sum_ptr + rows, log_s, mask=in_rows)
 
 
 @triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index"])
 def _backward_kernel(
-    logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,
+    logits_ptr, grad_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,
     n_rows, vocab, inner_rows, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
     inv_temperature, ignore_index,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,  # which outputs carry a gradient
@@ -98,9 +108,11 @@ def _backward_kernel(
     in_rows = rows < n_rows
     targets = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
     active = in_rows & (targets != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+    row_max = tl.load(max_ptr + rows, mask=active, other=0.0)
+    log_s = tl.load(log_sum_ptr + rows, mask=active, other=0.0)
     entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
-    # Per-row coefficients, already divided by T; zero on ignored rows.
+    # Per-row coefficients, already divided by T. Ignored rows load no logits (x = -inf, p = 0) and
+    # zero coefficients, so their gradient row is exactly zero.
     g_lp = tl.zeros([BLOCK_N], tl.float32)
     g_h = tl.zeros([BLOCK_N], tl.float32)
     if HAS_GRAD_LP:
@@ -116,7 +128,7 @@ def _backward_kernel(
         offs = start + cols
         in_vocab = (offs < vocab)[None, :]
         x = tl.load(in_ptr[:, None] + offs[None, :], mask=active[:, None] & in_vocab, other=float("-inf"))
-        logp = x.to(tl.float32) * inv_temperature - lse[:, None]
+        logp = (x.to(tl.float32) - row_max[:, None]) * inv_temperature - log_s[:, None]
         p = tl.exp(logp)
         d = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         if HAS_GRAD_LP:
@@ -124,25 +136,32 @@ def _backward_kernel(
         if HAS_GRAD_ENTROPY:
             # log p = -inf means p = 0: the term is 0, never 0 * -inf.
             d -= g_h[:, None] * tl.where(logp == float("-inf"), 0.0, p * (logp + entropy[:, None]))
-        d = tl.where(active[:, None], d, 0.0)  # ignored rows: an exact zero row
         tl.store(out_ptr[:, None] + offs[None, :], d.to(grad_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab)
 
 
-# Block sizes (see the module docstring): every thread holds 16 consecutive elements of a tile.
+# Block sizes (see the module docstring): a thread holds 16 consecutive elements of a long row's tile.
 MAX_BLOCK_V = 8192
 SMALL_TILE = 2048  # elements per tile when several short rows share a program...
-MAX_BLOCK_N = 128  # ...but at most this many (unaligned rows keep a 64-bit pointer per element)
+MAX_BLOCK_N = 32  # ...but at most this many
 ELEMENTS_PER_THREAD = 16
 NUM_STAGES = 3
 
 
-def _config(vocab: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps) for a vocabulary size. Depends on V only, which is fixed per
-    model, so a changing number of rows never recompiles."""
+def _config(vocab: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps, num_stages) for a vocabulary size. Depends on V only, which
+    is fixed per model, so a changing number of rows never recompiles."""
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     block_n = min(MAX_BLOCK_N, max(1, SMALL_TILE // block_v))
-    num_warps = max(1, block_n * block_v // (32 * ELEMENTS_PER_THREAD))
-    return block_n, block_v, num_warps, (NUM_STAGES if block_n == 1 else 1)
+    if block_n == 1:
+        return 1, block_v, max(1, block_v // (32 * ELEMENTS_PER_THREAD)), NUM_STAGES
+    # Short rows are rarely aligned for vector loads: each element then carries its own 64-bit
+    # pointer, so threads take half as many elements, and the loop (a single tile) is not pipelined.
+    return block_n, block_v, max(1, block_n * block_v // (16 * ELEMENTS_PER_THREAD)), 1
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU, not the current one (a multi-GPU process need not have switched)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _grid(n_rows: int, block_n: int) -> tuple[int]:
@@ -151,23 +170,27 @@ def _grid(n_rows: int, block_n: int) -> tuple[int]:
 
 
 def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, options: LogprobsEntropyOptions):
-    """lp, H and lse, each fp32 [N], of validated logits [..., V] and flat int64 targets [N]."""
+    """lp, H, row max and log S (lse = max / T + log S), each fp32 [N], of validated logits [..., V]
+    and flat int64 targets [N]."""
     n_rows, vocab = layout.n_rows, logits.shape[-1]
     lp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    entropy, lse = torch.empty_like(lp), torch.empty_like(lp)
+    entropy, row_max, log_sum = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
     if n_rows == 0:
-        return lp, entropy, lse
+        return lp, entropy, row_max, log_sum
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    _forward_kernel[_grid(n_rows, block_n)](
-        logits, targets, lp, entropy, lse,
-        n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
-        1.0 / options.temperature, options.ignore_index,
-        BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
-    )  # fmt: skip
-    return lp, entropy, lse
+    with _on_device(logits):
+        _forward_kernel[_grid(n_rows, block_n)](
+            logits, targets, lp, entropy, row_max, log_sum,
+            n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
+            1.0 / options.temperature, options.ignore_index,
+            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        )  # fmt: skip
+    return lp, entropy, row_max, log_sum
 
 
-def _backward(logits, targets, lse, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions):
+def _backward(
+    logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions
+):
     """d logits in the logits' dtype; written over the logits when options.inplace_backward allows it
     and no two rows share memory."""
     in_place = options.inplace_backward and rows_are_disjoint(logits)
@@ -185,14 +208,15 @@ def _backward(logits, targets, lse, entropy, grad_lp, grad_entropy, layout: RowL
     else:
         grad_strides = (layout.inner * vocab, vocab)
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    _backward_kernel[_grid(layout.n_rows, block_n)](
-        logits, grad, targets, lse, entropy,
-        grad_lp if grad_lp is not None else lse, grad_entropy if grad_entropy is not None else lse,
-        layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
-        1.0 / options.temperature, options.ignore_index,
-        HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
-    )  # fmt: skip
+    with _on_device(logits):
+        _backward_kernel[_grid(layout.n_rows, block_n)](
+            logits, grad, targets, row_max, log_sum, entropy,
+            grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
+            layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
+            1.0 / options.temperature, options.ignore_index,
+            HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+        )  # fmt: skip
     return grad
 
 
@@ -200,9 +224,9 @@ class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, options: LogprobsEntropyOptions):
         layout = row_layout(logits)
-        flat_targets = targets.reshape(-1).long()
-        lp, entropy, lse = _forward(logits, flat_targets, layout, options)
-        ctx.save_for_backward(logits, flat_targets, lse, entropy)
+        flat_targets = targets.reshape(-1).long().contiguous()  # the kernels index it densely
+        lp, entropy, row_max, log_sum = _forward(logits, flat_targets, layout, options)
+        ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
         ctx.layout, ctx.options = layout, options
         ctx.set_materialize_grads(False)
         return lp.view(targets.shape), entropy.view(targets.shape)
@@ -212,12 +236,15 @@ class _LogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_lp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
         if grad_lp is None and grad_entropy is None:
             return None, None, None
-        logits, targets, lse, entropy = ctx.saved_tensors
-        grad = _backward(logits, targets, lse, entropy, grad_lp, grad_entropy, ctx.layout, ctx.options)
+        logits, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        grad = _backward(logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, ctx.layout, ctx.options)
         return grad, None, None
 
 
 BACKENDS = ("auto", "triton", "torch")
+# Whether triton.jit built interpreted kernels (TRITON_INTERPRET=1 when triton was imported): the
+# only way the triton backend can run on a CPU tensor.
+_INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
 def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_backward) -> LogprobsEntropyOptions:
@@ -227,22 +254,24 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(f"logits' last dimension must be contiguous (stride 1), got strides {logits.stride()}")
     check_same_device(logits=logits, targets=targets if isinstance(targets, torch.Tensor) else None)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+    ignore_index = int(ignore_index)
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     if _resolve_backend(backend, logits) == "triton":
-        if logits.device.type != "cuda" and not isinstance(_forward_kernel, InterpretedFunction):
+        if logits.device.type != "cuda" and not _INTERPRETED:
             raise ValueError(
                 "backend='triton' needs logits on a CUDA device, or TRITON_INTERPRET=1 set before triton "
                 f"is imported to run on {logits.device.type}"
             )
-        if targets.numel() >= 2**31:
-            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {targets.numel()}")
+        n_rows = logits[..., 0].numel()
+        if n_rows >= 2**31:
+            raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {n_rows}")
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)  # reads the targets: last
     return LogprobsEntropyOptions(temperature=temperature, ignore_index=ignore_index, inplace_backward=inplace_backward)
 
 
@@ -306,49 +335,42 @@ def logprobs_and_entropy(
     return _LogprobsEntropy.apply(logits, targets, options)
 
 
+def _spec(fn, name, dtype, vocab, **flags) -> CompileSpec:
+    block_n, block_v, num_warps, num_stages = _config(vocab)
+    constexprs = {**flags, "BLOCK_N": block_n, "BLOCK_V": block_v, "NUM_STAGES": num_stages}
+    pointers = {
+        _forward_kernel: ("logits", "targets", "lp", "entropy", "max", "log_sum"),
+        _backward_kernel: ("logits", "grad", "targets", "max", "log_sum", "entropy", "grad_lp", "grad_entropy"),
+    }[fn]
+    types = {"logits": f"*{dtype}", "grad": f"*{dtype}", "targets": "*i64"}
+    signature = {f"{p}_ptr": types.get(p, "*fp32") for p in pointers}
+    signature |= {"n_rows": "i32", "vocab": "i32", "inner_rows": "i32", "stride_outer": "i64", "stride_inner": "i64"}
+    if fn is _backward_kernel:
+        signature |= {"grad_stride_outer": "i64", "grad_stride_inner": "i64"}
+    signature |= {"inv_temperature": "fp32", "ignore_index": "i32"} | {k: "constexpr" for k in constexprs}
+    return CompileSpec(
+        name=f"{name}_{dtype}_{block_n}x{block_v}",
+        fn=fn,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
 def _compile_specs() -> list[CompileSpec]:
+    """Every kernel variant at the production vocabulary (V = 151,936: one row per 8192-wide tile)
+    in each dtype, and the other tile shapes _config picks (a single 2048-wide tile; several short
+    rows per tile) in bf16."""
     specs = []
-    common = {
-        "n_rows": "i32", "vocab": "i32", "inner_rows": "i32", "stride_outer": "i64", "stride_inner": "i64",
-    }  # fmt: skip
+    grad_flags = {"bwd": (True, True), "bwd_lp": (True, False), "bwd_h": (False, True)}
     for dtype in ("bf16", "fp16", "fp32"):
-        for vocab in (151936, 1000, 100, 3):  # one row per tile, and short rows sharing a tile
-            block_n, block_v, num_warps, num_stages = _config(vocab)
-            constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "NUM_STAGES": num_stages}
-            specs.append(
-                CompileSpec(
-                    name=f"fwd_{dtype}_{block_n}x{block_v}",
-                    fn=_forward_kernel,
-                    signature={
-                        "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "lp_ptr": "*fp32",
-                        "entropy_ptr": "*fp32", "lse_ptr": "*fp32", **common,
-                        "inv_temperature": "fp32", "ignore_index": "i32",
-                        **{k: "constexpr" for k in constexprs},
-                    },  # fmt: skip
-                    constexprs=constexprs,
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                )
-            )
-            for has_lp, has_h in ((True, True), (True, False), (False, True)):
-                bwd_constexprs = {"HAS_GRAD_LP": has_lp, "HAS_GRAD_ENTROPY": has_h, **constexprs}
-                specs.append(
-                    CompileSpec(
-                        name=f"bwd_{dtype}_{block_n}x{block_v}_lp{int(has_lp)}_h{int(has_h)}",
-                        fn=_backward_kernel,
-                        signature={
-                            "logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "targets_ptr": "*i64",
-                            "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
-                            "grad_entropy_ptr": "*fp32", **common,
-                            "grad_stride_outer": "i64", "grad_stride_inner": "i64",
-                            "inv_temperature": "fp32", "ignore_index": "i32",
-                            **{k: "constexpr" for k in bwd_constexprs},
-                        },  # fmt: skip
-                        constexprs=bwd_constexprs,
-                        num_warps=num_warps,
-                        num_stages=num_stages,
-                    )
-                )
+        specs.append(_spec(_forward_kernel, "fwd", dtype, 151936))
+        for name, (has_lp, has_h) in grad_flags.items():
+            specs.append(_spec(_backward_kernel, name, dtype, 151936, HAS_GRAD_LP=has_lp, HAS_GRAD_ENTROPY=has_h))
+    for vocab in (2048, 1000, 100, 3):
+        specs.append(_spec(_forward_kernel, "fwd", "bf16", vocab))
+        specs.append(_spec(_backward_kernel, "bwd", "bf16", vocab, HAS_GRAD_LP=True, HAS_GRAD_ENTROPY=True))
     return specs
 
 

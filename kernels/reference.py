@@ -68,8 +68,9 @@ def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf so far stay finite
             alpha = torch.exp(m - m_safe)
             shift = torch.where(m == float("-inf"), 0.0, m - m_safe)
-            here = ((y >= c0) & (y < c1)).nonzero().squeeze(1)
-            target_logit[r0 + here] = z[here, y[here] - c0]
+            here = (y >= c0) & (y < c1)  # masks and gathers, no data-dependent shapes: no device sync
+            local = (y - c0).clamp(0, c1 - c0 - 1)[:, None]
+            target_logit[r0:r1] = torch.where(here, z.gather(1, local)[:, 0], target_logit[r0:r1])
             zc = z.sub_(m_safe[:, None])
             e = torch.exp(zc)
             t = alpha * (t + shift * s) + torch.where(e > 0, e * zc, 0.0).sum(1)  # p = 0 adds 0, not 0 * -inf
@@ -108,8 +109,8 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
             p = torch.exp(z - lse_c)
             ent_term = torch.where(p > 0, p * (z - lse_c + ent_c), 0.0)
             dz = -(g_lp * p + g_ent * ent_term)
-            here = ((y >= c0) & (y < c1)).nonzero().squeeze(1)
-            dz[here, y[here] - c0] += g_lp[here, 0]
+            here = ((y >= c0) & (y < c1))[:, None]
+            dz.scatter_add_(1, (y - c0).clamp(0, c1 - c0 - 1)[:, None], torch.where(here, g_lp, 0.0))
             dz.mul_(inv_temperature)
             if need_b:
                 db[c0:c1] += dz.sum(0)
@@ -167,9 +168,9 @@ def linear_logprobs_and_entropy(hidden, weight, targets, *, bias=None, temperatu
 
 # Byte budget of one fp32 [rows, V] working tensor. Rows are processed in chunks of
 # max(1, LOGITS_CHUNK_BYTES // (4 V)) rows. A chunk's work lives in its own function call, so that
-# its temporaries die before the next chunk starts: at most two fp32 chunks, a bool mask and (for
-# leading dimensions that need two strides) one logits-dtype copy are alive at once. Peak extra
-# memory is therefore about 3 * LOGITS_CHUNK_BYTES plus O(N) per-row state, whatever N is.
+# its temporaries die before the next chunk starts: at most two fp32 chunks and a bool mask are
+# alive at once. Peak extra memory is therefore about 2.25 * LOGITS_CHUNK_BYTES plus O(N) per-row
+# state, whatever N is.
 # 64 MiB keeps a chunk of a 151,936-word vocabulary at 110 rows: large enough that the per-chunk
 # overhead (a dozen kernel launches) is negligible next to the work.
 LOGITS_CHUNK_BYTES = 64 * 2**20
@@ -209,26 +210,32 @@ def _row_chunks(logits: torch.Tensor, chunk_bytes: int):
                 yield slice(o * layout.inner + i, o * layout.inner + i + view.shape[0]), view
 
 
-def _chunk_logp(chunk: torch.Tensor, temperature: float, lse: torch.Tensor | None = None):
-    """fp32 log-probabilities [r, V] of one chunk, and its per-row lse (computed when not given)."""
-    z = chunk.reshape(-1, chunk.shape[-1]).to(torch.float32, copy=True).div_(temperature)  # never the input
-    if lse is None:
-        lse = torch.logsumexp(z, dim=-1)
-    return z.sub_(lse[:, None]), lse
+def _chunk_logp(chunk: torch.Tensor, temperature: float, row_max=None, log_sum=None):
+    """fp32 log-probabilities [r, V] of one chunk as (x - max) / T - log S, and the row max and
+    log S (computed when not given). Subtracting the max before dividing by T keeps log p exact
+    near the max, which peaked rows need."""
+    # A contiguous fp32 copy (never the input itself, which the in-place ops below would change).
+    x = chunk.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(-1, chunk.shape[-1])
+    if row_max is None:
+        row_max = x.amax(dim=-1)  # all -inf: the row has no distribution and gives nan
+    z = x.sub_(row_max[:, None]).div_(temperature)
+    if log_sum is None:
+        log_sum = torch.logsumexp(z, dim=-1)
+    return z.sub_(log_sum[:, None]), row_max, log_sum
 
 
 def _chunk_forward(chunk, safe_targets, temperature):
-    logp, lse = _chunk_logp(chunk, temperature)
+    logp, row_max, log_sum = _chunk_logp(chunk, temperature)
     lp = logp.gather(1, safe_targets[:, None]).squeeze(1)
     # -inf logits have p = 0: their p log p is 0, never 0 * -inf (= nan).
     neg_inf = torch.isneginf(logp)
     entropy = -logp.exp().mul_(logp).masked_fill_(neg_inf, 0.0).sum(dim=-1)
-    return lp, entropy, lse
+    return lp, entropy, row_max, log_sum
 
 
-def _chunk_grad(chunk, safe_targets, ignored, lse, entropy, g_lp, g_h, temperature):
+def _chunk_grad(chunk, safe_targets, ignored, row_max, log_sum, entropy, g_lp, g_h, temperature):
     """dx = g_lp onehot - p (g_lp + g_H (log p + H)) for one chunk, g_* already divided by T."""
-    logp, _ = _chunk_logp(chunk, temperature, lse)
+    logp, _, _ = _chunk_logp(chunk, temperature, row_max, log_sum)
     neg_inf = torch.isneginf(logp)
     p = logp.exp()
     weight = logp  # reuse the buffer: two fp32 chunks at most
@@ -245,7 +252,6 @@ def _chunk_grad(chunk, safe_targets, ignored, lse, entropy, g_lp, g_h, temperatu
     # Ignored rows get an exact zero row, even where their logits hold nan or inf.
     return d.masked_fill_(ignored[:, None], 0.0)
 
-
 class _TorchLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, options: LogprobsEntropyOptions):
@@ -253,13 +259,14 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
         ignored = flat_targets == options.ignore_index
         safe_targets = flat_targets.masked_fill(ignored, 0)
         lp = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
-        entropy = torch.empty_like(lp)
-        lse = torch.empty_like(lp)
+        entropy, row_max, log_sum = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
         for rows, chunk in _row_chunks(logits, options.chunk_bytes):
-            lp[rows], entropy[rows], lse[rows] = _chunk_forward(chunk, safe_targets[rows], options.temperature)
+            lp[rows], entropy[rows], row_max[rows], log_sum[rows] = _chunk_forward(
+                chunk, safe_targets[rows], options.temperature
+            )
         lp.masked_fill_(ignored, 0.0)
         entropy.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(logits, flat_targets, lse, entropy)
+        ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
         ctx.options = options
         ctx.set_materialize_grads(False)
         return lp.view(targets.shape), entropy.view(targets.shape)
@@ -267,7 +274,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        logits, flat_targets, lse, entropy = ctx.saved_tensors
+        logits, flat_targets, row_max, log_sum, entropy = ctx.saved_tensors
         options: LogprobsEntropyOptions = ctx.options
         if grad_lp is None and grad_entropy is None:
             return None, None, None
@@ -284,7 +291,8 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
                 chunk,
                 safe_targets[rows],
                 ignored[rows],
-                lse[rows],
+                row_max[rows],
+                log_sum[rows],
                 entropy[rows],
                 None if g_lp is None else g_lp[rows],
                 None if g_h is None else g_h[rows],

@@ -119,34 +119,32 @@ def test_clip_cov_is_uniform_over_candidates():
 
 
 @pytest.mark.distributed
-def test_distributed_matches_concatenated_batch():
-    """kl_cov over 3 ranks (one without valid tokens) equals the single-process mask of the concatenated
-    batch; clip_cov draws exactly min(k, candidates) global candidates, identically on a rerun."""
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_equals_concatenated_batch(world_size):
+    """Both modes over several ranks (one without valid tokens) equal the single-process mask of the
+    concatenated batch; clip_cov's draw with the same seed too, so it reproduces across world sizes."""
     g = torch.Generator().manual_seed(4)
-    parts = [batch(g, b, t) for b, t in ((2, 30), (1, 11), (3, 25))]
+    parts = [batch(g, b, t) for b, t in ((2, 30), (1, 11), (3, 25))][:world_size]
     parts[1] = (parts[1][0], parts[1][1], torch.zeros_like(parts[1][2]))
-    per_rank = [(lp, adv, mask) for lp, adv, mask in parts]
-    clip = dict(mode="clip_cov", ratio=0.05, lower=0.2, upper=3.0, generator_seed=7)
+    clip = dict(mode="clip_cov", ratio=0.05, lower=0.2, upper=3.0)
     jobs = [
-        ("covariance_mask", per_rank, dict(mode="kl_cov", ratio=0.02)),
-        ("covariance_mask", per_rank, dict(mode="kl_cov", ratio=0.3)),
-        ("covariance_mask", per_rank, clip),
-        ("covariance_mask", per_rank, clip),
+        (covariance_mask, parts, dict(mode="kl_cov", ratio=0.02)),
+        (covariance_mask, parts, dict(mode="kl_cov", ratio=0.3)),
+        (covariance_mask, parts, dict(clip, generator_seed=7)),
     ]
-    kl_small, kl_large, clip_first, clip_again = run_ranks(3, jobs)
-    flat = [torch.cat([p[i].reshape(-1) for p in parts]) for i in (0, 2)]
-    flat_adv = torch.cat([p[1][:, None].expand_as(p[0]).reshape(-1) for p in parts])
-    lp, mask = flat
+    kl_small, kl_large, drawn = run_ranks(world_size, jobs)
+    lp, mask = (torch.cat([p[i].reshape(-1) for p in parts]) for i in (0, 2))
+    adv = torch.cat([p[1][:, None].expand_as(p[0]).reshape(-1) for p in parts])
     for ratio, got in ((0.02, kl_small), (0.3, kl_large)):
-        want = covariance_mask(lp, flat_adv, mask, mode="kl_cov", ratio=ratio)
+        want = covariance_mask(lp, adv, mask, mode="kl_cov", ratio=ratio)
         assert torch.equal(torch.cat([m.reshape(-1) for m in got]), want), ratio
-    drawn = torch.cat([m.reshape(-1) for m in clip_first])
-    cov = reference_cov(lp, flat_adv, mask)
+    drawn = torch.cat([m.reshape(-1) for m in drawn])
+    cov = reference_cov(lp, adv, mask)
     candidates = mask & (cov > 0.2) & (cov < 3.0)
     k = max(1, int(0.05 * int(mask.sum())))
-    assert int(drawn.sum()) == min(k, int(candidates.sum())) and k < int(candidates.sum())
+    assert int(drawn.sum()) == k < int(candidates.sum())
     assert not (drawn & ~candidates).any()
-    assert torch.equal(drawn, torch.cat([m.reshape(-1) for m in clip_again]))
+    assert torch.equal(drawn, covariance_mask(lp, adv, mask, **clip, generator=torch.Generator().manual_seed(7)))
 
 
 @pytest.mark.parametrize(

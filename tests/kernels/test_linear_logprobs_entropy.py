@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusedrl.kernels import linear_logprobs_entropy as kernel_module
 from fusedrl.kernels import reference
 from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
+from fusedrl.kernels.logprobs_entropy import logprobs_and_entropy
 
 IGNORE = -100
 # (rtol, atol as a fraction of the tensor's largest fp64 magnitude): about one rounding of the dtype.
@@ -64,8 +65,8 @@ def _assert_rule(name, ours, same_dtype, exact, dtype):
                     f"fp64 {exact[idx]:.8g}, tol {tol[idx]:.3g}")
 
 
-def _check(backend, n, h, v, dtype, with_bias, temperature, upstream):
-    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias)
+def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5)):
+    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias, ignored)
     g_lp = torch.randn(n) if upstream in ("lp", "both") else None
     g_ent = torch.randn(n) if upstream in ("entropy", "both") else None
 
@@ -123,6 +124,13 @@ def test_triton_backend_matches_float64(case):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fully_ignored_row_blocks(backend):
+    """Leading prompt-like rows all ignored: the Triton kernels skip those row blocks (16 rows under the
+    interpreter) entirely, and a partly ignored block still gives exact zeros for its ignored rows."""
+    _check(backend, 67, 40, 300, torch.float32, True, 0.6, "both", ignored=range(0, 40))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_minus_inf_bias_masks_vocabulary(backend):
     """-inf logits (a masked vocabulary) have p = 0: finite lp, H and gradients, as if the columns were gone."""
     hidden, weight, bias, targets = _inputs(20, 16, 130, torch.float32, True)
@@ -154,6 +162,19 @@ def test_leading_shape_and_frozen_weight():
     (ref_lp.sum() + ref_ent.sum()).backward()
     torch.testing.assert_close(lp.flatten().double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad.view(12, 16).double(), leaves[0].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_bias_still_enters_the_recomputed_logits(backend):
+    hidden, weight, bias, targets = _inputs(30, 24, 150, torch.float32, True)
+    bias = bias * 4  # large enough that leaving it out of the backward's logits would show
+    g = torch.randn(30), torch.randn(30)
+    got = _run(lambda h, w: linear_logprobs_and_entropy(h, w, targets, bias=bias, temperature=0.6, backend=backend),
+               hidden, weight, None, targets, *g)
+    exact = _run(lambda h, w: _two_step(h, w, bias.double(), targets, 0.6, torch.float64)[:2],
+                 hidden.double(), weight.double(), None, targets, *g)
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -227,3 +248,34 @@ def test_gpu_realistic_size_matches_torch_backend(dtype):
                  hidden, weight, None, targets, *g) for be in ("triton", "torch")]
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_far_below_logits():
+    n, h, v = 16384, 4096, 32000
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda") / h**0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp, ent = linear_logprobs_and_entropy(hidden, weight, targets)
+    (lp.sum() + ent.sum()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads_and_fp32_acc = (n * h + v * h) * 2 + v * h * 4
+    assert extra < grads_and_fp32_acc + 512 * 2**20, extra  # bf16 logits alone would be 1 GiB
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_agrees_with_logits_op(backend):
+    """Same values and gradients as logprobs_and_entropy(hidden @ weight.T + bias, ...) (issue 3)."""
+    hidden, weight, bias, targets = _inputs(67, 48, 1003, torch.float32, True)
+    g = torch.randn(67), torch.randn(67)
+    ours = _run(lambda h, w, b: linear_logprobs_and_entropy(h, w, targets, bias=b, temperature=0.6, backend=backend),
+                hidden, weight, bias, targets, *g)
+    # The logits op gets fp32 logits rounded once from an exact product, its gradient flows back in fp64.
+    theirs = _run(lambda h, w, b: logprobs_and_entropy((h @ w.T + b).float(), targets, temperature=0.6),
+                  hidden.double(), weight.double(), bias.double(), targets, *g)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -116,7 +116,7 @@ def test_distributed_equals_concatenated_batch(world_size):
         parts.append((torch.rand(b, t, generator=g) * 3).round(decimals=1))
         masks.append(torch.rand(b, t, generator=g) < 0.7 if r != 1 else torch.zeros(b, t, dtype=torch.bool))
     rhos = (0.2, 0.5, 1.0)
-    jobs = [("top_entropy_mask", [(h, m) for h, m in zip(parts, masks)], dict(top_fraction=rho)) for rho in rhos]
+    jobs = [(top_entropy_mask, [(h, m) for h, m in zip(parts, masks)], dict(top_fraction=rho)) for rho in rhos]
     results = run_ranks(world_size, jobs)
     flat_h = torch.cat([h.reshape(-1) for h in parts])
     flat_m = torch.cat([m.reshape(-1) for m in masks])

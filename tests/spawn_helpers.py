@@ -1,8 +1,10 @@
-"""Run selection ops on several gloo processes (CPU), each rank on its own part of a batch.
+"""Run functions on several gloo processes (CPU), each rank on its own part of a batch.
 
-`run_ranks(world_size, jobs)` spawns the processes once; every job is (op_name, per_rank_args,
-kwargs) with per_rank_args[r] the tensors rank r passes positionally. Rank r of job j returns the op's
-output on its part; the caller compares with the single-process op on the concatenated batch.
+`run_ranks(world_size, jobs)` spawns the processes once; every job is (fn, per_rank_args, kwargs)
+with fn a module-level function taking `process_group=` and per_rank_args[r] what rank r passes
+positionally; a `generator_seed` kwarg becomes a freshly seeded torch.Generator on every rank. The
+caller compares rank r's result with the single-process result on the concatenated batch. Lives in
+tests/ (on sys.path through tests/conftest.py) so that tests/kernels and tests/engine share it.
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, jobs, out_dir: str) -> None:
-    import fusedrl.kernels as ops
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         results = []
-        for name, per_rank_args, kwargs in jobs:
+        for fn, per_rank_args, kwargs in jobs:
             kwargs = dict(kwargs)
             if "generator_seed" in kwargs:
-                kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("generator_seed") + rank)
-            results.append(getattr(ops, name)(*per_rank_args[rank], **kwargs, process_group=dist.group.WORLD))
+                kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("generator_seed"))
+            results.append(fn(*per_rank_args[rank], **kwargs, process_group=dist.group.WORLD))
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()

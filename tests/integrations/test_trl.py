@@ -1,0 +1,283 @@
+"""FusedGRPOTrainer against stock trl.GRPOTrainer on the same batch.
+
+Both trainers get identical copies of a tiny model and one fixed prepared batch (the `inputs` dict
+that TRL's generation step hands to `compute_loss`), with rollout-time and reference log-probs
+perturbed away from the current policy so that clipping and the KL term are active. The loss, every
+parameter gradient and the logged metrics must agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from _tiny import tiny_model, tiny_tokenizer
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+from fusedrl.integrations.trl import FusedGRPOTrainer
+
+PROMPT_LEN, COMPLETION_LEN, BATCH = 4, 6, 4
+ACCUMULATION = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny model: with beta > 0 TRL loads the reference model from the policy's path."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model(len(tiny_tokenizer()), seed=3).save_pretrained(path)
+    return path
+
+
+def _load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _reward_length(completions, **kwargs):
+    return [len(c) / 10.0 for c in completions]
+
+
+def _dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": ["1+2=", "3+4=", "ab?", "cd="]})
+
+
+def _config(tmp_path, **overrides) -> GRPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        num_generations=BATCH,
+        gradient_accumulation_steps=ACCUMULATION,
+        max_completion_length=COMPLETION_LEN,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-2,
+        temperature=0.7,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        bf16=False,  # TRL's default autocasts to bf16 even on CPU; float32 lets the comparison be tight
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def _trainer(cls, model, tmp_path, **overrides):
+    tokenizer = tiny_tokenizer()
+    trainer = cls(
+        model=model,
+        reward_funcs=_reward_length,
+        args=_config(tmp_path, **overrides),
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+    )
+    # Set by the training loop before each accumulation window; driving compute_loss directly needs it.
+    trainer.current_gradient_accumulation_steps = ACCUMULATION
+    return trainer
+
+
+def _batch(trainer: GRPOTrainer, vocab_size: int, with_ref: bool) -> dict:
+    """A prepared batch as TRL's generation step builds it: left-padded prompts, right-padded completions."""
+    g = torch.Generator().manual_seed(1234)
+    prompt_ids = torch.randint(2, vocab_size, (BATCH, PROMPT_LEN), generator=g)
+    prompt_mask = torch.ones(BATCH, PROMPT_LEN, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompt_ids[1, :2] = 0
+    completion_ids = torch.randint(2, vocab_size, (BATCH, COMPLETION_LEN), generator=g)
+    lengths = torch.tensor([6, 3, 5, 2])
+    completion_mask = (torch.arange(COMPLETION_LEN) < lengths[:, None]).long()
+    completion_ids[completion_mask == 0] = 0
+    advantages = torch.tensor([1.2, -0.7, 0.4, -0.9])
+
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    with torch.no_grad():
+        current, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, input_ids, attention_mask, COMPLETION_LEN
+        )
+    # Old and reference log-probs away from the current policy: ratios reach both clip edges.
+    noise = torch.randn(current.shape, generator=g)
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "old_per_token_logps": (current + 0.4 * noise) * completion_mask,
+        "num_items_in_batch": completion_mask.sum() * 2,  # the generation batch spans 2 micro-batches
+    }
+    if with_ref:
+        inputs["ref_per_token_logps"] = (current + 0.3 * torch.randn(current.shape, generator=g)) * completion_mask
+    return inputs
+
+
+def _loss_and_grads(trainer, inputs):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+CASES = [
+    pytest.param(dict(loss_type="dapo"), id="dapo"),
+    pytest.param(dict(loss_type="grpo"), id="grpo"),
+    pytest.param(dict(loss_type="dr_grpo"), id="dr_grpo"),
+    pytest.param(dict(loss_type="dapo", top_entropy_quantile=0.2), id="dapo-top20"),
+    pytest.param(dict(loss_type="grpo", top_entropy_quantile=0.2), id="grpo-top20"),
+    pytest.param(dict(loss_type="dr_grpo", top_entropy_quantile=0.2), id="dr_grpo-top20"),
+    pytest.param(dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=False), id="dapo-beta"),
+    pytest.param(
+        dict(loss_type="grpo", beta=0.05, top_entropy_quantile=0.2, use_bias_correction_kl=False), id="grpo-beta-top20"
+    ),
+    pytest.param(dict(loss_type="bnpo", beta=0.05, use_bias_correction_kl=False), id="bnpo-beta"),
+]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref="beta" in overrides)
+
+    stock_loss, stock_grads, stock_metrics = _loss_and_grads(stock, inputs)
+    fused_loss, fused_grads, fused_metrics = _loss_and_grads(fused, inputs)
+
+    torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=1e-7)
+    assert stock_grads.keys() == fused_grads.keys()
+    assert len(stock_grads) == len(list(stock.model.parameters()))
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(
+            fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    # The batch is built to clip on both sides: the comparison covers the clipped branches.
+    assert stock_metrics["clip_ratio/low_mean"] > 0 and stock_metrics["clip_ratio/high_mean"] > 0
+    for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert fused_metrics[name] == pytest.approx(stock_metrics[name], rel=1e-5, abs=1e-7), name
+    if "beta" in overrides:
+        assert fused_metrics["kl"] == pytest.approx(stock_metrics["kl"], rel=1e-5)
+
+
+def test_on_policy_batch_matches_stock_trl(tmp_path, model_dir):
+    """Without old log-probs (one update per generation) both use the current ones, detached."""
+    overrides = dict(loss_type="dapo", top_entropy_quantile=0.2)
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref=False)
+    del inputs["old_per_token_logps"]
+    stock_loss, stock_grads, _ = _loss_and_grads(stock, inputs)
+    fused_loss, fused_grads, _ = _loss_and_grads(fused, inputs)
+    torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=1e-7)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_eval_mode_loss_matches_stock_trl(tmp_path, model_dir, loss_type):
+    """In eval (prediction_step) TRL neither splits nor accumulates: a different normaliser."""
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", loss_type=loss_type)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", loss_type=loss_type)
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref=False)
+    losses = []
+    for trainer in (stock, fused):
+        trainer.model.eval()
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, inputs))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    if loss_type == "grpo":  # (dapo's two normalisers coincide when steps_per_generation == accumulation)
+        train_loss, _, _ = _loss_and_grads(fused, inputs)
+        torch.testing.assert_close(train_loss, losses[1] / ACCUMULATION)
+
+
+def test_top_entropy_quantile_changes_the_loss(tmp_path, model_dir):
+    """The 0.2 case above is not vacuous: masking 80% of the tokens changes the loss."""
+    full = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "full")
+    top = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "top", top_entropy_quantile=0.2)
+    inputs = _batch(full, len(tiny_tokenizer()), with_ref=False)
+    full_loss, _, _ = _loss_and_grads(full, inputs)
+    top_loss, _, _ = _loss_and_grads(top, inputs)
+    assert abs(full_loss.item() - top_loss.item()) > 1e-3
+
+
+def test_old_and_reference_logprobs_come_from_the_fused_op(tmp_path):
+    """TRL's fused-LM-head call (used for old and reference log-probs) is answered by fusedrl's op
+    and equals stock TRL's values; here with an untied output embedding."""
+    tokenizer = tiny_tokenizer()
+    path = tmp_path / "untied"
+    tiny_model(len(tokenizer), seed=5, tie_word_embeddings=False).save_pretrained(path)
+    stock = _trainer(GRPOTrainer, _load(path), tmp_path / "stock", beta=0.1)
+    fused = _trainer(FusedGRPOTrainer, _load(path), tmp_path / "fused", beta=0.1, use_bias_correction_kl=False)
+    for patched in (fused.model, fused.ref_model):
+        assert patched.forward.__func__.__code__.co_filename.endswith("fusedrl/integrations/trl.py")
+    inputs = _batch(stock, len(tokenizer), with_ref=False)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    # TRL asks the policy for entropies too, the reference model for log-probs only.
+    for trainer_model, with_entropy in (("model", True), ("ref_model", False)):
+        with torch.no_grad():
+            expected = stock._get_per_token_logps_and_entropies(
+                getattr(stock, trainer_model), input_ids, attention_mask, COMPLETION_LEN, compute_entropy=with_entropy
+            )
+            got = fused._get_per_token_logps_and_entropies(
+                getattr(fused, trainer_model), input_ids, attention_mask, COMPLETION_LEN, compute_entropy=with_entropy
+            )
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+        if with_entropy:
+            torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_two_step_train_runs_and_logs_trl_metrics(tmp_path, model_dir):
+    tokenizer = tiny_tokenizer()
+    model = _load(model_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = FusedGRPOTrainer(
+        model=model,
+        reward_funcs=_reward_length,
+        # TRL's default bf16 autocast (on CPU too): the fused op then runs on bf16 hidden states and head.
+        args=_config(
+            tmp_path,
+            max_steps=2,
+            beta=0.05,
+            use_bias_correction_kl=False,
+            top_entropy_quantile=0.2,
+            gradient_accumulation_steps=1,
+            bf16=True,
+        ),
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    steps = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(steps) == 2
+    for log in steps:
+        for name in ("loss", "entropy", "kl", "clip_ratio/region_mean", "reward"):
+            assert name in log and torch.isfinite(torch.tensor(log[name])), name
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert changed, "two optimizer steps left every parameter unchanged"
+
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        (dict(loss_type="cispo"), "loss_type"),
+        (dict(importance_sampling_level="sequence", loss_type="grpo"), "importance_sampling_level"),
+        (dict(entropy_coef=0.01), "entropy_coef"),
+        (dict(delta=2.0), "delta"),
+        (dict(beta=0.1), "use_bias_correction_kl"),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(tmp_path, model_dir, overrides, option):
+    with pytest.raises(ValueError, match=option):
+        _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path, **overrides)
+
+
+def test_missing_trl_gives_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)
+    monkeypatch.delitem(sys.modules, "fusedrl.integrations.trl")
+    with pytest.raises(ImportError, match=r"pip install 'fusedrl\[trl\]'"):
+        importlib.import_module("fusedrl.integrations.trl")
