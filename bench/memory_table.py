@@ -12,8 +12,8 @@ needs):
   (fusedrl's ops validate target ids, which needs real data) are counted on a real run.
 - peak RSS: the process's resident-set peak (getrusage ru_maxrss) minus its resident size just before
   the call, on a real run: what the operating system actually had to provide, allocator slack
-  included. Only run where the counted peak (or, without one, a run at N / 8 scaled up) says the
-  process fits in --budget-gib; the table says so where it did not.
+  included. Only run where the counted peak (or, without one, runs at N / 8 and N / 4 extrapolated)
+  says the process fits in --budget-gib; the table says so where it did not.
 
 From hidden states the real runs use --linear-n tokens (256): a CPU needs about half an hour for one
 forward + backward of the fused-linear op at N = 8192, H = 4096, V = 151936 (31 TFLOP before recompute).
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SMALL = 8  # the trial run of an implementation that cannot be counted uses N / SMALL tokens
+SMALL = 4  # the trial runs of an implementation that cannot be counted use N / SMALL and N / (2 SMALL) tokens
 
 
 def _naive(logits, targets):
@@ -174,10 +174,13 @@ def measure(name: str, args) -> dict:
     if count == "fake":
         row = _run_child(name, "fake", n, args)
         expected = row.get("counted")
-    else:  # a trial at N / SMALL tokens, scaled up, says whether the full run fits
-        trial = _run_child(name, "real", max(1, n // SMALL), args)
-        row = {"error": trial["error"]} if "error" in trial else {}
-        expected = SMALL * trial["rss"] if "rss" in trial else None
+    else:  # trials at N / 8 and N / 4 tokens, extrapolated linearly, say whether the full run fits
+        small, large = (_run_child(name, "real", max(1, n // k), args) for k in (2 * SMALL, SMALL))
+        row = {"error": large["error"]} if "error" in large else {}
+        expected = None
+        if "rss" in small and "rss" in large:  # memory is affine in N: per-token part plus a fixed part
+            per_token = max(0, large["rss"] - small["rss"]) / max(1, n // SMALL - n // (2 * SMALL))
+            expected = large["rss"] + per_token * (n - n // SMALL)
     row.update(n=n, input_bytes=input_bytes)
     if expected is None:
         return row
