@@ -9,6 +9,7 @@ Per valid token t, with ratio = exp(lp - olp):
     pg_t   = min(pg_t, -A c)  where A < 0                                     (dual clip, optional)
     pg_t   = -A ratio + kl_cov_coef |lp - olp| [t in KL-Cov]                 (cov_mode="kl_cov": no clip)
     loss_t = M_t pg_t + beta KL_t - entropy_coef H_t
+    (with kl_importance_weighted, beta ratio KL_t: TRL's use_bias_correction_kl, DeepSeek-V3.2)
 where M_t is the product of the selection masks (top-rho entropy, SPO probability, not drawn by
 Clip-Cov). The policy-gradient part is aggregated over the valid tokens (`normalize_by="valid"`, TRL)
 or over the selected ones (`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply
@@ -16,11 +17,17 @@ to every valid token and are always aggregated over the valid ones. `loss_type` 
 grpo (mean over responses of each response's token mean), bnpo (local token mean), dr_grpo (token
 sum / (B * max_completion_length)) or dapo (token sum / num_items_in_batch, the global count of valid
 tokens over micro-batches and ranks, else the local count).
+
+The batch-wide masks (the top-entropy threshold, the covariance's centring and its top-k or random
+draw) are statistics of the whole training batch. A call computes them over its own tokens; when a
+batch is split into micro-batches for gradient accumulation, `select` computes them once over the
+whole batch from detached lp and H, and each micro-batch call takes its rows (`selection=`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -62,6 +69,28 @@ def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(metrics.keys(), values))
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The batch-wide token masks of a whole batch, made by FusedPolicyLoss.select.
+
+    high_entropy: [B, T] bool, the top-entropy tokens (None when top_entropy_fraction is 1).
+    covariance: [B, T] bool, the tokens Clip-Cov drops or KL-Cov penalises (None without cov_mode).
+    cov: [B, T] float64, each token's covariance centred over the batch, 0 on padding (None without
+        cov_mode); the loss reports its mean and max.
+    """
+
+    high_entropy: torch.Tensor | None = None
+    covariance: torch.Tensor | None = None
+    cov: torch.Tensor | None = None
+
+    def rows(self, index, length: int | None = None) -> Selection:
+        """The selection of rows `index` (anything that indexes dim 0), cut to the first `length` columns
+        (a micro-batch whose trailing all-padding columns were trimmed)."""
+        def cut(t):
+            return None if t is None else t[index][:, :length]
+        return replace(self, high_entropy=cut(self.high_entropy), covariance=cut(self.covariance), cov=cut(self.cov))
+
+
 class FusedPolicyLoss(nn.Module):
     """Policy-gradient loss on fused per-token log-probs and entropies.
 
@@ -87,6 +116,11 @@ class FusedPolicyLoss(nn.Module):
         generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
         backend: passed to the fused ops ("auto", "triton" or "torch").
         ignore_index: the id the fused ops skip; padded positions are set to it before the pass.
+        kl_importance_weighted: multiply each token's KL estimate by its importance ratio
+            exp(lp - old_lp), gradient included (so it changes the KL gradient even on-policy, where
+            the ratio is 1), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): with k3 the gradient
+            becomes an unbiased estimate of the reverse KL's when the samples come from the old policy.
+            The "kl" metric then reports the weighted estimate, as TRL logs it.
     """
 
     def __init__(
@@ -113,6 +147,7 @@ class FusedPolicyLoss(nn.Module):
         generator: torch.Generator | None = None,
         backend: str = "auto",
         ignore_index: int = -100,
+        kl_importance_weighted: bool = False,
     ):
         super().__init__()
         _choice("loss_type", loss_type, LOSS_TYPES)
@@ -156,6 +191,9 @@ class FusedPolicyLoss(nn.Module):
         self.generator = generator
         self.backend = backend
         self.ignore_index = int(ignore_index)
+        if not isinstance(kl_importance_weighted, bool):
+            raise ValueError(f"kl_importance_weighted must be a bool, got {kl_importance_weighted!r}")
+        self.kl_importance_weighted = kl_importance_weighted
 
     def forward(
         self,
@@ -170,12 +208,15 @@ class FusedPolicyLoss(nn.Module):
         old_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        selection: Selection | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss and a dict of detached 0-dim metric tensors (see metrics_to_floats).
 
         completion_ids [B, T] (the sampled tokens), completion_mask [B, T] (nonzero = valid),
         advantages [B] or [B, T]; then either logits [B, T, V] or hidden [B, T, H] with weight [V, H]
         (and bias [V]). old_logprobs / ref_logprobs [B, T]; old_logprobs=None means on-policy.
+        selection: these rows of a Selection that `select` made over the whole batch
+        (`Selection.rows`); without it the batch-wide masks come from this call's tokens alone.
         Gradients flow to logits, or to hidden, weight and bias.
         """
         if not isinstance(completion_ids, torch.Tensor) or completion_ids.dim() != 2:
@@ -186,6 +227,8 @@ class FusedPolicyLoss(nn.Module):
         for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
             if t is not None and tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if selection is not None:
+            self._check_selection(selection, shape)
         if self.beta > 0 and ref_logprobs is None:
             raise ValueError("ref_logprobs must be given when beta > 0")
         if self.loss_type == "dapo" and self.normalize_by == "selected" and num_items_in_batch is not None:
@@ -201,19 +244,18 @@ class FusedPolicyLoss(nn.Module):
 
         log_ratio = lp - olp
         ratio = torch.exp(log_ratio)
-        unclipped = -adv * ratio
-        clipped = -adv * torch.clamp(ratio, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high)
+        unclipped, clipped = self._ppo_terms(adv, ratio)
+        if selection is None:
+            selection = self._select(lp.detach(), entropy.detach(), adv, valid, clipped > unclipped)
         metrics: dict[str, torch.Tensor] = {}
         n_valid = valid.sum().clamp(min=1)
 
-        def frac(selection: torch.Tensor) -> torch.Tensor:
-            return (selection & valid).sum() / n_valid
+        def frac(mask: torch.Tensor) -> torch.Tensor:
+            return (mask & valid).sum() / n_valid
 
         keep = valid
         if self.cov_mode == "kl_cov":
-            kl_cov = covariance_mask(lp, adv, valid, mode="kl_cov", ratio=self.cov_ratio, process_group=self.process_group)
-            pg = unclipped + self.kl_cov_coef * log_ratio.abs() * kl_cov
-            metrics["mask/cov"] = frac(kl_cov)
+            pg = unclipped + self.kl_cov_coef * log_ratio.abs() * selection.covariance
         else:
             pg = torch.maximum(unclipped, clipped)
             if self.dual_clip is not None:
@@ -221,18 +263,12 @@ class FusedPolicyLoss(nn.Module):
                 metrics["clip_ratio/dual_mean"] = frac((adv < 0) & (dual < pg))
                 pg = torch.where(adv < 0, torch.minimum(pg, dual), pg)
         if self.cov_mode == "clip_cov":
-            clip_cov = covariance_mask(
-                lp, adv, valid, mode="clip_cov", ratio=self.cov_ratio, lower=self.cov_lower, upper=self.cov_upper,
-                exclude=clipped > unclipped, generator=self.generator, process_group=self.process_group,
-            )
-            keep = keep & ~clip_cov
-            metrics["mask/cov"] = frac(clip_cov)
+            keep = keep & ~selection.covariance
+        if self.cov_mode is not None:
+            metrics["mask/cov"] = frac(selection.covariance)
         if self.top_entropy_fraction < 1.0:
-            high_entropy = top_entropy_mask(
-                entropy.detach(), valid, top_fraction=self.top_entropy_fraction, process_group=self.process_group
-            )
-            keep = keep & high_entropy
-            metrics["mask/top_entropy"] = frac(high_entropy)
+            keep = keep & selection.high_entropy
+            metrics["mask/top_entropy"] = frac(selection.high_entropy)
         if self.prob_mask_threshold is not None:
             unlikely = probability_mask(olp, valid, threshold=self.prob_mask_threshold)
             keep = keep & unlikely
@@ -243,6 +279,8 @@ class FusedPolicyLoss(nn.Module):
         loss = pg_loss
         if ref_logprobs is not None:
             kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().float(), 0.0))
+            if self.kl_importance_weighted:
+                kl = ratio * kl  # the ratio keeps its gradient: this is the point of the correction
             metrics["kl"] = (kl.detach() * valid).sum() / n_valid
         if self.beta > 0:
             kl_loss = self._aggregate(self.beta * torch.where(valid, kl, 0.0), valid, num_items_in_batch)
@@ -262,10 +300,80 @@ class FusedPolicyLoss(nn.Module):
         metrics["clip_ratio/region_mean"] = frac(low | high)
         metrics["mask/selected"] = frac(keep)
         if self.cov_mode is not None:
-            cov = token_covariance(lp, adv, valid, self.process_group)
+            cov = torch.where(valid, selection.cov, 0.0)
             metrics["cov/mean"] = (cov.sum() / n_valid).float()
             metrics["cov/max"] = torch.where(valid, cov, -torch.inf).max().float()
         return loss, {k: v.detach().float() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def select(
+        self,
+        completion_mask: torch.Tensor,
+        advantages: torch.Tensor,
+        *,
+        entropy: torch.Tensor,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor | None = None,
+    ) -> Selection:
+        """The batch-wide masks of a whole batch, for loss calls on its micro-batches.
+
+        completion_mask [B, T] marks the batch's valid tokens; advantages [B] or [B, T]; entropy and
+        logprobs [B, T] are the current policy's H and lp of the sampled tokens (detached; e.g. from a
+        no-grad pass of fusedrl.kernels.linear_logprobs_and_entropy with this loss's temperature);
+        old_logprobs [B, T] as the loss takes them (None: on-policy). With process_group the
+        statistics span every rank, as in the loss. Pass `selection.rows(index)` to the call on rows
+        `index`: as long as the policy has not changed in between, the micro-batches' losses then add
+        up to the loss of one call on the whole batch.
+        """
+        if not isinstance(completion_mask, torch.Tensor) or completion_mask.dim() != 2:
+            raise ValueError(f"completion_mask must be a [B, T] tensor, got {getattr(completion_mask, 'shape', completion_mask)!r}")
+        shape = completion_mask.shape
+        valid = check_mask("completion_mask", completion_mask, shape)
+        adv = broadcast_advantages(advantages, shape).detach().float()
+        for name, t in (("entropy", entropy), ("logprobs", logprobs), ("old_logprobs", old_logprobs)):
+            if name == "old_logprobs" and t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {getattr(t, 'shape', t)!r}")
+        lp = torch.where(valid, logprobs.float(), 0.0)
+        olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)
+        unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
+        return self._select(lp, torch.where(valid, entropy.float(), 0.0), adv, valid, clipped > unclipped)
+
+    def _select(self, lp, entropy, adv, valid, clipped) -> Selection:
+        """The masks from detached lp and H; `clipped` marks the tokens the PPO clip already clipped."""
+        high_entropy = covariance = cov = None
+        if self.top_entropy_fraction < 1.0:
+            high_entropy = top_entropy_mask(entropy, valid, top_fraction=self.top_entropy_fraction,
+                                            process_group=self.process_group)
+        if self.cov_mode is not None:
+            cov = token_covariance(lp, adv, valid, self.process_group)
+            covariance = covariance_mask(
+                lp, adv, valid, mode=self.cov_mode, ratio=self.cov_ratio, lower=self.cov_lower, upper=self.cov_upper,
+                exclude=clipped if self.cov_mode == "clip_cov" else None, generator=self.generator,
+                process_group=self.process_group,
+            )
+        return Selection(high_entropy=high_entropy, covariance=covariance, cov=cov)
+
+    def _check_selection(self, selection, shape) -> None:
+        """A Selection fits this loss's options and this call's [B, T]."""
+        if not isinstance(selection, Selection):
+            raise ValueError(f"selection must be a Selection (from FusedPolicyLoss.select), got {type(selection).__name__}")
+        needed = {"high_entropy": self.top_entropy_fraction < 1.0, "covariance": self.cov_mode is not None,
+                  "cov": self.cov_mode is not None}
+        for name, need in needed.items():
+            t = getattr(selection, name)
+            if need != (t is not None):
+                raise ValueError(
+                    f"selection.{name} must be {'given' if need else 'None'} for this loss's options "
+                    "(top_entropy_fraction, cov_mode): make the selection with this loss's select()"
+                )
+            if t is not None and tuple(t.shape) != tuple(shape):
+                raise ValueError(f"selection.{name} must have shape {tuple(shape)} (this call's rows), got {tuple(t.shape)}")
+
+    def _ppo_terms(self, adv: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-A ratio and -A clip(ratio, 1 - eps_low, 1 + eps_high): the PPO clip's two sides."""
+        return -adv * ratio, -adv * torch.clamp(ratio, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high)
 
     def _logprobs_entropy(self, ids, valid, logits, hidden, weight, bias):
         """lp and H of the sampled tokens, [B, T] float32 each, from the one fused pass."""

@@ -15,6 +15,7 @@ _EXPORTS = {
     "probability_mask": "fusedrl.kernels",
     "covariance_mask": "fusedrl.kernels",
     "FusedPolicyLoss": "fusedrl.engine.loss",
+    "Selection": "fusedrl.engine.loss",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,13 +15,13 @@ specialisation sees this for every padded vocabulary: 32,000, 128,256, 151,936, 
 tile loop is software-pipelined (tl.range, 3 stages): the compiler issues the next two tiles'
 loads as cp.async into shared memory (2 x 16 KiB for bf16) while this tile is reduced, so a
 program keeps about 48 KiB in flight without spending registers on it; an H100 needs roughly
-3.35 TB/s x ~0.7 us / 132 SMs = 18 KiB per SM. The forward uses under 120 registers per thread,
-the backward under 100 (compile check: no spills on sm_80/sm_90). Each element costs one
+3.35 TB/s x ~0.7 us / 132 SMs = 18 KiB per SM. At V = 151,936 bf16 the forward uses about 90 registers
+per thread and the backward about 85 (compile check: no spills on sm_80/sm_90). Each element costs one
 exponential: the running max is a per-tile scalar (one reduction per tile), so the per-element
 rescale is a broadcast multiply, not a second exp. At 3.35 TB/s of bf16 (1.7e12 elements/s) one
 ex2 per element is about 40% of an H100's SFU throughput (16 per clock per SM); two would be 80%.
 Vocabularies under 2048 put several rows in a program (BLOCK_N > 1) so that small-V calls do not
-launch one tiny program per row. None of this is measured yet: see docs/k-logits.md.
+launch one tiny program per row. None of this is measured yet: see docs/logprobs_and_entropy.md.
 
 Grid: one axis, cdiv(N, BLOCK_N) programs (CUDA allows 2^31 - 1 on axis 0), program ids cast to
 int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
@@ -336,6 +336,10 @@ def logprobs_and_entropy(
 
 
 def _spec(fn, name, dtype, vocab, **flags) -> CompileSpec:
+    """One kernel at vocabulary `vocab`, with the divisibility Triton's JIT sees there: every pointer
+    16-byte aligned (fresh PyTorch allocations are), and the vocabulary and the row strides (multiples
+    of V) divisible by 16 when V is. Aligned rows are what lets the compiler use 16-byte vector loads;
+    n_rows, inner_rows and ignore_index are never specialised (do_not_specialize)."""
     block_n, block_v, num_warps, num_stages = _config(vocab)
     constexprs = {**flags, "BLOCK_N": block_n, "BLOCK_V": block_v, "NUM_STAGES": num_stages}
     pointers = {
@@ -348,27 +352,32 @@ def _spec(fn, name, dtype, vocab, **flags) -> CompileSpec:
     if fn is _backward_kernel:
         signature |= {"grad_stride_outer": "i64", "grad_stride_inner": "i64"}
     signature |= {"inv_temperature": "fp32", "ignore_index": "i32"} | {k: "constexpr" for k in constexprs}
+    multiples_of_v = ("vocab", "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner")
+    aligned_rows = vocab % 16 == 0
+    divisible = tuple(a for a, ty in signature.items() if ty.startswith("*") or (aligned_rows and a in multiples_of_v))
     return CompileSpec(
-        name=f"{name}_{dtype}_{block_n}x{block_v}",
+        name=f"{name}_{dtype}_{block_n}x{block_v}_v{vocab}",
         fn=fn,
         signature=signature,
         constexprs=constexprs,
         num_warps=num_warps,
         num_stages=num_stages,
+        divisible_by_16=divisible,
     )
 
 
 def _compile_specs() -> list[CompileSpec]:
-    """Every kernel variant at the production vocabulary (V = 151,936: one row per 8192-wide tile)
-    in each dtype, and the other tile shapes _config picks (a single 2048-wide tile; several short
-    rows per tile) in bf16."""
+    """Every kernel variant at the production vocabulary (V = 151,936: one row per 8192-wide tile,
+    aligned) in each dtype; the same tile at an unpadded vocabulary (GPT-2's V = 50,257: rows not
+    16-byte aligned, so one load per element); and the other tile shapes _config picks (a single
+    2048-wide tile; several short rows per tile, aligned or not) in bf16."""
     specs = []
     grad_flags = {"bwd": (True, True), "bwd_lp": (True, False), "bwd_h": (False, True)}
     for dtype in ("bf16", "fp16", "fp32"):
         specs.append(_spec(_forward_kernel, "fwd", dtype, 151936))
         for name, (has_lp, has_h) in grad_flags.items():
             specs.append(_spec(_backward_kernel, name, dtype, 151936, HAS_GRAD_LP=has_lp, HAS_GRAD_ENTROPY=has_h))
-    for vocab in (2048, 1000, 100, 3):
+    for vocab in (50257, 2048, 1024, 1000, 100, 3):
         specs.append(_spec(_forward_kernel, "fwd", "bf16", vocab))
         specs.append(_spec(_backward_kernel, "bwd", "bf16", vocab, HAS_GRAD_LP=True, HAS_GRAD_ENTROPY=True))
     return specs

@@ -13,8 +13,10 @@ It is a one-line change for a TRL user: the constructor and `GRPOConfig` are TRL
   that is exactly `FusedPolicyLoss(top_entropy_fraction=top_entropy_quantile, normalize_by="valid")`.
 
 Honoured `GRPOConfig` fields: `loss_type` (grpo, bnpo, dr_grpo, dapo), `epsilon`, `epsilon_high`, `beta`
-(k3 estimator, as TRL), `temperature`, `top_entropy_quantile`, `max_completion_length` (dr_grpo) and the
-gradient-accumulation scaling of each loss type. Options whose TRL semantics the fused loss does not
+(k3 estimator, as TRL), `use_bias_correction_kl` (TRL's default True: the per-token KL is multiplied by
+the importance ratio, gradient included; `FusedPolicyLoss(kl_importance_weighted=True)`), `temperature`,
+`top_entropy_quantile`, `max_completion_length` (dr_grpo) and the gradient-accumulation scaling of each
+loss type. Options whose TRL semantics the fused loss does not
 reproduce are refused at construction with a ValueError naming the option.
 
 Logged metrics keep TRL's names: `entropy`, `kl` (when beta > 0), `clip_ratio/low_mean`,
@@ -82,6 +84,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             normalize_by="valid",
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,
+            kl_importance_weighted=self.args.use_bias_correction_kl,
             # TRL takes the entropy quantile over the micro-batches of all processes at once.
             process_group=torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None,
         )
@@ -160,7 +163,6 @@ def _check_supported(trainer: GRPOTrainer) -> None:
         "vllm_importance_sampling_correction": trainer.use_vllm and trainer.vllm_importance_sampling_correction,
         "entropy_coef": trainer.entropy_coef != 0.0,
         "use_adaptive_entropy": trainer.use_adaptive_entropy,
-        "use_bias_correction_kl": args.use_bias_correction_kl and trainer.beta != 0.0,
         "router_aux_loss_coef": trainer.aux_loss_enabled,
     }
     names = [name for name, is_set in refused.items() if is_set]

@@ -33,6 +33,8 @@ CASES = {
     "kl_k1": (dict(loss_type="bnpo", beta=0.3, kl_estimator="k1"), {}),
     "kl_k2": (dict(loss_type="grpo", beta=0.3, kl_estimator="k2"), {}),
     "kl_k3": (dict(loss_type="dapo", beta=0.3, kl_estimator="k3"), {}),
+    "kl_k3_importance_weighted": (dict(loss_type="grpo", beta=0.3, kl_estimator="k3", kl_importance_weighted=True), {}),
+    "kl_k2_importance_weighted": (dict(loss_type="bnpo", beta=0.3, kl_estimator="k2", kl_importance_weighted=True), {}),
     "entropy_bonus": (dict(loss_type="bnpo", entropy_coef=0.05), {}),
     "top_entropy": (dict(loss_type="dapo", top_entropy_fraction=0.2), {}),
     "top_entropy_selected": (dict(loss_type="grpo", top_entropy_fraction=0.3, normalize_by="selected"), {}),
@@ -120,6 +122,8 @@ def reference_loss(cfg, logits64, ids, mask, adv, old, ref, num_items=None):
     loss = aggregate(cfg, per_token, denominator, num_items)
     kl = {"k1": lp - ref.double(), "k2": 0.5 * (lp - ref.double()) ** 2,
           "k3": torch.exp(ref.double() - lp) - (ref.double() - lp) - 1}[cfg.get("kl_estimator", "k3")]
+    if cfg.get("kl_importance_weighted", False):
+        kl = ratio * kl
     loss = loss + aggregate(cfg, cfg.get("beta", 0.0) * kl * valid, valid, num_items)
     loss = loss + aggregate(cfg, -cfg.get("entropy_coef", 0.0) * h * valid, valid, num_items)
     return loss, lp, h, keep
@@ -278,6 +282,37 @@ def test_hand_worked_kl_estimators(estimator, expected):
     assert metrics["kl"].item() == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("weighted, expected_grad", [(False, 0.5), (True, math.log(2))])
+def test_hand_worked_importance_weighted_kl_on_policy(weighted, expected_grad):
+    """On-policy the ratio is 1 but keeps its gradient. lp = log 1/2, rlp = log 1/4, beta = 2, A = 0:
+    d k3 / d lp = 1 - exp(rlp - lp) = 1/2, so d(beta k3)/d lp = 1, while d(beta ratio k3)/d lp =
+    beta (k3 + 1/2) = 2 ln 2 (d ratio / d lp = ratio = 1); d lp / d logits = (1/2, -1/2). The loss
+    and the "kl" metric are k3 = ln 2 - 1/2 either way."""
+    logits = torch.zeros(1, 1, 2, requires_grad=True)
+    ids, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
+    ref = torch.full((1, 1), math.log(0.25))
+    loss_fn = FusedPolicyLoss(loss_type="bnpo", beta=2.0, backend="torch", kl_importance_weighted=weighted)
+    loss, metrics = loss_fn(ids, mask, torch.zeros(1), logits=logits, ref_logprobs=ref)
+    loss.backward()
+    k3 = math.log(2) - 0.5
+    assert loss.item() == pytest.approx(2.0 * k3, abs=1e-6)
+    assert metrics["kl"].item() == pytest.approx(k3, abs=1e-6)
+    torch.testing.assert_close(logits.grad, torch.tensor([[[expected_grad, -expected_grad]]]), atol=1e-6, rtol=0)
+
+
+def test_importance_weighted_kl_metric_is_the_weighted_estimate():
+    """Off-policy (ratio 2 on one token of two), the "kl" metric is the mean of ratio * k3, as TRL logs it."""
+    logits = torch.zeros(1, 2, 2)
+    ids, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)
+    old = torch.log(torch.tensor([[0.25, 0.5]]))  # lp = log 1/2: ratios 2 and 1
+    ref = torch.full((1, 2), math.log(0.25))
+    loss_fn = FusedPolicyLoss(loss_type="bnpo", beta=1.0, backend="torch", kl_importance_weighted=True)
+    loss, metrics = loss_fn(ids, mask, torch.zeros(1), logits=logits, old_logprobs=old, ref_logprobs=ref)
+    k3 = math.log(2) - 0.5
+    assert metrics["kl"].item() == pytest.approx((2 * k3 + k3) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx((2 * k3 + k3) / 2, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "loss_type, extra, call, expected",
     [
@@ -358,6 +393,7 @@ def test_on_policy_when_old_logprobs_missing():
         (dict(loss_type="dr_grpo", max_completion_length=8, normalize_by="selected"), "normalize_by"),
         (dict(temperature=0.0), "temperature"),
         (dict(backend="cuda"), "backend"),
+        (dict(kl_importance_weighted=1), "kl_importance_weighted"),
     ],
 )
 def test_config_errors_name_the_argument(kwargs, name):

@@ -131,11 +131,16 @@ CASES = [
     pytest.param(dict(loss_type="dapo", top_entropy_quantile=0.2), id="dapo-top20"),
     pytest.param(dict(loss_type="grpo", top_entropy_quantile=0.2), id="grpo-top20"),
     pytest.param(dict(loss_type="dr_grpo", top_entropy_quantile=0.2), id="dr_grpo-top20"),
-    pytest.param(dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=False), id="dapo-beta"),
+    # beta > 0 with TRL's default use_bias_correction_kl=True (the KL weighted by the ratio) and without.
+    pytest.param(dict(loss_type="dapo", beta=0.05), id="dapo-beta"),
+    pytest.param(dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=False), id="dapo-beta-unweighted"),
+    pytest.param(dict(loss_type="grpo", beta=0.05, top_entropy_quantile=0.2), id="grpo-beta-top20"),
     pytest.param(
-        dict(loss_type="grpo", beta=0.05, top_entropy_quantile=0.2, use_bias_correction_kl=False), id="grpo-beta-top20"
+        dict(loss_type="grpo", beta=0.05, top_entropy_quantile=0.2, use_bias_correction_kl=False),
+        id="grpo-beta-top20-unweighted",
     ),
-    pytest.param(dict(loss_type="bnpo", beta=0.05, use_bias_correction_kl=False), id="bnpo-beta"),
+    pytest.param(dict(loss_type="bnpo", beta=0.05), id="bnpo-beta"),
+    pytest.param(dict(loss_type="dr_grpo", beta=0.05, use_bias_correction_kl=False), id="dr_grpo-beta-unweighted"),
 ]
 
 
@@ -163,12 +168,17 @@ def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
         assert fused_metrics["kl"] == pytest.approx(stock_metrics["kl"], rel=1e-5)
 
 
-def test_on_policy_batch_matches_stock_trl(tmp_path, model_dir):
-    """Without old log-probs (one update per generation) both use the current ones, detached."""
-    overrides = dict(loss_type="dapo", top_entropy_quantile=0.2)
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(loss_type="dapo", top_entropy_quantile=0.2), dict(loss_type="grpo", beta=0.05)],
+    ids=["dapo-top20", "grpo-beta"],
+)
+def test_on_policy_batch_matches_stock_trl(tmp_path, model_dir, overrides):
+    """Without old log-probs (one update per generation) both use the current ones, detached; the
+    bias-corrected KL's ratio is then 1 in value but not in gradient."""
     stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
     fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
-    inputs = _batch(stock, len(tiny_tokenizer()), with_ref=False)
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref="beta" in overrides)
     del inputs["old_per_token_logps"]
     stock_loss, stock_grads, _ = _loss_and_grads(stock, inputs)
     fused_loss, fused_grads, _ = _loss_and_grads(fused, inputs)
@@ -194,6 +204,18 @@ def test_eval_mode_loss_matches_stock_trl(tmp_path, model_dir, loss_type):
         torch.testing.assert_close(train_loss, losses[1] / ACCUMULATION)
 
 
+def test_bias_correction_kl_changes_the_gradient(tmp_path, model_dir):
+    """The weighted and unweighted beta cases above are not the same comparison twice."""
+    grads = []
+    for weighted in (True, False):
+        trainer = _trainer(
+            FusedGRPOTrainer, _load(model_dir), tmp_path / str(weighted), beta=0.5, use_bias_correction_kl=weighted
+        )
+        grads.append(_loss_and_grads(trainer, _batch(trainer, len(tiny_tokenizer()), with_ref=True))[1])
+    differences = [(grads[0][name] - grads[1][name]).abs().max().item() for name in grads[0]]
+    assert max(differences) > 1e-4
+
+
 def test_top_entropy_quantile_changes_the_loss(tmp_path, model_dir):
     """The 0.2 case above is not vacuous: masking 80% of the tokens changes the loss."""
     full = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "full")
@@ -211,7 +233,7 @@ def test_old_and_reference_logprobs_come_from_the_fused_op(tmp_path):
     path = tmp_path / "untied"
     tiny_model(len(tokenizer), seed=5, tie_word_embeddings=False).save_pretrained(path)
     stock = _trainer(GRPOTrainer, _load(path), tmp_path / "stock", beta=0.1)
-    fused = _trainer(FusedGRPOTrainer, _load(path), tmp_path / "fused", beta=0.1, use_bias_correction_kl=False)
+    fused = _trainer(FusedGRPOTrainer, _load(path), tmp_path / "fused", beta=0.1)
     for patched in (fused.model, fused.ref_model):
         assert patched.forward.__func__.__code__.co_filename.endswith("fusedrl/integrations/trl.py")
     inputs = _batch(stock, len(tokenizer), with_ref=False)
@@ -243,7 +265,6 @@ def test_two_step_train_runs_and_logs_trl_metrics(tmp_path, model_dir):
             tmp_path,
             max_steps=2,
             beta=0.05,
-            use_bias_correction_kl=False,
             top_entropy_quantile=0.2,
             gradient_accumulation_steps=1,
             bf16=True,
@@ -268,7 +289,6 @@ def test_two_step_train_runs_and_logs_trl_metrics(tmp_path, model_dir):
         (dict(importance_sampling_level="sequence", loss_type="grpo"), "importance_sampling_level"),
         (dict(entropy_coef=0.01), "entropy_coef"),
         (dict(delta=2.0), "delta"),
-        (dict(beta=0.1), "use_bias_correction_kl"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(tmp_path, model_dir, overrides, option):

@@ -11,43 +11,14 @@ an ulp, so a whole-ulp error (e.g. truncation instead of rounding) fails.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fusedrl.kernels.logprobs_entropy as le
 from fusedrl.kernels import logprobs_and_entropy
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def interpreter_rounds_bf16_like_gpu():
-    """Triton 3.9's interpreter converts fp32 to bf16 by truncation (and its round-to-nearest path
-    carries into the exponent incorrectly); CUDA rounds to nearest even. Make the interpreter round
-    like the GPU so that the bf16 gradient is held to the same rule as on a GPU."""
-    if not le._INTERPRETED:
-        yield
-        return
-    import triton.language as tl
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._convert_float
-
-    def convert(values, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
-            return rounded.view(torch.int16).numpy().view(np.uint16)
-        return original(values, input_dtype, output_dtype, rounding_mode)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_convert_float", convert)
-        yield
-
-
 
 
 def reference(x: torch.Tensor, targets: torch.Tensor, temperature: float, compute_dtype=torch.float64):

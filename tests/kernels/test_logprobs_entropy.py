@@ -20,18 +20,14 @@ from logprobs_oracle import (
     IGNORE,
     AllocationRecorder,
     check_all,
-    interpreter_rounds_bf16_like_gpu,  # noqa: F401 (a fixture: pytest finds it by name)
     make_inputs,
     reference_grad_of_full,
 )
 
 # The interpreter evaluates both sides of tl.where in numpy (exp(-inf - -inf) and so on); the
-# kernels select the finite side, which the tests check. The warnings are noise. The bf16 fixture
-# makes the interpreter round like a GPU (see logprobs_oracle).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
-    pytest.mark.usefixtures("interpreter_rounds_bf16_like_gpu"),
-]
+# kernels select the finite side, which the tests check. The warnings are noise. (The interpreter
+# rounds fp32 to bf16 like a GPU for every test: tests/conftest.py.)
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
 # ---------------------------------------------------------------------------------------------

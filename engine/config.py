@@ -1,0 +1,483 @@
+"""The run configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+
+`load_config("run.yaml", ["rollout.group_size=8", "optim.lr=1e-5"])` reads the file into the
+structured config with OmegaConf (which rejects unknown keys and wrong types), applies the overrides,
+then checks ranges and contradictions. Every problem raises one ConfigError naming the key, before
+any model or dataset is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+ALGORITHMS = ("grpo", "ppo", "spo_chain", "spo_tree")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for (config, data, model path): shown without a traceback."""
+
+
+class ConfigError(UsageError):
+    """An invalid configuration; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    algorithm: str = "grpo"
+    """Training loop: grpo, ppo (with a critic), spo_chain or spo_tree (segment advantages)."""
+    output_dir: str = "runs/fusedrl"
+    """Directory for metrics, TensorBoard events, checkpoints and plots."""
+    steps: int = 100
+    """Number of RL steps (one rollout batch each)."""
+    seed: int = 0
+    """Seed for python, numpy and torch; a run is reproducible on CPU."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    resume: Optional[str] = None
+    """Continue from a checkpoint: a checkpoint directory, or "latest" in output_dir."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+    tensorboard: bool = True
+    """Write TensorBoard events under output_dir/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs the wandb package)."""
+    wandb_project: str = "fusedrl"
+    """Weights & Biases project name."""
+    plots: bool = True
+    """Write PNG plots of reward and entropy against step at the end."""
+
+
+@dataclass
+class DemoModelConfig:
+    hidden_size: int = 128
+    """Width of the built-in demo model (a tiny Llama)."""
+    num_layers: int = 4
+    """Decoder layers of the demo model."""
+    num_heads: int = 4
+    """Attention heads of the demo model."""
+    intermediate_size: int = 256
+    """MLP width of the demo model."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:demo"
+    """Local directory of a transformers causal LM and its tokenizer, or builtin:demo."""
+    reference: Optional[str] = None
+    """Frozen reference model for the KL term: null, "policy" (a copy of the initial policy) or a path."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward to save memory."""
+    demo: DemoModelConfig = field(default_factory=DemoModelConfig)
+    """Shape of the built-in demo model."""
+
+
+@dataclass
+class DataConfig:
+    task: Optional[str] = "arithmetic"
+    """Built-in task (see fusedrl.engine.tasks.TASKS); null when data.path is set."""
+    path: Optional[str] = None
+    """Local JSONL or Parquet file of training prompts."""
+    eval_path: Optional[str] = None
+    """Local held-out file; without it eval_fraction of data.path is held out."""
+    eval_fraction: float = 0.1
+    """Fraction of data.path held out for evaluation when eval_path is not given."""
+    prompt_field: str = "prompt"
+    """Name of the prompt field; every other field reaches the reward as a column."""
+    answer_field: str = "answer"
+    """Name of the reference-answer field (read by the math reward)."""
+    train_size: int = 4000
+    """Rows generated for a built-in task's training split."""
+    eval_size: int = 200
+    """Held-out prompts used per evaluation."""
+    max_prompt_length: int = 128
+    """Longest prompt in tokens; a longer prompt is an error."""
+    chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template."""
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = 0
+    """Supervised steps on the task's reference completions before RL (built-in tasks only)."""
+    batch_size: int = 32
+    """Sequences per supervised step."""
+    lr: float = 1e-3
+    """Learning rate of the warm start (constant after a short linear warmup)."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    """Prompts sampled per RL step."""
+    group_size: int = 8
+    """Responses sampled per prompt (G)."""
+    temperature: float = 1.0
+    """Sampling temperature; also the temperature of the log-probs in the loss."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 64
+    """Longest response in tokens; also the loss's max_completion_length (dr_grpo)."""
+    batch_size: int = 256
+    """Sequences generated together."""
+
+
+@dataclass
+class RewardConfig:
+    function: str = "task"
+    """task (the built-in task's verifier), math (math-verify) or a user function "module:function"."""
+    timeout_s: float = 10.0
+    """A reward call running longer scores its samples 0 (counted in reward/failures)."""
+
+
+@dataclass
+class AdvantageConfig:
+    normalize_std: bool = True
+    """Divide by the group's std (GRPO); false gives Dr. GRPO's mean-centred advantage."""
+    eps: float = 1e-4
+    """Added to the group std before dividing."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (DAPO)."""
+    overlong_buffer: int = 0
+    """Tokens before max_new_tokens over which the overlong penalty grows linearly (0: off)."""
+    overlong_penalty: float = 1.0
+    """Penalty subtracted from the reward at max_new_tokens."""
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = "dapo"
+    """Aggregation: grpo, bnpo, dr_grpo or dapo (ALGORITHMS.md section 4)."""
+    epsilon_low: float = 0.2
+    """Lower PPO clip range."""
+    epsilon_high: float = 0.28
+    """Upper PPO clip range (clip-higher)."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c for negative advantages (null: off)."""
+    beta: float = 0.0
+    """KL coefficient to the reference model (needs model.reference)."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    kl_importance_weighted: bool = False
+    """Weight each token's KL by its importance ratio (TRL's use_bias_correction_kl)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    top_entropy_fraction: float = 1.0
+    """Train on this fraction of highest-entropy tokens (0.2 in the 80/20 paper; 1 keeps all)."""
+    prob_mask_threshold: Optional[float] = None
+    """SPO probability mask: keep tokens with old probability below this (null: off)."""
+    cov_mode: Optional[str] = None
+    """clip_cov or kl_cov (null: off)."""
+    cov_ratio: float = 2e-4
+    """Fraction of tokens Clip-Cov / KL-Cov act on."""
+    cov_lower: float = 1.0
+    """Clip-Cov lower covariance bound."""
+    cov_upper: float = 5.0
+    """Clip-Cov upper covariance bound."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov coefficient."""
+    normalize_by: str = "valid"
+    """Divide by all valid tokens (valid) or by the selected tokens (selected)."""
+    backend: str = "auto"
+    """Fused-op backend: auto (Triton on CUDA, plain PyTorch elsewhere), triton or torch."""
+
+
+@dataclass
+class PPOConfig:
+    gamma: float = 1.0
+    """GAE discount (1 in Xu et al. 2024)."""
+    lam: float = 1.0
+    """GAE lambda (1 in Xu et al. 2024)."""
+    kl_penalty: str = "reward"
+    """Where loss.beta's KL goes: reward (-beta * k1 on every token's reward) or loss (the loss's KL term)."""
+    reward_clip: Optional[float] = None
+    """Clamp sequence rewards to [-reward_clip, reward_clip] before GAE (null: off)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the rollout batch."""
+    value_clip: Optional[float] = 0.2
+    """Clip range of the value loss around the rollout-time values (null: plain squared error)."""
+    normalize_values: bool = False
+    """The critic learns returns scaled by their running mean and std."""
+    critic_model: Optional[str] = None
+    """Local model directory for the critic's backbone (null: a copy of the policy's backbone)."""
+    critic_lr: float = 1e-5
+    """AdamW learning rate of the critic (constant)."""
+    reference_ema: float = 0.0
+    """eta of ref <- (1 - eta) ref + eta policy after every step (0: frozen; needs model.reference=policy)."""
+
+
+@dataclass
+class SPOConfig:
+    num_continuations: int = 4
+    """K: continuations sampled per chain boundary to estimate its value (4 on MATH, 9 on GSM8K)."""
+    cutpoint_threshold: float = 0.9
+    """rho: a token whose rollout probability is below this is a cutpoint (spo_chain)."""
+    cutpoint_interval: int = 5
+    """Keep every cutpoint_interval-th cutpoint, from the first, as a segment boundary (spo_chain)."""
+    tree_branching: list[int] = field(default_factory=lambda: [6, 6, 6])
+    """Children per node at each tree level (spo_tree); its length is the depth."""
+    tree_level_tokens: list[int] = field(default_factory=lambda: [30, 30])
+    """New tokens per node at every level but the last, which runs to max_new_tokens (spo_tree)."""
+    tree_std_normalize: bool = False
+    """Divide each node's advantage by the std of its siblings' values + 1e-8 (spo_tree)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """AdamW learning rate of the RL phase."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warmup: constant, linear or cosine (to 0 at the last update)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    updates_per_batch: int = 1
+    """Passes over each rollout batch."""
+    mini_batches: int = 1
+    """Optimizer steps per pass (the rollout batch is split into this many mini-batches)."""
+    micro_batch_tokens: int = 8192
+    """Token budget of a forward/backward (rows x padded length); gradients accumulate across them."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on the held-out split every N steps (0: only before and after RL)."""
+    temperature: float = 0.0
+    """0 for greedy decoding, else sampling at this temperature."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    spo: SPOConfig = field(default_factory=SPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (or the defaults when path is None) and `key=value` overrides."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"config key {e.full_key!r}: unknown key") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config key {e.full_key!r}: {_first_line(e)}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"config key {key!r}: {message}")
+
+
+def _choice(key: str, value, choices):
+    if value not in choices:
+        _fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _at_least(key: str, value, low):
+    if not (value >= low and math.isfinite(value)):
+        _fail(key, f"must be >= {low}; got {value}")
+
+
+def _positive(key: str, value):
+    if not (value > 0 and math.isfinite(value)):
+        _fail(key, f"must be > 0; got {value}")
+
+
+def _fraction(key: str, value):
+    if not 0 < value <= 1:
+        _fail(key, f"must be in (0, 1]; got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises one ConfigError naming the first offending key."""
+    run, model, data, rollout, adv, loss, optim = (cfg.run, cfg.model, cfg.data, cfg.rollout,
+                                                   cfg.advantage, cfg.loss, cfg.optim)
+    _choice("run.algorithm", run.algorithm, ALGORITHMS)
+    _at_least("run.steps", run.steps, 1)
+    _choice("run.device", run.device, ("auto", "cpu", "cuda"))
+    _at_least("run.num_threads", run.num_threads, 0)
+    _at_least("run.save_every", run.save_every, 0)
+    _choice("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _at_least(f"model.demo.{name}", getattr(model.demo, name), 1)
+    if model.demo.hidden_size % model.demo.num_heads:
+        _fail("model.demo.num_heads", f"must divide model.demo.hidden_size ({model.demo.hidden_size})")
+    if (data.task is None) == (data.path is None):
+        _fail("data.task", "set exactly one of data.task (a built-in task) and data.path (a local file)")
+    if data.task is not None:
+        from fusedrl.engine.tasks import TASKS
+
+        _choice("data.task", data.task, tuple(TASKS))
+    _fraction("data.eval_fraction", data.eval_fraction)
+    if data.eval_fraction == 1:
+        _fail("data.eval_fraction", "must leave training rows; got 1")
+    _at_least("data.train_size", data.train_size, 1)
+    _at_least("data.eval_size", data.eval_size, 1)
+    _at_least("data.max_prompt_length", data.max_prompt_length, 1)
+    _at_least("warm_start.steps", cfg.warm_start.steps, 0)
+    _at_least("warm_start.batch_size", cfg.warm_start.batch_size, 1)
+    _positive("warm_start.lr", cfg.warm_start.lr)
+    if cfg.warm_start.steps and data.task is None:
+        _fail("warm_start.steps", "the warm start needs a built-in task's reference completions")
+    _at_least("rollout.prompts_per_step", rollout.prompts_per_step, 1)
+    _at_least("rollout.group_size", rollout.group_size, 1)
+    _positive("rollout.temperature", rollout.temperature)
+    _fraction("rollout.top_p", rollout.top_p)
+    _at_least("rollout.max_new_tokens", rollout.max_new_tokens, 1)
+    _at_least("rollout.batch_size", rollout.batch_size, 1)
+    if cfg.reward.function not in ("task", "math") and ":" not in cfg.reward.function:
+        _fail("reward.function", f"must be task, math or an import path module:function; got "
+                                 f"{cfg.reward.function!r}")
+    if cfg.reward.function == "task" and data.task is None:
+        _fail("reward.function", "'task' needs data.task; with data.path use math or module:function")
+    _positive("reward.timeout_s", cfg.reward.timeout_s)
+    if run.algorithm == "grpo" and rollout.group_size == 1 and adv.normalize_std:
+        _fail("advantage.normalize_std", "a group of 1 has no std; set rollout.group_size >= 2 or "
+                                         "advantage.normalize_std=false")
+    if run.algorithm == "grpo" and rollout.group_size == 1 and adv.dynamic_sampling:
+        _fail("advantage.dynamic_sampling", "every group of 1 has equal rewards; needs rollout.group_size >= 2")
+    _positive("advantage.eps", adv.eps)
+    _at_least("advantage.overlong_buffer", adv.overlong_buffer, 0)
+    if adv.overlong_buffer > rollout.max_new_tokens:
+        _fail("advantage.overlong_buffer", f"must be <= rollout.max_new_tokens ({rollout.max_new_tokens})")
+    _at_least("advantage.overlong_penalty", adv.overlong_penalty, 0)
+    _choice("loss.loss_type", loss.loss_type, LOSS_TYPES)
+    _at_least("loss.epsilon_low", loss.epsilon_low, 0)
+    _at_least("loss.epsilon_high", loss.epsilon_high, 0)
+    if loss.epsilon_low >= 1:
+        _fail("loss.epsilon_low", f"must be < 1 (the ratio clip 1 - epsilon_low must stay positive); "
+                                  f"got {loss.epsilon_low}")
+    if loss.dual_clip is not None and not loss.dual_clip > 1:
+        _fail("loss.dual_clip", f"must be > 1; got {loss.dual_clip}")
+    _at_least("loss.beta", loss.beta, 0)
+    if loss.beta > 0 and model.reference is None:
+        _fail("loss.beta", "a KL term needs a reference model; set model.reference (e.g. policy)")
+    _choice("loss.kl_estimator", loss.kl_estimator, ("k1", "k2", "k3"))
+    _at_least("loss.entropy_coef", loss.entropy_coef, 0)
+    _fraction("loss.top_entropy_fraction", loss.top_entropy_fraction)
+    if loss.prob_mask_threshold is not None:
+        _fraction("loss.prob_mask_threshold", loss.prob_mask_threshold)
+    if loss.cov_mode is not None:
+        _choice("loss.cov_mode", loss.cov_mode, ("clip_cov", "kl_cov"))
+    _fraction("loss.cov_ratio", loss.cov_ratio)
+    if not loss.cov_lower < loss.cov_upper:
+        _fail("loss.cov_lower", f"must be < loss.cov_upper ({loss.cov_upper}); got {loss.cov_lower}")
+    _at_least("loss.kl_cov_coef", loss.kl_cov_coef, 0)
+    _choice("loss.normalize_by", loss.normalize_by, ("valid", "selected"))
+    _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
+    _positive("optim.lr", optim.lr)
+    _at_least("optim.weight_decay", optim.weight_decay, 0)
+    for key in ("adam_beta1", "adam_beta2"):
+        value = getattr(optim, key)
+        if not 0 <= value < 1:
+            _fail(f"optim.{key}", f"must be in [0, 1); got {value}")
+    _choice("optim.schedule", optim.schedule, ("constant", "linear", "cosine"))
+    _at_least("optim.warmup_steps", optim.warmup_steps, 0)
+    _at_least("optim.max_grad_norm", optim.max_grad_norm, 0)
+    _at_least("optim.updates_per_batch", optim.updates_per_batch, 1)
+    _at_least("optim.mini_batches", optim.mini_batches, 1)
+    if run.algorithm != "spo_tree" and optim.mini_batches > rollout.prompts_per_step * rollout.group_size:
+        _fail("optim.mini_batches", f"must be <= the responses per step "
+                                    f"({rollout.prompts_per_step * rollout.group_size})")
+    longest = data.max_prompt_length + rollout.max_new_tokens
+    if optim.micro_batch_tokens < longest:
+        _fail("optim.micro_batch_tokens", f"must hold one full sequence: >= data.max_prompt_length + "
+                                          f"rollout.max_new_tokens = {longest}; got {optim.micro_batch_tokens}")
+    _at_least("eval.every", cfg.eval.every, 0)
+    _at_least("eval.temperature", cfg.eval.temperature, 0)
+    if run.algorithm == "ppo":
+        _validate_ppo(cfg)
+    if run.algorithm in ("spo_chain", "spo_tree"):
+        _validate_spo(cfg)
+
+
+def _validate_ppo(cfg: Config) -> None:
+    ppo = cfg.ppo
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(ppo, key) <= 1:
+            _fail(f"ppo.{key}", f"must be in [0, 1]; got {getattr(ppo, key)}")
+    _choice("ppo.kl_penalty", ppo.kl_penalty, ("reward", "loss"))
+    if ppo.reward_clip is not None:
+        _positive("ppo.reward_clip", ppo.reward_clip)
+    if ppo.value_clip is not None:
+        _positive("ppo.value_clip", ppo.value_clip)
+    _positive("ppo.critic_lr", ppo.critic_lr)
+    if not 0 <= ppo.reference_ema <= 1:
+        _fail("ppo.reference_ema", f"must be in [0, 1]; got {ppo.reference_ema}")
+    if ppo.reference_ema > 0 and cfg.model.reference != "policy":
+        _fail("ppo.reference_ema", "moves the reference toward the policy: needs model.reference=policy")
+    if cfg.advantage.dynamic_sampling or cfg.advantage.overlong_buffer:
+        _fail("advantage.dynamic_sampling" if cfg.advantage.dynamic_sampling else "advantage.overlong_buffer",
+              "is GRPO's group shaping; ppo does not use it")
+
+
+def _validate_spo(cfg: Config) -> None:
+    spo, rollout = cfg.spo, cfg.rollout
+    if cfg.advantage.dynamic_sampling or cfg.advantage.overlong_buffer:
+        _fail("advantage.dynamic_sampling" if cfg.advantage.dynamic_sampling else "advantage.overlong_buffer",
+              "is GRPO's group shaping; spo does not use it")
+    if cfg.run.algorithm == "spo_chain":
+        _at_least("spo.num_continuations", spo.num_continuations, 1)
+        _fraction("spo.cutpoint_threshold", spo.cutpoint_threshold)
+        _at_least("spo.cutpoint_interval", spo.cutpoint_interval, 1)
+        return
+    if not spo.tree_branching or min(spo.tree_branching) < 1:
+        _fail("spo.tree_branching", f"must be a non-empty list of counts >= 1; got {spo.tree_branching}")
+    if len(spo.tree_level_tokens) != len(spo.tree_branching) - 1:
+        _fail("spo.tree_level_tokens", f"needs one count per level but the last ({len(spo.tree_branching) - 1}); "
+                                       f"got {spo.tree_level_tokens}")
+    if spo.tree_level_tokens and min(spo.tree_level_tokens) < 1:
+        _fail("spo.tree_level_tokens", f"counts must be >= 1; got {spo.tree_level_tokens}")
+    if sum(spo.tree_level_tokens) >= rollout.max_new_tokens:
+        _fail("spo.tree_level_tokens", f"must leave tokens for the last level: sum < rollout.max_new_tokens "
+                                       f"({rollout.max_new_tokens}); got {sum(spo.tree_level_tokens)}")

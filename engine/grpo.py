@@ -1,0 +1,235 @@
+"""GRPO: group-relative policy optimisation with the fused policy loss.
+
+Each step samples `prompts_per_step` prompts and `group_size` responses to each at the rollout
+temperature, scores them, and turns the rewards into advantages relative to their group: the mean is
+subtracted and, unless Dr. GRPO is asked for (advantage.normalize_std=false), the group's std
+divides. Optional DAPO shaping: an overlong penalty added to the reward before the advantage, and
+dynamic sampling, which drops the groups whose rewards are all equal (if every group is dropped the
+step makes no update). The policy then takes `updates_per_batch` passes over the batch, each split
+into `mini_batches` optimizer steps; each mini-batch is cut into micro-batches by a token budget
+whose gradients accumulate before clipping and the AdamW step.
+
+The loss is FusedPolicyLoss on the fused linear path: the backbone's final hidden states and the
+output embedding go in, so the logits tensor is never built. With a single update per rollout the
+loss runs on-policy (old log-probs are the current ones, detached); with more, a no-grad pass fixes
+the old log-probs first, using the same micro-batches so that the first ratio is exactly 1. A
+reference model, when configured, gives per-token reference log-probs the same way. The batch-wide
+statistics of the loss (the top-entropy threshold, Clip-Cov / KL-Cov's covariance and selection) are
+taken over the whole mini-batch, not per micro-batch: when one is configured, each mini-batch starts
+with a no-grad pass under the current policy that fixes its masks (FusedPolicyLoss.select), and every
+micro-batch's loss takes its rows of them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fusedrl.engine import rollout
+from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
+from fusedrl.engine.config import Config
+from fusedrl.engine.loss import FusedPolicyLoss, Selection, metrics_to_floats
+from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
+from fusedrl.engine.session import Session, make_scheduler
+
+
+def make_loss(cfg: Config) -> FusedPolicyLoss:
+    """FusedPolicyLoss from the loss section; temperature and max length come from the rollout."""
+    c = cfg.loss
+    return FusedPolicyLoss(loss_type=c.loss_type, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
+                           dual_clip=c.dual_clip, beta=c.beta, kl_estimator=c.kl_estimator,
+                           entropy_coef=c.entropy_coef, top_entropy_fraction=c.top_entropy_fraction,
+                           prob_mask_threshold=c.prob_mask_threshold, cov_mode=c.cov_mode,
+                           cov_ratio=c.cov_ratio, cov_lower=c.cov_lower, cov_upper=c.cov_upper,
+                           kl_cov_coef=c.kl_cov_coef, normalize_by=c.normalize_by,
+                           max_completion_length=cfg.rollout.max_new_tokens,
+                           temperature=cfg.rollout.temperature, backend=c.backend,
+                           kl_importance_weighted=c.kl_importance_weighted)
+
+
+def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
+    """Splits `rows` into groups whose padded size (rows x (longest prompt + longest response))
+    fits the budget; rows are sorted by length first so that similar lengths share padding."""
+    prompt_len = batch.attention_mask[rows, : batch.prompt_length].sum(1)
+    response_len = batch.completion_mask[rows].sum(1)
+    order = rows[torch.argsort(prompt_len + response_len, stable=True)]
+    groups, current, p_max, r_max = [], [], 0, 0
+    for row in order.tolist():
+        p = int(batch.attention_mask[row, : batch.prompt_length].sum())
+        r = max(1, int(batch.completion_mask[row].sum()))
+        if current and (len(current) + 1) * (max(p_max, p) + max(r_max, r)) > token_budget:
+            groups.append(torch.tensor(current))
+            current, p_max, r_max = [], 0, 0
+        current.append(row)
+        p_max, r_max = max(p_max, p), max(r_max, r)
+    groups.append(torch.tensor(current))
+    return groups
+
+
+def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float,
+              backend: str) -> torch.Tensor:
+    """No-grad log-probs [B, T] of every response token, computed micro-batch by micro-batch."""
+    return per_token_lp_entropy(model, batch, plan, temperature, backend)[0]
+
+
+def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], temperature: float,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad log-probs and entropies [B, T] of the response tokens of the rows in `plan` (zero
+    elsewhere), micro-batch by micro-batch with the fused linear op (no logits tensor)."""
+    lp_out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    h_out = torch.zeros_like(lp_out)
+    for rows in (r for mini in plan for r in mini):
+        sub = batch.rows(rows)
+        lp, h = token_logprobs(model, sub, temperature, backend)
+        lp_out[rows.to(lp_out.device), : lp.shape[1]] = lp
+        h_out[rows.to(h_out.device), : h.shape[1]] = h
+    return lp_out, h_out
+
+
+def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, mini: list[torch.Tensor],
+                         mask: torch.Tensor, advantages: torch.Tensor, old_lp: torch.Tensor | None,
+                         temperature: float, backend: str) -> Selection:
+    """The batch-wide masks (top-entropy tau, Clip-Cov / KL-Cov) over the tokens of one mini-batch
+    that get loss (`mask` [B, T] on its rows), from a no-grad pass under the current policy, the one
+    its micro-batches' losses see. Rows outside the mini-batch count as padding; indexed by batch row."""
+    lp, entropy = per_token_lp_entropy(model, batch, [mini], temperature, backend)
+    in_mini = torch.zeros(len(batch), dtype=torch.bool, device=lp.device)
+    in_mini[torch.cat(mini).to(lp.device)] = True
+    return loss_fn.select(mask.bool() & in_mini[:, None], advantages, entropy=entropy, logprobs=lp,
+                          old_logprobs=old_lp)
+
+
+def _weight(loss_type: str, sub_mask: torch.Tensor, mini_rows: int, mini_tokens: int) -> float:
+    """Share of a micro-batch's loss in its mini-batch's loss.
+
+    dapo divides by the mini-batch's token count itself (num_items_in_batch); grpo and dr_grpo
+    average over responses, so a micro-batch counts by its rows; bnpo averages over tokens.
+    """
+    if loss_type == "dapo":
+        return 1.0
+    if loss_type == "bnpo":
+        return int(sub_mask.sum()) / mini_tokens
+    return sub_mask.shape[0] / mini_rows
+
+
+def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch, advantages: torch.Tensor,
+           loss_mask: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None) -> dict:
+    """The policy updates on one rollout batch; returns the loss metrics averaged over tokens.
+
+    advantages: [B] (one per response) or [B, T] (per token: PPO, SPO). loss_mask [B, T]: the response
+    tokens that get loss (default: all of them; SPO-tree drops zero-advantage segments). ref_logprobs
+    [B, T]: the reference's log-probs when the caller has them already (PPO, for its KL reward).
+    """
+    cfg, model = session.cfg, session.model
+    optim = cfg.optim
+    n = len(batch)
+    need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1
+    passes = []
+    for _ in range(optim.updates_per_batch):
+        order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
+        passes.append([micro_batches(batch, mini, optim.micro_batch_tokens)
+                       for mini in order.tensor_split(min(optim.mini_batches, n))])
+    temperature, backend = cfg.rollout.temperature, cfg.loss.backend
+    old_lp = per_token(model, batch, passes[0], temperature, backend) if need_old else None
+    ref_lp = ref_logprobs
+    if ref_lp is None and session.reference is not None:
+        ref_lp = per_token(session.reference, batch, passes[0], temperature, backend)
+    sums, tokens_seen, losses, grad_norms = {}, 0, [], []
+    mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
+    # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it, and so does
+    # a mini-batch that is one micro-batch (its loss call sees the whole mini-batch) unless Clip-Cov
+    # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
+    batch_wide = loss_fn.top_entropy_fraction < 1.0 or loss_fn.cov_mode is not None
+    model.train()
+    for plan in passes:
+        for mini in plan:
+            mini_rows = sum(len(r) for r in mini)
+            mini_tokens = sum(int(mask[r].sum()) for r in mini)
+            step_loss = 0.0
+            selection = None
+            if batch_wide and (len(mini) > 1 or loss_fn.cov_mode == "clip_cov"):
+                selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp,
+                                                 temperature, backend)
+            for rows in mini:
+                sub = batch.rows(rows)
+                length = sub.completion_ids.shape[1]
+                hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
+                weight, bias = output_projection(model)
+                sub_mask = mask[rows, :length]
+                sub_adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, :length]
+                loss, metrics = loss_fn(
+                    sub.completion_ids, sub_mask, sub_adv, hidden=hidden, weight=weight,
+                    bias=bias, old_logprobs=None if old_lp is None else old_lp[rows, :length],
+                    ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
+                    num_items_in_batch=mini_tokens if cfg.loss.loss_type == "dapo" else None,
+                    selection=None if selection is None else selection.rows(rows, length))
+                share = _weight(cfg.loss.loss_type, sub_mask, mini_rows, mini_tokens)
+                (loss * share).backward()
+                step_loss += float(loss.detach()) * share
+                valid = int(sub_mask.sum())
+                tokens_seen += valid
+                for key, value in metrics_to_floats(metrics).items():
+                    sums[key] = sums.get(key, 0.0) + value * valid
+            if optim.max_grad_norm > 0:
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+    out = {key: value / max(1, tokens_seen) for key, value in sums.items()}
+    out["loss/policy"] = sum(losses) / len(losses)
+    if grad_norms:
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out
+
+
+def train(cfg: Config) -> dict:
+    """Runs GRPO as configured; returns the run summary (accuracies, plot paths, entropy-law fit)."""
+    session = Session(cfg)
+    session.prepare()
+    model, tokenizer, r = session.model, session.tokenizer, cfg.rollout
+    loss_fn = make_loss(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    total_updates = cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches
+    scheduler = make_scheduler(optimizer, cfg, total_updates)
+    session.restore(optimizer, scheduler)
+    for step in session.steps():
+        start = time.perf_counter()
+        # Rollout: G responses per prompt, the group's rows adjacent.
+        prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+        batch = rollout.generate(model, tokenizer, prompts.prompt_ids, group_size=r.group_size,
+                                 temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                 batch_size=r.batch_size)
+        texts = rollout.decode(tokenizer, batch)
+        generated = time.perf_counter()
+        # Reward, shaped by the overlong penalty.
+        repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
+        columns = {k: [v[i] for i in repeat] for k, v in prompts.columns.items()}
+        rewards, failures = session.score([prompts.prompts[i] for i in repeat], texts, columns)
+        lengths = batch.lengths()
+        shaped = rewards + overlong_penalty(lengths, r.max_new_tokens, cfg.advantage.overlong_buffer,
+                                            cfg.advantage.overlong_penalty)
+        # Advantages within each group; dynamic sampling keeps the groups that carry signal.
+        advantages = group_advantages(shaped, r.group_size, normalize_std=cfg.advantage.normalize_std,
+                                      eps=cfg.advantage.eps)
+        keep = (informative_groups(shaped, r.group_size) if cfg.advantage.dynamic_sampling
+                else torch.ones(len(batch), dtype=torch.bool))
+        metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                   "reward/failures": failures, "accuracy": float((rewards >= 1).float().mean()),
+                   "completions/mean_length": float(lengths.float().mean()),
+                   "completions/truncated": float(batch.truncated.float().mean()),
+                   "groups/kept": float(keep.float().mean())}
+        # Policy update through the fused loss.
+        if keep.any():
+            rows = keep.nonzero().squeeze(1)
+            metrics.update(update(session, loss_fn, optimizer, scheduler, batch.rows(rows),
+                                  advantages[rows].to(batch.input_ids.device)))
+        elapsed = time.perf_counter() - start
+        metrics["tokens_per_second"] = float(batch.attention_mask.sum()) / elapsed
+        metrics["time/rollout_s"] = generated - start
+        metrics["time/step_s"] = elapsed
+        session.end_step(step, metrics, optimizer, scheduler)
+    return session.finish()

@@ -1,0 +1,117 @@
+"""Sampling responses with transformers' generate, and the batch layout the losses read.
+
+Every sequence is [left-padded prompt | response right-padded], with one prompt length P for the
+whole batch, so that the hidden state at column P - 1 + t predicts response token t for every row.
+A response's mask covers its tokens up to and including the first end-of-sequence token; a response
+that reaches max_new_tokens without one is marked truncated.
+
+The loss recomputes log-probs from the full softmax at the sampling temperature (top_p only shapes
+what is sampled), so the rollout keeps token ids, not generate's scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Batch:
+    """Token tensors of a batch of (prompt, response) sequences, all on one device."""
+
+    input_ids: torch.Tensor  # [B, P + T]
+    attention_mask: torch.Tensor  # [B, P + T]
+    prompt_length: int  # P: padded prompt length
+    completion_ids: torch.Tensor  # [B, T], pad after the end
+    completion_mask: torch.Tensor  # [B, T] bool, response tokens including the end token
+    truncated: torch.Tensor  # [B] bool, no end token within max_new_tokens
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def rows(self, index) -> "Batch":
+        """The rows `index` with all-padding columns trimmed on both sides (same positions, less work)."""
+        index = torch.as_tensor(index, device=self.input_ids.device)
+        mask = self.attention_mask[index]
+        prompt_mask = mask[:, : self.prompt_length]
+        first = self.prompt_length - int(prompt_mask.sum(1).max())  # leftmost column with a prompt token
+        length = int(self.completion_mask[index].sum(1).max().clamp(min=1))
+        return Batch(self.input_ids[index][:, first: self.prompt_length + length],
+                     mask[:, first: self.prompt_length + length], self.prompt_length - first,
+                     self.completion_ids[index][:, :length], self.completion_mask[index][:, :length],
+                     self.truncated[index])
+
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+
+def concat(batches: list[Batch], pad_id: int) -> Batch:
+    """One batch from several with the same prompt length, right-padding the responses."""
+    prompt = batches[0].prompt_length
+    length = max(b.completion_ids.shape[1] for b in batches)
+
+    def pad(t, value, width):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Batch(torch.cat([pad(b.input_ids, pad_id, prompt + length) for b in batches]),
+                 torch.cat([pad(b.attention_mask, 0, prompt + length) for b in batches]), prompt,
+                 torch.cat([pad(b.completion_ids, pad_id, length) for b in batches]),
+                 torch.cat([pad(b.completion_mask, False, length) for b in batches]),
+                 torch.cat([b.truncated for b in batches]))
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), length), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, length - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int, temperature: float,
+             top_p: float, max_new_tokens: int, batch_size: int) -> Batch:
+    """group_size responses per prompt (rows i*G .. i*G+G-1 share prompt i); temperature 0 is greedy."""
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = temperature == 0
+    config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
+                              top_p=None if greedy else top_p, top_k=0, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+    repeated = [p for p in prompt_ids for _ in range(group_size)]
+    ids, mask = left_pad(repeated, pad, device)
+    prompt_length = ids.shape[1]
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(repeated), batch_size):
+        chunk_ids, chunk_mask = ids[start: start + batch_size], mask[start: start + batch_size]
+        out = model.generate(input_ids=chunk_ids, attention_mask=chunk_mask, generation_config=config)
+        parts.append(_split_response(out, chunk_mask, prompt_length, eos, pad))
+    model.train(was_training)
+    return concat(parts, pad)
+
+
+def _split_response(out, prompt_mask, prompt_length, eos, pad) -> Batch:
+    completion = out[:, prompt_length:]
+    is_end = completion == eos
+    # Tokens after the first end token are not part of the response (generate pads them, but a
+    # model whose pad id equals its eos id would otherwise be ambiguous).
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
+    completion_mask = ~after_end
+    completion = completion.masked_fill(after_end, pad)
+    truncated = ~is_end.any(1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    return Batch(torch.cat([out[:, :prompt_length], completion], 1), attention_mask, prompt_length,
+                 completion, completion_mask, truncated)
+
+
+def decode(tokenizer, batch: Batch) -> list[str]:
+    """Response texts without special tokens."""
+    ids = batch.completion_ids.masked_fill(~batch.completion_mask, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+

@@ -1,0 +1,206 @@
+"""What every training loop shares: set-up from the config, evaluation, logging, checkpoints, the end.
+
+A loop (grpo.py; PPO and SPO later) builds a Session, makes its optimizer, calls `restore`, then for
+each step in `steps()` does its own rollout / reward / update and hands its metrics to `end_step`,
+which adds held-out evaluation, peak memory and checkpoints. `finish` evaluates, plots and summarises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from transformers.utils import logging as hf_logging
+
+from fusedrl.engine import checkpoint, rollout
+from fusedrl.engine.config import Config, UsageError
+from fusedrl.engine.data import PromptSampler, load_splits, load_task
+from fusedrl.engine.logging import MetricLogger, peak_memory_bytes
+from fusedrl.engine.model import load_policy, load_reference
+from fusedrl.engine.plots import write_plots
+from fusedrl.engine.rewards import load_reward, score
+from fusedrl.engine.warm_start import warm_start
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("run.device 'cuda': no CUDA device is available")
+    return torch.device(name)
+
+
+def make_scheduler(optimizer, cfg: Config, total_updates: int):
+    """Linear warmup over optim.warmup_steps, then constant, linear or cosine decay to 0."""
+    warmup, kind = cfg.optim.warmup_steps, cfg.optim.schedule
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Session:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # The console shows one progress bar, the run's; save_pretrained's per-shard bars would interleave.
+        hf_logging.disable_progress_bar()
+        self._clock = (time.perf_counter(), time.process_time())
+        run = cfg.run
+        if run.num_threads:
+            torch.set_num_threads(run.num_threads)
+        self.device = resolve_device(run.device)
+        self.output_dir = Path(run.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_from = checkpoint.find_checkpoint(run.resume, self.output_dir) if run.resume else None
+        self.state = checkpoint.load_state(self.resume_from) if self.resume_from else None
+        _seed_everything(run.seed)
+
+        path = str(self.resume_from) if self.resume_from else cfg.model.path
+        self.model, self.tokenizer = load_policy(cfg.model, path, self.device)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        if context is not None and needed > context:
+            raise UsageError(f"data.max_prompt_length + rollout.max_new_tokens = {needed} tokens exceeds the "
+                             f"model's context of {context} (max_position_embeddings)")
+        self.train_split, self.eval_split = load_splits(cfg.data, self.tokenizer, run.seed)
+        self.task = load_task(cfg.data.task) if cfg.data.task else None
+        self.reward_fn = self._reward_fn()
+        self.sampler = PromptSampler(len(self.train_split), run.seed)
+        reference_path = None
+        if self.resume_from is not None and cfg.model.reference == "policy":
+            reference_path = str(self.resume_from / "reference")
+        self.reference = load_reference(cfg.model, self.model, self.device, reference_path)
+        self.start_step = self.state["step"] if self.state else 0
+        self.extra = dict(self.state["extra"]) if self.state else {}
+        (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        self.logger = MetricLogger(run, self.output_dir, self.start_step, OmegaConf.to_container(
+            OmegaConf.structured(cfg)))
+        self._last_saved = None
+
+    def _reward_fn(self):
+        spec = self.cfg.reward.function
+        if spec == "task":
+            return self.task.reward
+        if spec == "math":
+            from fusedrl.engine.rewards.math import reward
+
+            return reward
+        return load_reward(spec)
+
+    def prepare(self) -> None:
+        """On a fresh run: the supervised warm start, then the held-out accuracy before RL."""
+        if self.state is not None:
+            self.logger.print(f"resumed from {self.resume_from} at step {self.start_step}")
+            return
+        if self.cfg.warm_start.steps:
+            rows = [{"prompt": p, **{k: v[i] for k, v in self.train_split.columns.items()}}
+                    for i, p in enumerate(self.train_split.prompts)]
+            seconds, loss = warm_start(self.model, self.tokenizer, self.task, rows, self.cfg.warm_start)
+            self.logger.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
+                              f"final loss {loss:.3f}")
+        self.extra["eval_before"] = self.evaluate()
+        self.logger.log(0, dict(self.extra["eval_before"]))  # step 0: the held-out metrics before RL
+        self.logger.print(f"held-out accuracy before RL: {self.extra['eval_before']['eval/accuracy']:.3f} "
+                          f"({self._decoding()})")
+
+    def restore(self, optimizer, scheduler) -> None:
+        """Optimizer, scheduler, sampler and RNG states from the checkpoint being resumed (if any)."""
+        if self.state is None:
+            return
+        optimizer.load_state_dict(self.state["optimizer"])
+        scheduler.load_state_dict(self.state["scheduler"])
+        self.sampler.load_state_dict(self.state["sampler"])
+        checkpoint.set_rng_state(self.state["rng"])
+
+    def steps(self):
+        return range(self.start_step + 1, self.cfg.run.steps + 1)
+
+    def score(self, prompts, completions, columns) -> tuple[torch.Tensor, int]:
+        rewards, failures = score(self.reward_fn, prompts, completions, columns, self.cfg.reward.timeout_s)
+        return torch.tensor(rewards, dtype=torch.float32), failures
+
+    def evaluate(self) -> dict:
+        """Held-out accuracy (responses with reward >= 1), mean reward and length; leaves RNGs untouched."""
+        cfg, split = self.cfg, self.eval_split
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.run.seed)
+            batch = rollout.generate(self.model, self.tokenizer, split.prompt_ids, group_size=1,
+                                     temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
+                                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size)
+        rewards, failures = self.score(split.prompts, rollout.decode(self.tokenizer, batch), split.columns)
+        return {"eval/accuracy": float((rewards >= 1).float().mean()), "eval/reward_mean": float(rewards.mean()),
+                "eval/mean_length": float(batch.lengths().float().mean()), "eval/reward_failures": failures}
+
+    def _decoding(self) -> str:
+        t = self.cfg.eval.temperature
+        return f"{len(self.eval_split)} prompts, " + ("greedy" if t == 0 else f"sampled at temperature {t}")
+
+    def end_step(self, step: int, metrics: dict, optimizer, scheduler) -> Path | None:
+        """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due.
+
+        Returns the checkpoint directory written at this step (None if none), where a loop adds its own
+        parts (PPO: the critic)."""
+        cfg = self.cfg.run
+        if self.cfg.eval.every and step % self.cfg.eval.every == 0 or step == cfg.steps:
+            metrics.update(self.evaluate())
+        metrics["memory/peak_bytes"] = peak_memory_bytes(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.logger.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
+            return self.save(step, optimizer, scheduler)
+        return None
+
+    def save(self, step: int, optimizer, scheduler) -> Path:
+        self._last_saved = checkpoint.save_checkpoint(
+            self.output_dir / f"checkpoint-{step}", model=self.model, tokenizer=self.tokenizer,
+            reference=self.reference if self.cfg.model.reference == "policy" else None,
+            optimizer=optimizer, scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra)
+        return self._last_saved
+
+    def finish(self) -> dict:
+        """Plots, the entropy-law fit and summary.json; prints accuracy before / after RL."""
+        history = self.logger.history()
+        self.logger.close()
+        plots, fit = write_plots(history, self.output_dir) if self.cfg.run.plots else ([], None)
+        final = next((h for h in reversed(history) if "eval/accuracy" in h), {})
+        before = self.extra.get("eval_before", {}).get("eval/accuracy")
+        summary = {"steps": self.cfg.run.steps, "accuracy_before_rl": before,
+                   "accuracy_after_rl": final.get("eval/accuracy"), "entropy_law_fit": fit,
+                   "plots": [str(p) for p in plots], "checkpoint": str(self._last_saved),
+                   "metrics": str(self.logger.path),
+                   "wall_seconds": time.perf_counter() - self._clock[0],
+                   "cpu_seconds": time.process_time() - self._clock[1]}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if before is not None and summary["accuracy_after_rl"] is not None:
+            self.logger.print(f"held-out accuracy ({self._decoding()}): {before:.3f} before RL -> "
+                              f"{summary['accuracy_after_rl']:.3f} after RL "
+                              f"({100 * (summary['accuracy_after_rl'] - before):+.1f} points)")
+        if fit is not None:
+            self.logger.print(f"entropy law R = -{fit['a']:.4f} exp(H) + {fit['b']:.4f}; predicted reward "
+                              f"ceiling b - a = {fit['ceiling']:.4f}")
+        for p in plots:
+            self.logger.print(f"plot: {p}")
+        self.logger.print(f"metrics: {self.logger.path}  checkpoint: {self._last_saved}")
+        self.logger.print(f"wall time {summary['wall_seconds']:.0f} s, process CPU time {summary['cpu_seconds']:.0f} s")
+        return summary
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

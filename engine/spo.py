@@ -1,0 +1,129 @@
+"""SPO: segment-level advantages from Monte-Carlo values (Guo et al. 2025, ALGORITHMS.md section 5).
+
+No critic: a state's value is the mean reward of continuations sampled from it, and a segment's
+advantage is the change of value across it (the maths is in segments.py, the sampling in spo_rollout.py).
+
+SPO-chain (run.algorithm=spo_chain). Each step samples `group_size` responses per prompt like GRPO, takes
+the rollout policy's probability of every sampled token, cuts each response before every
+`cutpoint_interval`-th token whose probability is below `cutpoint_threshold`, and samples
+`num_continuations` continuations from every cut (the prompt included) in batched generate calls across
+all responses and prompts. Every token of a segment gets V(after) - V(before); the last segment ends in the
+response's own reward.
+
+SPO-tree (run.algorithm=spo_tree). Each step grows one tree per prompt (`tree_branching` children per
+node per level, `tree_level_tokens` new tokens per level, the last level to the end), scores the leaves,
+and trains one row per leaf path in which every node's segment appears once, with advantage
+V(node) - V(parent) (optionally over the siblings' std); zero-advantage segments get no loss. group_size is
+not used: the tree's leaves are the responses.
+
+In both, a response or continuation that reaches max_new_tokens without its end token scores 0, so that
+the values along a chain are estimates of one and the same return. The update is the GRPO loop's, through
+FusedPolicyLoss with per-token advantages; the paper trains with the probability mask
+(loss.prob_mask_threshold=0.9, loss.normalize_by=selected), which the demo configs set. The sampling
+overhead, generated tokens per trained token, is logged as spo/sampling_overhead.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fusedrl.engine import rollout
+from fusedrl.engine.config import Config
+from fusedrl.engine.data import Split
+from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
+from fusedrl.engine.segments import chain_advantages, tree_values_and_advantages
+from fusedrl.engine.session import Session, make_scheduler
+from fusedrl.engine.spo_rollout import (Sampling, Scorer, chain_values, make_batch, pad_rows, sample_trees,
+                                        score_leaves, tree_training_rows)
+
+
+def make_scorer(session: Session, prompts: Split, failures: list[int]) -> Scorer:
+    """The configured reward on (prompt index, completion text) pairs; failed calls are counted."""
+
+    def scorer(prompt_index: list[int], completions: list[str]) -> list[float]:
+        columns = {k: [v[i] for i in prompt_index] for k, v in prompts.columns.items()}
+        rewards, failed = session.score([prompts.prompts[i] for i in prompt_index], completions, columns)
+        failures.append(failed)
+        return rewards.tolist()
+
+    return scorer
+
+
+def chain_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scorer):
+    """Rollout, boundary values and per-token advantages of one SPO-chain step."""
+    cfg, model, tokenizer, r = session.cfg, session.model, session.tokenizer, session.cfg.rollout
+    batch = rollout.generate(model, tokenizer, prompts.prompt_ids, group_size=r.group_size, temperature=r.temperature,
+                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size)
+    repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
+    rewards = torch.tensor(scorer(repeat, rollout.decode(tokenizer, batch)))
+    rewards = rewards.masked_fill(batch.truncated.cpu(), 0.0)
+    plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
+    old_lp = per_token(model, batch, [plan], r.temperature, cfg.loss.backend)
+    boundaries, values, continuation_tokens = chain_values(
+        model, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
+        threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling, scorer=scorer)
+    advantages = chain_advantages(boundaries, values, rewards.tolist(), batch.completion_mask)
+    response_tokens = int(batch.completion_mask.sum())
+    metrics = {"spo/segments_mean": sum(map(len, boundaries)) / len(boundaries),
+               "spo/sampling_overhead": (response_tokens + continuation_tokens) / max(1, response_tokens)}
+    return batch, rewards, advantages, None, metrics
+
+
+def tree_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scorer):
+    """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
+    cfg, tokenizer, spo = session.cfg, session.tokenizer, session.cfg.spo
+    trees, generated = sample_trees(session.model, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
+                                    branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
+                                    sampling=sampling)
+    leaf_rewards = score_leaves(tokenizer, trees, scorer)
+    advantages = [tree_values_and_advantages(t.parents, lr, std_normalize=spo.tree_std_normalize)[1]
+                  for t, lr in zip(trees, leaf_rewards)]
+    rows = tree_training_rows(trees, advantages)
+    rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
+    metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows)}
+    if not rows:
+        return None, rewards, None, None, metrics
+    batch = make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows], [ids for _, _, ids, _, _ in rows],
+                       [not tree.finished[leaf] for tree, leaf, *_ in rows], tokenizer.pad_token_id, session.device)
+    width = batch.completion_ids.shape[1]
+    token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
+    loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)
+    metrics["spo/sampling_overhead"] = generated / max(1, int(loss_mask.sum()))
+    return batch, rewards, token_adv, loss_mask, metrics
+
+
+def train(cfg: Config) -> dict:
+    """Runs SPO-chain or SPO-tree (run.algorithm) as configured; returns the run summary."""
+    session = Session(cfg)
+    session.prepare()
+    model, r = session.model, cfg.rollout
+    loss_fn = make_loss(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
+    session.restore(optimizer, scheduler)
+    sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, r.batch_size)
+    step_fn = chain_step if cfg.run.algorithm == "spo_chain" else tree_step
+    for step in session.steps():
+        start = time.perf_counter()
+        prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+        failures: list[int] = []
+        batch, rewards, advantages, loss_mask, metrics = step_fn(session, prompts, sampling,
+                                                                  make_scorer(session, prompts, failures))
+        sampled = time.perf_counter()
+        metrics.update({"reward/mean": float(rewards.mean()), "reward/failures": sum(failures),
+                        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                        "accuracy": float((rewards >= 1).float().mean())})
+        if batch is not None:
+            metrics["completions/mean_length"] = float(batch.lengths().float().mean())
+            metrics["completions/truncated"] = float(batch.truncated.float().mean())
+            metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, loss_mask=loss_mask))
+        elapsed = time.perf_counter() - start
+        if batch is not None:
+            metrics["tokens_per_second"] = float(batch.attention_mask.sum()) / elapsed
+        metrics["time/rollout_s"] = sampled - start
+        metrics["time/step_s"] = elapsed
+        session.end_step(step, metrics, optimizer, scheduler)
+    return session.finish()

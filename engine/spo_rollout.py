@@ -1,0 +1,202 @@
+"""SPO's sampling: Monte-Carlo values at chain boundaries, and segment trees (ALGORITHMS.md section 5).
+
+Both reuse the engine's batched `generate` (left-padded prompts, transformers' generate). A boundary's
+value is the mean reward of K continuations sampled from prompt + response[:b]; all boundaries of all
+responses of a step, across prompts, go through generate together, sorted by remaining budget so that
+a call's rows need similar numbers of new tokens. A continuation shares the response's length limit:
+it may add max_new_tokens - b tokens, and one that ends without an end token scores 0 (truncated).
+The prompt itself is the first boundary of every response to it, so its value is sampled once per prompt.
+
+A tree grows level by level: every open node of level l - 1 gets b_l children of at most M_l new tokens
+each (the last level gets whatever remains of max_new_tokens); a child whose segment ends with the end
+token is a leaf, one that reaches the last level's limit without it is truncated and scores 0.
+
+The scorer passed in is the loop's reward: `scorer(prompt_index, completions) -> list[float]`, which
+reads the dataset row of each prompt index and applies the configured reward with its timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fusedrl.engine.rollout import Batch, generate, left_pad
+from fusedrl.engine.segments import chain_boundaries, tree_paths
+
+Scorer = Callable[[list[int], list[str]], list[float]]
+
+
+@dataclass
+class Sampling:
+    """How continuations are sampled: the rollout's settings."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+
+
+def continuation_values(model, tokenizer, prefixes: list[tuple[int, list[int], list[int]]], *, k: int,
+                        sampling: Sampling, scorer: Scorer) -> tuple[list[float], int]:
+    """(V of each prefix, tokens generated): V = mean reward of k sampled continuations.
+
+    prefixes: (prompt_index, prompt_ids, response_prefix_ids); a continuation may add
+    max_new_tokens - len(response_prefix_ids) tokens and scores 0 unless it ends within them.
+    """
+    budgets = [sampling.max_new_tokens - len(p[2]) for p in prefixes]
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"every response prefix must be shorter than max_new_tokens ({sampling.max_new_tokens})")
+    order = sorted(range(len(prefixes)), key=lambda i: -budgets[i])
+    per_call = max(1, sampling.batch_size // k)
+    owners, texts, finished = [], [], []
+    generated = 0
+    for start in range(0, len(order), per_call):
+        chunk = order[start: start + per_call]
+        out = generate(model, tokenizer, [prefixes[i][1] + prefixes[i][2] for i in chunk], group_size=k,
+                       temperature=sampling.temperature, top_p=sampling.top_p,
+                       max_new_tokens=budgets[chunk[0]], batch_size=sampling.batch_size)
+        lengths = out.lengths().tolist()
+        for row, length in enumerate(lengths):
+            i = chunk[row // k]
+            used = min(length, budgets[i])
+            generated += used
+            owners.append(i)
+            finished.append(not bool(out.truncated[row]) and length <= budgets[i])
+            texts.append(prefixes[i][2] + out.completion_ids[row, :used].tolist())
+    completions = tokenizer.batch_decode(texts, skip_special_tokens=True)
+    rewards = scorer([prefixes[i][0] for i in owners], completions)
+    totals = [0.0] * len(prefixes)
+    for i, reward, done in zip(owners, rewards, finished):
+        totals[i] += reward if done else 0.0
+    return [t / k for t in totals], generated
+
+
+def chain_values(model, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], batch: Batch,
+                 old_logprobs: torch.Tensor, *, k: int, threshold: float, interval: int,
+                 sampling: Sampling, scorer: Scorer) -> tuple[list[list[int]], list[list[float]], int]:
+    """(boundaries, their values, tokens generated) for every response of `batch`.
+
+    prompt_ids[p] are the token ids of prompt p; prompt_index[i] is the prompt of batch row i.
+    """
+    boundaries = chain_boundaries(old_logprobs, batch.completion_mask, threshold=threshold, interval=interval)
+    root_slot = {p: slot for slot, p in enumerate(sorted(set(prompt_index)))}
+    prefixes = [(p, prompt_ids[p], []) for p in root_slot]
+    slots = []
+    for i, starts in enumerate(boundaries):
+        response = batch.completion_ids[i].tolist()
+        row = [root_slot[prompt_index[i]]]
+        for b in starts[1:]:
+            row.append(len(prefixes))
+            prefixes.append((prompt_index[i], prompt_ids[prompt_index[i]], response[:b]))
+        slots.append(row)
+    values, generated = continuation_values(model, tokenizer, prefixes, k=k, sampling=sampling, scorer=scorer)
+    return boundaries, [[values[s] for s in row] for row in slots], generated
+
+
+@dataclass
+class Tree:
+    """One prompt's tree; node 0 is the prompt, every parent precedes its children."""
+
+    prompt_index: int
+    parents: list[int] = field(default_factory=lambda: [-1])
+    tokens: list[list[int]] = field(default_factory=lambda: [[]])  # each node's segment
+    finished: list[bool] = field(default_factory=lambda: [False])  # segment ended with the end token
+
+    def path(self, node: int) -> list[int]:
+        """Nodes from the root's first child down to `node`."""
+        nodes = []
+        while node > 0:
+            nodes.append(node)
+            node = self.parents[node]
+        return nodes[::-1]
+
+    def response(self, node: int) -> list[int]:
+        return [t for n in self.path(node) for t in self.tokens[n]]
+
+    def leaves(self) -> list[int]:
+        inner = set(self.parents[1:])
+        return [n for n in range(1, len(self.parents)) if n not in inner]
+
+
+def sample_trees(model, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], *,
+                 branching: list[int], level_tokens: list[int], sampling: Sampling) -> tuple[list[Tree], int]:
+    """(one tree per prompt index, tokens generated); level l has branching[l] children per open node."""
+    trees = [Tree(p) for p in prompt_index]
+    frontier = [(tree, 0) for tree in trees]
+    generated = 0
+    for level, width in enumerate(branching):
+        last = level == len(branching) - 1
+        budget = sampling.max_new_tokens - sum(level_tokens) if last else level_tokens[level]
+        if not frontier:
+            break
+        prefixes = [prompt_ids[tree.prompt_index] + tree.response(node) for tree, node in frontier]
+        out = generate(model, tokenizer, prefixes, group_size=width, temperature=sampling.temperature,
+                       top_p=sampling.top_p, max_new_tokens=budget, batch_size=sampling.batch_size)
+        next_frontier = []
+        for row, length in enumerate(out.lengths().tolist()):
+            tree, parent = frontier[row // width]
+            tree.parents.append(parent)
+            tree.tokens.append(out.completion_ids[row, :length].tolist())
+            tree.finished.append(not bool(out.truncated[row]))
+            generated += length
+            if not tree.finished[-1] and not last:
+                next_frontier.append((tree, len(tree.parents) - 1))
+        frontier = next_frontier
+    return trees, generated
+
+
+def score_leaves(tokenizer, trees: list[Tree], scorer: Scorer) -> list[dict[int, float]]:
+    """Each tree's leaf rewards; a leaf that never produced the end token (truncated) scores 0."""
+    leaves = [(t, n) for t, tree in enumerate(trees) for n in tree.leaves()]
+    texts = tokenizer.batch_decode([trees[t].response(n) for t, n in leaves], skip_special_tokens=True)
+    rewards = scorer([trees[t].prompt_index for t, _ in leaves], texts)
+    out: list[dict[int, float]] = [{} for _ in trees]
+    for (t, n), reward in zip(leaves, rewards):
+        out[t][n] = reward if trees[t].finished[n] else 0.0
+    return out
+
+
+def tree_training_rows(trees: list[Tree], advantages: list[list[float]]):
+    """Training rows from trees: (tree, leaf, response ids, per-token advantage, per-token loss mask).
+
+    One row per leaf path; a token gets loss where its node is trained on this path (each segment once,
+    see `tree_paths`) and its node's advantage is not zero. Rows with no such token are dropped.
+    """
+    rows = []
+    for tree, adv in zip(trees, advantages):
+        for path, trained in tree_paths(tree.parents):
+            ids, token_adv, token_mask = [], [], []
+            for node, train in zip(path, trained):
+                seg = tree.tokens[node]
+                ids += seg
+                token_adv += [adv[node]] * len(seg)
+                token_mask += [train and adv[node] != 0.0] * len(seg)
+            if any(token_mask):
+                rows.append((tree, path[-1], ids, token_adv, token_mask))
+    return rows
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: list[bool], pad_id: int,
+               device) -> Batch:
+    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses."""
+    prompt, prompt_mask = left_pad(prompts, pad_id, device)
+    length = max(1, max(len(r) for r in responses))
+    completion = torch.full((len(responses), length), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(responses), length), dtype=torch.bool)
+    for i, r in enumerate(responses):
+        completion[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        completion_mask[i, :len(r)] = True
+    completion, completion_mask = completion.to(device), completion_mask.to(device)
+    return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
+                 prompt.shape[1], completion, completion_mask,
+                 torch.tensor(truncated, dtype=torch.bool, device=device))
+
+
+def pad_rows(rows: list[list], width: int, value, dtype, device) -> torch.Tensor:
+    """[len(rows), width] tensor of right-padded rows."""
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+    return out.to(device)

@@ -1,0 +1,60 @@
+"""The supervised warm start: a few steps of next-token training on a built-in task's reference
+completions, so that a freshly initialised model knows the answer format before RL.
+
+The loss is the mean negative log-prob of the response tokens (and the end token), computed on the
+fused linear path like the RL loss: no logits tensor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fusedrl.engine.config import WarmStartConfig
+from fusedrl.engine.model import completion_hidden, output_projection
+from fusedrl.engine.rollout import Batch, left_pad
+from fusedrl.kernels import linear_logprobs_and_entropy
+
+
+def supervised_batch(tokenizer, prompts_ids: list[list[int]], responses: list[str], device) -> Batch:
+    """[left-padded prompt | response + end token, right-padded] in the rollout layout."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    targets = [ids + [eos] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    prompt, prompt_mask = left_pad(prompts_ids, pad, device)
+    length = max(len(t) for t in targets)
+    completion = torch.full((len(targets), length), pad, dtype=torch.long, device=device)
+    completion_mask = torch.zeros((len(targets), length), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        completion[i, : len(t)] = torch.tensor(t, device=device)
+        completion_mask[i, : len(t)] = True
+    return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
+                 prompt.shape[1], completion, completion_mask, torch.zeros(len(targets), dtype=torch.bool,
+                                                                          device=device))
+
+
+def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -> tuple[float, float]:
+    """Trains `model` in place for cfg.steps steps; returns (seconds, last loss)."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, cfg.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    prompt_ids = tokenizer([row["prompt"] for row in rows])["input_ids"]
+    start, loss = time.perf_counter(), torch.tensor(float("nan"))
+    model.train()
+    for _ in range(cfg.steps):
+        pick = torch.randint(len(rows), (cfg.batch_size,)).tolist()
+        batch = supervised_batch(tokenizer, [prompt_ids[i] for i in pick],
+                                 [task.reference_completion(rows[i]) for i in pick], device)
+        hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
+                                   batch.completion_ids.shape[1])
+        weight, bias = output_projection(model)
+        lp, _ = linear_logprobs_and_entropy(hidden, weight, batch.completion_ids.masked_fill(
+            ~batch.completion_mask, -100), bias=bias)
+        loss = -(lp * batch.completion_mask).sum() / batch.completion_mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, float(loss.detach())

@@ -1,0 +1,148 @@
+"""Config loading, dotted overrides, and one clear error naming the key for every kind of mistake."""
+
+import pytest
+
+from fusedrl.engine.config import Config, ConfigError, load_config
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text):
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.run.algorithm == "grpo" and cfg.rollout.group_size == 8
+
+
+def test_yaml_then_overrides(write):
+    path = write("rollout:\n  group_size: 4\noptim:\n  lr: 1.0e-3\nloss:\n  dual_clip: 3.0\n")
+    cfg = load_config(path, ["optim.lr=2e-5", "run.steps=7", "loss.top_entropy_fraction=0.2",
+                             "model.reference=policy", "loss.beta=0.05", "loss.kl_importance_weighted=true"])
+    assert cfg.rollout.group_size == 4
+    assert cfg.optim.lr == 2e-5
+    assert cfg.run.steps == 7
+    assert cfg.loss.dual_clip == 3.0
+    assert cfg.loss.top_entropy_fraction == 0.2
+    assert cfg.model.reference == "policy" and cfg.loss.beta == 0.05 and cfg.loss.kl_importance_weighted
+
+
+def test_demo_config_loads():
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.loss.top_entropy_fraction == 0.2
+    assert cfg.model.path == "builtin:demo"
+
+
+def _error(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+def test_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("rollout:\n  group_sise: 4\n", "rollout.group_sise"),
+    ("rollouts:\n  group_size: 4\n", "rollouts"),
+])
+def test_unknown_key_in_file(write, text, key):
+    assert _error(write(text)) == f"config key {key!r}: unknown key"
+
+
+def test_unknown_key_in_override():
+    assert "'optim.learning_rate': unknown key" in _error(None, ["optim.learning_rate=1e-5"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rollout.group_size=eight", "rollout.group_size"),
+    ("optim.lr=fast", "optim.lr"),
+    ("run.progress=maybe", "run.progress"),
+])
+def test_wrong_type(override, key):
+    message = _error(None, [override])
+    assert message.startswith(f"config key {key!r}:")
+
+
+def test_wrong_type_in_file(write):
+    assert _error(write("rollout:\n  temperature: [1, 2]\n")).startswith("config key 'rollout.temperature':")
+
+
+def test_override_without_equals():
+    assert "expected key=value" in _error(None, ["optim.lr"])
+
+
+def test_missing_file(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("rollout.group_size=0", "rollout.group_size", "must be >= 1"),
+    ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
+    ("rollout.top_p=1.5", "rollout.top_p", "(0, 1]"),
+    ("loss.top_entropy_fraction=0", "loss.top_entropy_fraction", "(0, 1]"),
+    ("loss.top_entropy_fraction=1.2", "loss.top_entropy_fraction", "(0, 1]"),
+    ("loss.prob_mask_threshold=0", "loss.prob_mask_threshold", "(0, 1]"),
+    ("loss.cov_ratio=2", "loss.cov_ratio", "(0, 1]"),
+    ("data.eval_fraction=0", "data.eval_fraction", "(0, 1]"),
+    ("optim.lr=-1", "optim.lr", "must be > 0"),
+    ("optim.adam_beta2=1", "optim.adam_beta2", "[0, 1)"),
+    ("loss.loss_type=ppo", "loss.loss_type", "one of grpo, bnpo, dr_grpo, dapo"),
+    ("loss.kl_estimator=k4", "loss.kl_estimator", "one of k1, k2, k3"),
+    ("loss.cov_mode=cov", "loss.cov_mode", "one of clip_cov, kl_cov"),
+    ("loss.epsilon_low=1.0", "loss.epsilon_low", "must be < 1"),
+    ("loss.dual_clip=0.5", "loss.dual_clip", "must be > 1"),
+    ("optim.schedule=step", "optim.schedule", "one of constant, linear, cosine"),
+    ("loss.backend=cuda", "loss.backend", "one of auto, triton, torch"),
+    ("run.algorithm=dpo", "run.algorithm", "one of grpo, ppo, spo_chain, spo_tree"),
+    ("data.task=poetry", "data.task", "one of arithmetic"),
+    ("reward.function=whatever", "reward.function", "module:function"),
+    ("reward.timeout_s=0", "reward.timeout_s", "must be > 0"),
+])
+def test_out_of_range(override, key, words):
+    message = _error(None, [override])
+    assert message.startswith(f"config key {key!r}:") and words in message
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "spo_chain", "spo_tree"])
+def test_every_algorithm_loads(algorithm):
+    assert load_config(None, [f"run.algorithm={algorithm}"]).run.algorithm == algorithm
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["rollout.group_size=1"], "advantage.normalize_std", "group of 1"),
+    (["rollout.group_size=1", "advantage.normalize_std=false", "advantage.dynamic_sampling=true"],
+     "advantage.dynamic_sampling", "group_size >= 2"),
+    (["loss.beta=0.1"], "loss.beta", "model.reference"),
+    (["data.path=x.jsonl"], "data.task", "exactly one"),
+    (["data.task=null"], "data.task", "exactly one"),
+    (["data.task=null", "data.path=x.jsonl", "warm_start.steps=5", "reward.function=math"],
+     "warm_start.steps", "built-in task"),
+    (["data.task=null", "data.path=x.jsonl"], "reward.function", "'task' needs data.task"),
+    (["advantage.overlong_buffer=100", "rollout.max_new_tokens=64"], "advantage.overlong_buffer", "<="),
+    (["loss.cov_lower=5", "loss.cov_upper=1"], "loss.cov_lower", "< loss.cov_upper"),
+    (["optim.micro_batch_tokens=100"], "optim.micro_batch_tokens", "one full sequence"),
+    (["model.demo.num_heads=3"], "model.demo.num_heads", "divide"),
+    (["optim.mini_batches=1000"], "optim.mini_batches", "responses per step"),
+])
+def test_contradictions(overrides, key, words):
+    message = _error(None, overrides)
+    assert message.startswith(f"config key {key!r}:") and words in message
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path, capsys):
+    from fusedrl.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  group_size: 1\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusedrl: error: config key 'advantage.normalize_std':")
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -1,0 +1,136 @@
+"""SPO sampling logic (budgets, truncation, value means, tree growth, training rows) with a scripted sampler.
+
+`generate` is replaced by a function that returns prescribed continuations for each prefix, so every
+value below is worked out by hand.
+"""
+
+import pytest
+import torch
+
+import fusedrl.engine.spo_rollout as spo_rollout
+from fusedrl.engine.segments import tree_values_and_advantages
+from fusedrl.engine.spo_rollout import (Sampling, chain_values, continuation_values, make_batch,
+                                        sample_trees, score_leaves, tree_training_rows)
+
+EOS, PAD = 0, 9
+
+
+class DigitTokenizer:
+    """Token id d decodes to the digit d; the end token 0 is special and dropped."""
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["".join(str(t) for t in row if t != EOS) for row in ids]
+
+
+def scripted_generate(script, calls):
+    """A stand-in for rollout.generate: continuation j of prefix p is script[tuple(p)][j], cut at
+    max_new_tokens; truncated when no end token is within the cut."""
+
+    def fake(model, tokenizer, prompt_ids, *, group_size, temperature, top_p, max_new_tokens, batch_size):
+        calls.append(([tuple(p) for p in prompt_ids], group_size, max_new_tokens))
+        responses = [script[tuple(p)][j][:max_new_tokens] for p in prompt_ids for j in range(group_size)]
+        prompts = [p for p in prompt_ids for _ in range(group_size)]
+        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, "cpu")
+
+    return fake
+
+
+def length_scorer(record):
+    """Reward = text length, times 10 for prompt 1: shows which prompt and text were scored."""
+
+    def score(prompt_index, completions):
+        record.extend(zip(prompt_index, completions))
+        return [len(text) * (10 if p == 1 else 1) for p, text in zip(prompt_index, completions)]
+
+    return score
+
+
+SAMPLING = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6, batch_size=4)
+
+
+def test_continuation_values_budget_truncation_and_means(monkeypatch):
+    script = {
+        (5, 5): [[1, EOS], [2, 2, 2, 2, 2, 2]],  # the second never ends within 6 tokens: scores 0
+        (5, 5, 1, 2): [[4, EOS], [4, 4, 4, 4, EOS]],  # the second needs 5 > 6 - 2 tokens: scores 0
+        (6, 3, 3, 3, 3, 3): [[EOS], [4, EOS]],  # budget 1: only the immediate end scores
+    }
+    calls = []
+    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, calls))
+    record = []
+    prefixes = [(0, [5, 5], []), (0, [5, 5], [1, 2]), (1, [6], [3, 3, 3, 3, 3])]
+    values, generated = continuation_values(None, DigitTokenizer(), prefixes, k=2, sampling=SAMPLING,
+                                            scorer=length_scorer(record))
+    # V = mean over the 2 continuations: (1 + 0) / 2; ("124" scores 3, + 0) / 2; (10 * 5 + 0) / 2.
+    assert values == [0.5, 1.5, 25.0]
+    # Tokens counted up to each prefix's own budget: 2 + 6, 2 + 4, 1 + 1.
+    assert generated == 16
+    # Two prefixes per call (batch_size 4 // k 2), largest budgets first, each call at its largest budget.
+    assert [(len(p), n) for p, _, n in calls] == [(2, 6), (1, 1)]
+    assert (1, "33333") in record and (0, "124") in record
+
+
+def test_chain_values_share_the_prompt_state_across_a_group(monkeypatch):
+    # Two responses to prompt 0. Row 0: token 2 has probability 0.5, a cutpoint; row 1 has none.
+    probs = torch.tensor([[0.99, 0.95, 0.5, 0.99], [0.99, 0.99, 0.99, 0.5]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    batch = make_batch([[5, 5], [5, 5]], [[1, 2, 3, EOS], [4, 4, EOS]], [False, False], PAD, "cpu")
+    script = {(5, 5): [[1, EOS], [2, 2, EOS]], (5, 5, 1, 2): [[EOS], [7, 7, 7, EOS]]}
+    calls = []
+    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, calls))
+    boundaries, values, generated = chain_values(
+        None, DigitTokenizer(), [[5, 5]], [0, 0], batch, probs.log().masked_fill(~mask, 0.0), k=2,
+        threshold=0.9, interval=1, sampling=SAMPLING, scorer=length_scorer([]))
+    assert boundaries == [[0, 2], [0]]
+    # The prompt's value, sampled once for both rows: ("1": 1, "22": 2) -> 1.5; after "12": (2, 5) -> 3.5.
+    assert values == [[1.5, 3.5], [1.5]]
+    assert sorted(p for call in calls for p in call[0]) == [(5, 5), (5, 5, 1, 2)]
+    assert generated == (2 + 3) + (1 + 4)
+
+
+def test_tree_growth_leaf_rewards_and_training_rows(monkeypatch):
+    # Branching 2-2, 2 tokens at level 1, the remaining 3 at level 2 (max_new_tokens 5).
+    script = {(7,): [[1, 2], [3, EOS]], (7, 1, 2): [[4, EOS], [5, 5, 5]]}
+    calls = []
+    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, calls))
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=5, batch_size=8)
+    trees, generated = sample_trees(None, DigitTokenizer(), [[7]], [0], branching=[2, 2], level_tokens=[2],
+                                    sampling=sampling)
+    tree = trees[0]
+    assert tree.parents == [-1, 0, 0, 1, 1]
+    assert tree.tokens == [[], [1, 2], [3, EOS], [4, EOS], [5, 5, 5]]
+    assert tree.finished == [False, False, True, True, False]
+    assert [n for _, _, n in calls] == [2, 3]
+    assert generated == 2 + 2 + 2 + 3
+    rewards = score_leaves(DigitTokenizer(), trees, length_scorer([]))
+    assert rewards == [{2: 1.0, 3: 3.0, 4: 0.0}]  # "3", "124", and node 4 truncated
+    values, adv = tree_values_and_advantages(tree.parents, rewards[0])
+    # V1 = (3 + 0) / 2 = 1.5, V0 = (1.5 + 1) / 2 = 1.25.
+    assert adv == pytest.approx([0.0, 0.25, -0.25, 1.5, -1.5])
+    rows = tree_training_rows(trees, [adv])
+    assert [(leaf, ids, token_mask) for _, leaf, ids, _, token_mask in rows] == [
+        (2, [3, EOS], [True, True]),
+        (3, [1, 2, 4, EOS], [True, True, True, True]),
+        (4, [1, 2, 5, 5, 5], [False, False, True, True, True]),
+    ]
+    assert rows[2][3] == pytest.approx([0.25, 0.25, -1.5, -1.5, -1.5])
+
+
+def test_rows_whose_segments_all_have_zero_advantage_are_dropped(monkeypatch):
+    script = {(7,): [[1, EOS], [2, EOS]]}
+    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, []))
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=4, batch_size=8)
+    trees, _ = sample_trees(None, DigitTokenizer(), [[7]], [0], branching=[2], level_tokens=[],
+                            sampling=sampling)
+    rewards = score_leaves(DigitTokenizer(), trees, lambda p, texts: [1.0] * len(texts))
+    _, adv = tree_values_and_advantages(trees[0].parents, rewards[0])
+    assert tree_training_rows(trees, [adv]) == []
+
+
+def test_make_batch_layout():
+    batch = make_batch([[5, 5, 5], [6]], [[1, EOS], [2, 3, 4]], [False, True], PAD, "cpu")
+    assert batch.prompt_length == 3
+    assert batch.input_ids.tolist() == [[5, 5, 5, 1, EOS, PAD], [PAD, PAD, 6, 2, 3, 4]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.completion_mask.tolist() == [[True, True, False], [True, True, True]]
+    assert batch.truncated.tolist() == [False, True]
+    assert batch.lengths().tolist() == [2, 3]

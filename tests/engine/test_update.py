@@ -1,0 +1,127 @@
+"""The batch layout and the micro-batched policy update: trimming keeps every token's position,
+the token budget holds, and accumulating over micro-batches equals one big batch."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fusedrl.engine import rollout
+from fusedrl.engine.config import load_config
+from fusedrl.engine.grpo import make_loss, micro_batches, update
+from fusedrl.engine.model import demo_tokenizer, load_policy, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.demo.hidden_size=32", "model.demo.num_layers=2",
+                             "model.demo.intermediate_size=64"])
+    model, tokenizer = load_policy(cfg.model, "builtin:demo", torch.device("cpu"))
+    return model, tokenizer
+
+
+def _batch(policy):
+    model, tokenizer = policy
+    torch.manual_seed(1)
+    prompts = tokenizer(["1+2=", "345+6=", "78+901="])["input_ids"]
+    return rollout.generate(model, tokenizer, prompts, group_size=2, temperature=1.0, top_p=1.0,
+                            max_new_tokens=10, batch_size=4)
+
+
+def test_layout_and_masks(policy):
+    _, tokenizer = policy
+    batch = _batch(policy)
+    assert batch.input_ids.shape == (6, batch.prompt_length + batch.completion_ids.shape[1])
+    for i in range(6):
+        n = int(batch.completion_mask[i].sum())
+        ends = (batch.completion_ids[i, :n] == tokenizer.eos_token_id).nonzero()
+        # The mask ends at the first end token (inclusive), or the row is truncated at max_new_tokens.
+        assert (ends.numel() == 1 and ends[0] == n - 1) or (batch.truncated[i] and n == 10)
+        assert (batch.completion_ids[i, n:] == tokenizer.pad_token_id).all()
+    # Rows 0-1 share prompt 0, rows 2-3 prompt 1: 2x group size.
+    assert (batch.input_ids[0, : batch.prompt_length] == batch.input_ids[1, : batch.prompt_length]).all()
+
+
+def test_trimmed_rows_give_the_same_logprobs(policy):
+    model, _ = policy
+    batch = _batch(policy)
+    full, _ = token_logprobs(model, batch, temperature=0.7)
+    sub = batch.rows(torch.tensor([0, 1]))  # the shortest prompt: left padding trimmed away
+    assert sub.prompt_length < batch.prompt_length
+    part, _ = token_logprobs(model, sub, temperature=0.7)
+    mask = sub.completion_mask
+    torch.testing.assert_close(part[mask], full[:2, : part.shape[1]][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_respect_the_budget_and_cover_all_rows(policy):
+    batch = _batch(policy)
+    rows = torch.arange(len(batch))
+    budget = batch.prompt_length + batch.completion_ids.shape[1] + 5
+    groups = micro_batches(batch, rows, budget)
+    assert sorted(torch.cat(groups).tolist()) == rows.tolist()
+    for g in groups:
+        sub = batch.rows(g)
+        assert sub.input_ids.numel() <= budget
+    assert len(micro_batches(batch, rows, 10_000)) == 1
+
+
+def _one_vs_many(policy, overrides):
+    """The update's weight change and metrics with one micro-batch, then with one row per micro-batch."""
+    model, _ = policy
+    batch = _batch(policy)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    results = []
+    for budget in (10_000, batch.prompt_length + batch.completion_ids.shape[1]):
+        cfg = load_config(None, overrides + ["optim.max_grad_norm=0", f"optim.micro_batch_tokens={budget}",
+                                             "data.max_prompt_length=8", "rollout.max_new_tokens=10",
+                                             "rollout.temperature=0.7"])
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        torch.manual_seed(5)  # Clip-Cov's draw
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer,
+                         scheduler, batch, advantages)
+        results.append(({k: start[k] - v for k, v in model.state_dict().items()}, metrics))
+        model.load_state_dict(start)
+    return results
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_accumulated_micro_batches_equal_one_batch(policy, loss_type):
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, [f"loss.loss_type={loss_type}"])
+    assert any(d.abs().max() > 0 for d in step_one.values())
+    for key in step_one:
+        torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
+    assert m_many["loss/policy"] == pytest.approx(m_one["loss/policy"], rel=1e-4, abs=1e-7)
+    assert m_many["entropy/mean"] == pytest.approx(m_one["entropy/mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.loss_type=dapo", "loss.top_entropy_fraction=0.2"],
+    ["loss.loss_type=bnpo", "loss.cov_mode=kl_cov", "loss.cov_ratio=0.1", "optim.updates_per_batch=2"],
+    ["loss.loss_type=dapo", "loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=0.0",
+     "loss.top_entropy_fraction=0.5", "optim.mini_batches=2"],
+], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy"])
+def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
+    """The top-entropy threshold and the covariance selection cover the whole mini-batch: one row per
+    micro-batch gives the same step as one micro-batch (per-call statistics would not)."""
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides)
+    assert any(d.abs().max() > 0 for d in step_one.values())
+    for key in step_one:
+        torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
+    assert m_many["loss/policy"] == pytest.approx(m_one["loss/policy"], rel=1e-4, abs=1e-7)
+    assert m_many["cov/mean" if "cov/mean" in m_one else "entropy/mean"] == pytest.approx(
+        m_one["cov/mean" if "cov/mean" in m_one else "entropy/mean"], rel=1e-5, abs=1e-7)
+    for key in ("mask/top_entropy", "mask/cov"):
+        if key in m_one:
+            assert 0 < m_one[key] < 1  # the mask bites
+            assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7)
+
+
+def test_demo_tokenizer_round_trip():
+    tokenizer = demo_tokenizer()
+    text = "472+389=2+9=11 #861\n"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
