@@ -414,6 +414,10 @@ def validate(cfg: Config) -> None:
         _fail("loss.cov_lower", f"must be < loss.cov_upper ({loss.cov_upper}); got {loss.cov_lower}")
     _at_least("loss.kl_cov_coef", loss.kl_cov_coef, 0)
     _choice("loss.normalize_by", loss.normalize_by, ("valid", "selected"))
+    if loss.normalize_by == "selected" and loss.loss_type in ("dapo", "dr_grpo"):
+        # dapo divides by the global count of valid tokens, dr_grpo by a fixed length: neither is a
+        # count of selected tokens.
+        _fail("loss.normalize_by", f"'selected' needs loss.loss_type bnpo or grpo; got {loss.loss_type!r}")
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0)

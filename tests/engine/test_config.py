@@ -131,6 +131,8 @@ def test_every_algorithm_loads(algorithm):
     (["optim.micro_batch_tokens=100"], "optim.micro_batch_tokens", "one full sequence"),
     (["model.demo.num_heads=3"], "model.demo.num_heads", "divide"),
     (["optim.mini_batches=1000"], "optim.mini_batches", "responses per step"),
+    (["loss.normalize_by=selected"], "loss.normalize_by", "bnpo or grpo"),
+    (["loss.normalize_by=selected", "loss.loss_type=dr_grpo"], "loss.normalize_by", "bnpo or grpo"),
 ])
 def test_contradictions(overrides, key, words):
     message = _error(None, overrides)
