@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from fusedrl.engine.rewards.code import CaseResult, CodeExecutionReward, extract_code, outputs_match
+from fusedrl.engine.rewards.sandbox_child import WORLD_WRITABLE
 
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-5, 5) == 0"}]
@@ -145,7 +146,12 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
             f"open({escape!r}, 'w').write('x')\nopen({str(target / 'pwned')!r}, 'w').write('x')\nprint('ok')",
             "No such file",
         ),
-        "write into the repository": (f"open({repo_file!r}, 'w').write('x')\nprint('ok')", "PermissionError"),
+        # A checkout under a world-writable directory (CI may clone into /tmp) is hidden by its tmpfs;
+        # anywhere else the file system's permissions refuse the sandbox's unprivileged uid.
+        "write into the repository": (
+            f"open({repo_file!r}, 'w').write('x')\nprint('ok')",
+            "No such file" if repo_file.startswith(tuple(d + "/" for d in WORLD_WRITABLE)) else "PermissionError",
+        ),
         "parent environment": (
             textwrap.dedent(
                 """
