@@ -1,12 +1,17 @@
-"""Exact batch-wide order statistics for the selection ops, across ranks, without host syncs.
+"""Exact batch-wide order statistics for the selection ops, across ranks.
 
-A radix select over order-preserving integer keys: each pass histograms one 8-bit digit of the keys
-still in the running (one all-reduce of 256 counts per pass), picks the bucket that holds the wanted
-rank, and narrows the prefix. Float32 values take four passes, int64 / float64 keys eight. Work is
-O(N) per pass, nothing is sorted, no rank ever sees another rank's values, and every quantity (ranks,
-counts, the selected key) stays a device tensor, so no step waits on the host. Why 8-bit digits:
-with 16-bit ones the 65,536-bin histogram dominated small batches (30 ms per call on CPU for 300
-tokens, 0.7 ms with 256 bins), and every pass all-reduces a 512 KB vector instead of 2 KB.
+With a process group: a radix select over order-preserving integer keys. Each pass histograms one
+8-bit digit of the keys still in the running (one all-reduce of 256 counts per pass), picks the bucket
+that holds the wanted rank, and narrows the prefix. Float32 values take four passes, int64 / float64
+keys eight. Work is O(N) per pass, nothing is sorted, no rank ever sees another rank's values, and
+every quantity (ranks, counts, the selected key) stays a device tensor, so no step waits on the host.
+Why 8-bit digits: with 16-bit ones the 65,536-bin histogram dominated small batches (30 ms per call
+on CPU for 300 tokens, 0.7 ms with 256 bins), and every pass all-reduces a 512 KB vector instead of 2 KB.
+
+Without one, torch's own selection answers (torch.topk on CPU, one sort elsewhere): the radix passes
+cost about twice as much on CPU (each is several elementwise int64 ops over the whole batch), and on
+a GPU each pass is several small launches. Both give the same key, so the masks do not depend on
+the path; tests/kernels/test_select.py checks that on data with many ties.
 """
 
 from __future__ import annotations
@@ -58,9 +63,54 @@ def kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, k
     """The key of rank k (0-based, a 0-dim int64 tensor) among the valid keys of all ranks.
 
     keys: int64 of any shape holding signed `key_bits`-bit values; valid: bool of the same shape.
-    k must lie in [0, global valid count); the caller guards the empty case.
+    k must lie in [0, global valid count); the caller guards the empty case (the key returned for
+    it is arbitrary). Without a process group the exact built-ins of local_kth_smallest_key answer;
+    with one, the radix select of radix_kth_smallest_key.
     """
     keys, valid = keys.reshape(-1), valid.reshape(-1)
+    if group is None:
+        return local_kth_smallest_key(keys, valid, k)
+    return radix_kth_smallest_key(keys, valid, k, key_bits, group)
+
+
+def local_kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """kth_smallest_key on one process (flat keys and valid) with torch's own selection.
+
+    On CPU the rank is read on the host, which is free there, for topk_kth_smallest_key; on other
+    devices sort_kth_smallest_key needs no host sync and replaces the radix passes' many small
+    launches with one library sort.
+    """
+    if keys.device.type == "cpu":
+        return topk_kth_smallest_key(keys, valid, k)
+    return sort_kth_smallest_key(keys, valid, k)
+
+
+def topk_kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """kth_smallest_key (one process) by a torch.topk of the smaller side of rank k: kl_cov's few
+    largest keys, the top fifth of the entropies (measured faster than torch.kthvalue at any rank).
+
+    Invalid keys become a sentinel past every valid key, away from the answer, so the answer is an
+    order statistic of the full tensor (gathering the valid keys costs more than selecting).
+    """
+    rank, n = int(k), int(valid.sum())
+    if rank >= n:
+        return k.clone()
+    if n - rank <= rank:
+        return torch.where(valid, keys, torch.iinfo(torch.int64).min).topk(n - rank, sorted=False).values.min()
+    return torch.where(valid, keys, torch.iinfo(torch.int64).max).topk(rank + 1, largest=False, sorted=False).values.max()
+
+
+def sort_kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """kth_smallest_key (one process) without a host sync: sort with the invalid keys at the end,
+    index by the rank as a device tensor."""
+    if keys.numel() == 0:
+        return k.clone()
+    ordered = torch.where(valid, keys, torch.iinfo(torch.int64).max).sort().values
+    return ordered[k.clamp(max=keys.numel() - 1)]
+
+
+def radix_kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, key_bits: int, group) -> torch.Tensor:
+    """kth_smallest_key by the radix select of the module docstring (flat keys and valid)."""
     prefix = torch.zeros((), dtype=torch.int64, device=keys.device)  # signed value of the chosen high bits
     running = valid  # keys whose high digits equal the prefix so far
     rank = k.clone()
