@@ -169,12 +169,17 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def random_keys(shape: torch.Size, generator: torch.Generator | None, device, group) -> torch.Tensor:
+def random_keys(
+    shape: torch.Size, generator: torch.Generator | None, device, group, needed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Independent uniform 63-bit int64 keys, one per token, that depend only on the token's global
     position (ranks in order, then flat index) and on seeds drawn from rank 0's generator.
 
     A counter-based draw rather than torch.randint per rank: the same concatenated batch gets the same
     keys on any number of ranks, and ranks whose generators share a seed still draw different keys.
+    needed (bool, `shape`): the tokens whose keys are read; on CPU only those are hashed (the hash is
+    some 80 elementwise int64 ops, most of clip_cov's time when hashing every token) and the others
+    get key 0. Elsewhere every token is hashed: gathering the needed ones would sync with the host.
     """
     seeds = torch.randint(0, 1 << 32, (4,), generator=generator, device=device)
     rank, size = world(group)
@@ -182,10 +187,19 @@ def random_keys(shape: torch.Size, generator: torch.Generator | None, device, gr
     numel = torch.zeros(size, dtype=torch.int64, device=device)
     numel[rank] = shape.numel()
     offset = all_reduce(numel, group)[:rank].sum()
-    index = torch.arange(shape.numel(), dtype=torch.int64, device=device) + offset
+    if needed is None or torch.device(device).type != "cpu":
+        return _position_keys(torch.arange(shape.numel(), dtype=torch.int64, device=device) + offset, seeds).reshape(shape)
+    positions = needed.reshape(-1).nonzero().squeeze(1)
+    keys = torch.zeros(shape.numel(), dtype=torch.int64, device=device)
+    keys[positions] = _position_keys(positions + offset, seeds)
+    return keys.reshape(shape)
+
+
+def _position_keys(index: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """The 63-bit keys of random_keys for global positions `index` (int64)."""
     low, high = index & 0xFFFFFFFF, index >> 32
     # Two 32-bit halves from independent seeds; for a fixed high word each is a bijection of the low
     # word, so keys within 2^32 tokens never collide.
     upper = _hash32(_hash32(low ^ seeds[0]) ^ ((high + seeds[1]) & 0xFFFFFFFF))
     lower = _hash32(_hash32(low ^ seeds[2]) ^ ((high + seeds[3]) & 0xFFFFFFFF))
-    return ((upper << 31) | (lower >> 1)).reshape(shape)
+    return (upper << 31) | (lower >> 1)

@@ -96,5 +96,5 @@ def covariance_mask(
     candidates = valid & (cov > float(lower)) & (cov < float(upper))
     if exclude is not None:
         candidates = candidates & ~check_mask("exclude", exclude, logprobs.shape)
-    keys = random_keys(logprobs.shape, generator, logprobs.device, process_group)
+    keys = random_keys(logprobs.shape, generator, logprobs.device, process_group, needed=candidates)
     return top_k_mask(keys, candidates, k, 64, process_group)

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from fusedrl.kernels import _select
-from fusedrl.kernels._select import float_keys, radix_kth_smallest_key, sort_kth_smallest_key, top_k_mask, topk_kth_smallest_key
+from fusedrl.kernels._select import (
+    float_keys,
+    radix_kth_smallest_key,
+    random_keys,
+    sort_kth_smallest_key,
+    top_k_mask,
+    topk_kth_smallest_key,
+)
 
 INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 PATHS = {
@@ -68,3 +75,12 @@ def test_top_k_mask_breaks_ties_by_lowest_index_on_every_path(path, monkeypatch)
     for k in [0, 1, 2, n // 3, n - 1, n, n + 5]:
         expected = stable_top_k(keys.reshape(-1), valid.reshape(-1), min(k, n)).reshape(6, 25)
         assert torch.equal(top_k_mask(keys, valid, torch.tensor(k), 64, None), expected), k
+
+
+def test_random_keys_of_the_needed_tokens_equal_the_full_draw():
+    # On CPU clip_cov hashes only its candidates; their keys must be the ones every token would get.
+    needed = torch.rand(5, 33, generator=torch.Generator().manual_seed(3)) < 0.2
+    full = random_keys(needed.shape, torch.Generator().manual_seed(5), "cpu", None)
+    sparse = random_keys(needed.shape, torch.Generator().manual_seed(5), "cpu", None, needed=needed)
+    assert torch.equal(sparse[needed], full[needed])
+    assert full.unique().numel() == full.numel() and bool((full >= 0).all())
