@@ -95,9 +95,10 @@ def topk_kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tens
     rank, n = int(k), int(valid.sum())
     if rank >= n:
         return k.clone()
+    lowest, highest = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
     if n - rank <= rank:
-        return torch.where(valid, keys, torch.iinfo(torch.int64).min).topk(n - rank, sorted=False).values.min()
-    return torch.where(valid, keys, torch.iinfo(torch.int64).max).topk(rank + 1, largest=False, sorted=False).values.max()
+        return torch.where(valid, keys, lowest).topk(n - rank, sorted=False).values.min()
+    return torch.where(valid, keys, highest).topk(rank + 1, largest=False, sorted=False).values.max()
 
 
 def sort_kth_smallest_key(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,8 @@ def random_keys(
     numel[rank] = shape.numel()
     offset = all_reduce(numel, group)[:rank].sum()
     if needed is None or torch.device(device).type != "cpu":
-        return _position_keys(torch.arange(shape.numel(), dtype=torch.int64, device=device) + offset, seeds).reshape(shape)
+        index = torch.arange(shape.numel(), dtype=torch.int64, device=device) + offset
+        return _position_keys(index, seeds).reshape(shape)
     positions = needed.reshape(-1).nonzero().squeeze(1)
     keys = torch.zeros(shape.numel(), dtype=torch.int64, device=device)
     keys[positions] = _position_keys(positions + offset, seeds)
