@@ -7,7 +7,7 @@ source of instability. Statistics are taken in float64 and padding never enters 
 
 - clip_cov: k = max(1, int(ratio * N_valid)) tokens drawn uniformly at random among the candidates
   (valid, lower < Cov < upper, not marked by `exclude`); fewer when there are fewer candidates.
-  Every token gets a random 63-bit key and the k largest keys over all ranks win (exact radix select,
+  Every token gets a random 63-bit key and the k largest keys over all ranks win (exact selection,
   kernels/_select.py), which is a uniform k-subset of the candidates. Keys come from a counter-based
   hash of the token's global position, seeded from rank 0's `generator`.
 - kl_cov: the k tokens with the largest Cov over all ranks.
@@ -79,7 +79,7 @@ def covariance_mask(
         generator: the source of clip_cov's random draw (default: torch's global generator).
         process_group: a torch.distributed group over which the batch is spread.
 
-    Returns a bool tensor of logprobs' shape, at most k tokens set over all ranks. Never syncs with the host.
+    Returns a bool tensor of logprobs' shape, at most k tokens set over all ranks. On a GPU, never syncs with the host.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -96,5 +96,5 @@ def covariance_mask(
     candidates = valid & (cov > float(lower)) & (cov < float(upper))
     if exclude is not None:
         candidates = candidates & ~check_mask("exclude", exclude, logprobs.shape)
-    keys = random_keys(logprobs.shape, generator, logprobs.device, process_group)
+    keys = random_keys(logprobs.shape, generator, logprobs.device, process_group, needed=candidates)
     return top_k_mask(keys, candidates, k, 64, process_group)

@@ -3,9 +3,9 @@
 The threshold tau is the (1 - rho) quantile of the entropies of all valid tokens, with the linear
 interpolation and the float arithmetic of torch.quantile, so that the mask equals TRL's
 `H >= torch.quantile(H[valid], 1 - rho)` wherever torch.quantile runs. The two order statistics it
-interpolates come from an exact radix select (kernels/_select.py) instead of a sort: no 2^24 limit,
-O(N), and with a process group one global tau from all-reduced histograms, never gathering the
-entropies themselves.
+interpolates come from an exact selection (kernels/_select.py: torch.topk or one sort on a single
+process, a radix select with a process group): no 2^24 limit, and with a process group one global
+tau from all-reduced histograms, never gathering the entropies themselves.
 """
 
 from __future__ import annotations
