@@ -46,7 +46,7 @@ def _fused(hidden, weight, targets):
 
 
 def _chunked(hidden, weight, targets):
-    return reference.linear_logprobs_and_entropy(hidden, weight, targets)
+    return reference.linear_logprobs_and_entropy_torch(hidden, weight, targets)
 
 
 def _liger(hidden, weight, targets):

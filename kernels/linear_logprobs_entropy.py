@@ -437,7 +437,7 @@ def linear_logprobs_and_entropy(
     if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
-        return reference.linear_logprobs_and_entropy(
+        return reference.linear_logprobs_and_entropy_torch(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
         )
 

@@ -145,7 +145,7 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def linear_logprobs_and_entropy(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
+def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
     """The "torch" backend of fusedrl.kernels.linear_logprobs_and_entropy (which validates the inputs).
 
     Chunks over tokens and vocabulary (LINEAR_CHUNK_ELEMENTS / LINEAR_CHUNK_COLS) with an online
