@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedrl.kernels._checks import FLOAT_DTYPES, check_float
+from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction
 from fusedrl.kernels.top_entropy_mask import check_mask
 
 
@@ -24,10 +24,5 @@ def probability_mask(old_logprobs: torch.Tensor, mask: torch.Tensor, *, threshol
     """
     check_float("old_logprobs", old_logprobs, FLOAT_DTYPES + (torch.float64,))
     valid = check_mask("mask", mask, old_logprobs.shape)
-    try:
-        rho = float(threshold)
-    except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}") from None
-    if not (0.0 < rho <= 1.0):
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    rho = check_fraction("threshold", threshold)
     return valid & (old_logprobs.detach().to(torch.float64).exp() < rho)

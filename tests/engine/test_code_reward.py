@@ -5,7 +5,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -15,15 +14,6 @@ from fusedrl.engine.rewards.sandbox_child import WORLD_WRITABLE
 
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-5, 5) == 0"}]
-
-
-@pytest.fixture
-def work_root(tmp_path, monkeypatch):
-    root = tmp_path / "work"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    yield root
-    assert list(root.iterdir()) == [], "a host working directory was left behind"
 
 
 @pytest.fixture

@@ -5,23 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
 
 from fusedrl.engine.rewards import sandbox as sandbox_module
 from fusedrl.engine.rewards.sandbox import Limits, Sandbox, SandboxPool, SandboxUnavailableError
-
-
-@pytest.fixture
-def work_root(tmp_path, monkeypatch):
-    """Host-side working directories go here, so the test can see that none is left behind."""
-    root = tmp_path / "work"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    yield root
-    assert list(root.iterdir()) == []
 
 
 @pytest.fixture
