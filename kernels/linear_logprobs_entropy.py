@@ -13,13 +13,23 @@ blocks stay in L2 while the weight tiles they share stream through it once per g
 
 Backward: the gradient with respect to the logits, dz = (g_lp (onehot - p) - g_H p (z - lse + H)) / T,
 is recomputed tile by tile (`_dlogits_kernel`, which also column-sums it in fp32 for the bias) into a
-workspace of at most chunk_rows x chunk_cols elements (`_Blocks`), and two accumulating GEMMs (`_matmul_acc_kernel`)
-add dz @ W to an fp32 hidden-gradient buffer and dz^T @ h to an fp32 weight-gradient buffer. Every
-output tile has exactly one writer, so the result is deterministic (no atomics), and the backward does
-the minimum of 6 N V H flops for arbitrary per-token upstream gradients (recompute, d hidden, d weight).
-Extra memory: the fp32 weight-gradient accumulator (V H 4 bytes, required for fp32 accumulation when
-the weight is bf16/fp16), one workspace chunk, one fp32 [CHUNK_ROWS, H] buffer, and [N, splits] fp32
-forward partials; the largest of them does not grow with N.
+workspace of one rows x columns chunk (`_Blocks`), and two accumulating GEMMs (`_matmul_acc_kernel`)
+add dz @ W to the hidden gradient and dz^T @ h to the weight gradient, both accumulated in fp32. Every
+output tile has exactly one writer and the chunk order is fixed by the shapes, so the result is
+deterministic (no atomics, bitwise repeatable), and the backward does the minimum of 6 N V H flops for
+arbitrary per-token upstream gradients (recompute, d hidden, d weight). Two loop orders:
+- rows-outer / vocab-inner (chunk_rows x chunk_cols steps): a row chunk's hidden gradient is complete
+  after one sweep of the vocabulary (fp32 [chunk_rows, H] buffer), but the weight gradient needs an
+  fp32 [V, H] accumulator, converted once at the end.
+- vocab-outer / rows-inner (chunk_rows x vocab_outer_cols steps): a vocabulary chunk's weight gradient
+  is complete after one sweep of the rows (fp32 [vocab_outer_cols, H] buffer, written once into the
+  gradient), but the hidden gradient needs an fp32 [N, H] accumulator, converted once at the end.
+`_loop_order` picks the one with the smaller extra memory (`backward_extra_bytes`: roughly N against V;
+a frozen weight or hidden drops its accumulator). fp32 gradients are their own accumulators, so fp32
+inputs need neither buffer. Extra memory beyond the returned gradients, bf16, N = 65536, V = 151936,
+H = 4096 (vocab-outer is chosen): fp32 [N, H] 1 GiB + fp32 [8192, H] 128 MiB + bf16 dz workspace
+2048 x 8192 = 32 MiB + ~1.6 MiB of vectors = 1.16 GiB; rows-outer would need the 2.32 GiB fp32 [V, H]
+accumulator + 160 MiB. The forward's [N, splits] fp32 partials are freed before the backward starts.
 
 Block sizes (H100/A100, bf16/fp16): 128 x 128 logit tiles with BLOCK_H = 64, 8 warps, 3 stages - the
 largest tile whose fp32 accumulator plus the softmax epilogue fit in registers without spilling on
@@ -214,6 +224,7 @@ class _Blocks:
     gemm_stages: int
     chunk_rows: int  # backward workspace: rows x columns of dz per step
     chunk_cols: int
+    vocab_outer_cols: int  # columns per step in the vocab-outer order (its fp32 [cols, H] buffer stays small)
     dot_precision: str
     upcast_dot: bool = False  # Triton 3.9's interpreter multiplies bf16 dot operands wrongly; fp32 copies
     # of them give the same exact products that a bf16 tensor-core dot sums in fp32
@@ -221,11 +232,11 @@ class _Blocks:
 
 GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
 TILES_PER_SPLIT = 32  # vocabulary tiles per forward work item: at N = 8192, V = 131072, 2048 items (15.5 waves)
-_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, "ieee")  # 16-bit products are exact
-_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 4, 3, 1024, 16384, "ieee")
+_GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, 8192, "ieee")  # 16-bit products are exact
+_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 4, 3, 1024, 16384, 16384, "ieee")
 # Under the interpreter (CPU) small blocks keep the tests fast and still cross every tile, split and
 # chunk boundary at the tested shapes.
-_INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, "ieee", upcast_dot=True)
+_INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, 256, "ieee", upcast_dot=True)
 
 
 def _blocks(t: torch.Tensor) -> _Blocks:
@@ -302,6 +313,42 @@ def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks)
     )
 
 
+ROWS_OUTER, VOCAB_OUTER = "rows_outer", "vocab_outer"
+
+
+def _chunks(order: str, n_rows: int, vocab_size: int, cfg: _Blocks) -> tuple[int, int]:
+    """(rows, columns) of one backward step for the given loop order."""
+    cols = cfg.chunk_cols if order == ROWS_OUTER else cfg.vocab_outer_cols
+    return min(n_rows, cfg.chunk_rows), min(vocab_size, cols)
+
+
+def backward_extra_bytes(order: str, n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                         needs: tuple[bool, bool, bool], cfg: _Blocks) -> int:
+    """Bytes the backward allocates beyond the returned gradients, for one loop order (module docstring).
+
+    fp32 gradients are accumulated in place, so only 16-bit inputs pay for fp32 accumulators."""
+    need_h, need_w, need_b = needs
+    rows, cols = _chunks(order, n_rows, vocab_size, cfg)
+    acc = 0 if dtype == torch.float32 else 4
+    hidden_acc_rows = rows if order == ROWS_OUTER else n_rows
+    weight_acc_rows = vocab_size if order == ROWS_OUTER else cols
+    return (
+        rows * cols * dtype.itemsize  # the dz workspace
+        + need_h * hidden_acc_rows * hidden_size * acc
+        + need_w * weight_acc_rows * hidden_size * acc
+        + need_b * (triton.cdiv(rows, cfg.block_n) * cols + vocab_size) * 4  # bias column sums, fp32 d bias
+        + 2 * n_rows * 4  # the masked fp32 upstream gradients
+    )
+
+
+def _loop_order(n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                needs: tuple[bool, bool, bool], cfg: _Blocks) -> str:
+    """The loop order with the smaller extra memory (rows-outer on a tie)."""
+    extra = {order: backward_extra_bytes(order, n_rows, vocab_size, hidden_size, dtype, needs, cfg)
+             for order in (ROWS_OUTER, VOCAB_OUTER)}
+    return VOCAB_OUTER if extra[VOCAB_OUTER] < extra[ROWS_OUTER] else ROWS_OUTER
+
+
 def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, options, needs):
     """Gradients for (hidden, weight, bias), each None where not needed; see the module docstring."""
     n_rows, hidden_size = hidden.shape
@@ -311,48 +358,84 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
     grad_lp = torch.where(valid, grad_lp.float(), 0.0).contiguous()  # ignored rows contribute nothing
     grad_entropy = torch.where(valid, grad_entropy.float(), 0.0).contiguous()
     need_h, need_w, need_b = needs
-    rows, cols = min(n_rows, cfg.chunk_rows), min(vocab_size, cfg.chunk_cols)
+    order = _loop_order(n_rows, vocab_size, hidden_size, hidden.dtype, needs, cfg)
+    rows, cols = _chunks(order, n_rows, vocab_size, cfg)
+    in_place = hidden.dtype == torch.float32  # fp32 gradients are their own accumulators
     workspace = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
-    dbias_blocks = torch.empty(triton.cdiv(rows, cfg.block_n) * cols, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if need_h else None
-    dh = torch.empty(rows, hidden_size, dtype=torch.float32, device=hidden.device) if need_h else None
-    dw = torch.zeros(vocab_size, hidden_size, dtype=torch.float32, device=hidden.device) if need_w else None
+    dbias_blocks = (torch.empty(triton.cdiv(rows, cfg.block_n) * cols, dtype=torch.float32, device=hidden.device)
+                    if need_b else None)
     db = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_b else None
-    for r0 in range(0, n_rows, rows):
-        r1 = min(n_rows, r0 + rows)
-        h_chunk = hidden[r0:r1]
+
+    def step(r0, r1, c0, c1, dh, dw):
+        """Recompute dz for rows r0:r1 x columns c0:c1; dh (fp32, rows r0:r1) += dz @ W[c0:c1],
+        dw (fp32, columns c0:c1) += dz^T @ h[r0:r1], db[c0:c1] += column sums of dz."""
+        dz = workspace[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        n_row_blocks = triton.cdiv(r1 - r0, cfg.block_n)
+        _dlogits_kernel[(n_row_blocks * triton.cdiv(c1 - c0, cfg.block_v),)](
+            hidden[r0:r1], weight[c0:c1], weight if bias is None else bias[c0:c1], targets[r0:r1],
+            lse[r0:r1], entropy[r0:r1], grad_lp[r0:r1], grad_entropy[r0:r1],
+            dz, grad_lp if dbias_blocks is None else dbias_blocks,  # an fp32 stand-in: never touched
+            r1 - r0, hidden_size, c1 - c0, c0, options.ignore_index,
+            hidden.stride(0), weight.stride(0),
+            options.inv_temperature,
+            HAS_BIAS=bias is not None, BIAS_GRAD=need_b,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        if need_b:
+            db[c0:c1] += dbias_blocks[: n_row_blocks * (c1 - c0)].view(n_row_blocks, c1 - c0).sum(0)
         if need_h:
-            dh[: r1 - r0].zero_()
+            _matmul_acc(dz, weight[c0:c1], dh, cfg)
+        if need_w:
+            _matmul_acc(dz.t(), hidden[r0:r1], dw, cfg)
+
+    def fp32_zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.float32, device=hidden.device)
+
+    grad_hidden = grad_weight = None
+    if order == ROWS_OUTER:
+        # Each row chunk's hidden gradient is complete after one sweep over the vocabulary; the weight
+        # gradient needs all rows, so it accumulates in fp32 [V, H] and is converted once at the end.
+        dw = fp32_zeros(vocab_size, hidden_size) if need_w else None
+        if need_h:
+            grad_hidden = torch.empty_like(hidden)
+            dh_chunk = None if in_place else fp32_zeros(rows, hidden_size)
+        for r0 in range(0, n_rows, rows):
+            r1 = min(n_rows, r0 + rows)
+            dh = None
+            if need_h:
+                dh = grad_hidden[r0:r1] if in_place else dh_chunk[: r1 - r0]
+                dh.zero_()
+            for c0 in range(0, vocab_size, cols):
+                c1 = min(vocab_size, c0 + cols)
+                step(r0, r1, c0, c1, dh, None if dw is None else dw[c0:c1])
+            if need_h and not in_place:
+                grad_hidden[r0:r1] = dh
+        if need_w:
+            grad_weight = dw.to(weight.dtype)  # a no-op for fp32; else the fp32 buffer dies on return
+    else:
+        # Each vocabulary chunk's weight gradient is complete after one sweep over the rows; the hidden
+        # gradient needs all columns, so it accumulates in fp32 [N, H] and is converted once at the end.
+        dh = fp32_zeros(n_rows, hidden_size) if need_h else None
+        if need_w:
+            grad_weight = torch.empty_like(weight)
+            dw_chunk = None if in_place else fp32_zeros(cols, hidden_size)
         for c0 in range(0, vocab_size, cols):
             c1 = min(vocab_size, c0 + cols)
-            dz = workspace[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            n_row_blocks = triton.cdiv(r1 - r0, cfg.block_n)
-            _dlogits_kernel[(n_row_blocks * triton.cdiv(c1 - c0, cfg.block_v),)](
-                h_chunk, weight[c0:c1], weight if bias is None else bias[c0:c1], targets[r0:r1],
-                lse[r0:r1], entropy[r0:r1], grad_lp[r0:r1], grad_entropy[r0:r1],
-                dz, dbias_blocks,
-                r1 - r0, hidden_size, c1 - c0, c0, options.ignore_index,
-                hidden.stride(0), weight.stride(0),
-                options.inv_temperature,
-                HAS_BIAS=bias is not None, BIAS_GRAD=need_b,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-            if need_b:
-                db[c0:c1] += dbias_blocks[: n_row_blocks * (c1 - c0)].view(n_row_blocks, c1 - c0).sum(0)
-            if need_h:
-                _matmul_acc(dz, weight[c0:c1], dh[: r1 - r0], cfg)
+            dw = None
             if need_w:
-                _matmul_acc(dz.t(), h_chunk, dw[c0:c1], cfg)
+                dw = grad_weight[c0:c1] if in_place else dw_chunk[: c1 - c0]
+                dw.zero_()
+            for r0 in range(0, n_rows, rows):
+                r1 = min(n_rows, r0 + rows)
+                step(r0, r1, c0, c1, None if dh is None else dh[r0:r1], dw)
+            if need_w and not in_place:
+                grad_weight[c0:c1] = dw
         if need_h:
-            grad_hidden[r0:r1] = dh[: r1 - r0]
-    return (
-        grad_hidden,
-        None if dw is None else dw.to(weight.dtype),
-        None if db is None else db.to(bias.dtype),
-    )
+            grad_hidden = dh.to(hidden.dtype)
+    return grad_hidden, grad_weight, None if db is None else db.to(bias.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ Rule, elementwise for outputs and all three gradients under random upstream grad
 interpreter on CPU (small blocks, so every tile, vocabulary split and backward chunk boundary is crossed).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -177,6 +179,96 @@ def test_frozen_bias_still_enters_the_recomputed_logits(backend):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
+ORDERS = [kernel_module.ROWS_OUTER, kernel_module.VOCAB_OUTER]
+
+
+@pytest.fixture
+def force_order(monkeypatch):
+    """force_order(order): the Triton backward runs that loop order, in steps of 24 rows x 384 columns
+    (rows-outer) or 24 x 192 (vocab-outer), so the tested shapes cross several row and vocabulary chunks;
+    returns the list of orders the backward actually chose."""
+    chosen = []
+
+    def force(order):
+        monkeypatch.setattr(kernel_module, "_INTERPRETER", dataclasses.replace(
+            kernel_module._INTERPRETER, chunk_rows=24, chunk_cols=384, vocab_outer_cols=192))
+        monkeypatch.setattr(kernel_module, "_loop_order", lambda *args: chosen.append(order) or order)
+        return chosen
+
+    return force
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", [(67, 48, 1003, torch.bfloat16, True, 0.6, "both"),
+                                  (50, 40, 300, torch.float32, True, 1.7, "both")], ids=str)
+def test_each_loop_order_matches_float64(order, case, force_order):
+    chosen = force_order(order)
+    _check("triton", *case)
+    assert chosen == [order]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_each_loop_order_with_a_frozen_operand(order, frozen, force_order):
+    """Only one of the two big gradients: the other accumulator (and its GEMM) is skipped."""
+    force_order(order)
+    hidden, weight, _, targets = _inputs(50, 24, 500, torch.bfloat16, False)
+    g = torch.randn(50), torch.randn(50)
+    leaves = [hidden.clone().requires_grad_(frozen != "hidden"), weight.clone().requires_grad_(frozen != "weight")]
+    lp, ent = linear_logprobs_and_entropy(*leaves, targets, backend="triton")
+    (lp * g[0] + ent * g[1]).sum().backward()
+    same = _run(lambda h, w: _two_step(h, w, None, targets, 1.0, torch.bfloat16)[:2], hidden, weight, None,
+                targets, *g)
+    exact = _run(lambda h, w: _two_step(h, w, None, targets, 1.0, torch.float64)[:2], hidden.double(),
+                 weight.double(), None, targets, *g)
+    live = 1 if frozen == "hidden" else 0
+    assert leaves[1 - live].grad is None
+    _assert_rule(f"d {('hidden', 'weight')[live]}", leaves[live].grad, same[2 + live], exact[2 + live],
+                 torch.bfloat16)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_each_loop_order_is_bitwise_repeatable(order, force_order):
+    force_order(order)
+    hidden, weight, bias, targets = _inputs(40, 32, 300, torch.bfloat16, True)
+    g = torch.randn(40), torch.randn(40)
+    fn = lambda h, w, b: linear_logprobs_and_entropy(h, w, targets, bias=b, backend="triton")  # noqa: E731
+    first, second = _run(fn, hidden, weight, bias, targets, *g), _run(fn, hidden, weight, bias, targets, *g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+ALL_GRADS = (True, True, True)
+
+
+def test_loop_order_choice_follows_the_shapes():
+    gpu = kernel_module._GPU_16BIT
+    choose = kernel_module._loop_order
+    # Long RL batch against a large vocabulary: the fp32 [N, H] hidden buffer (1 GiB) beats [V, H] (2.3 GiB).
+    assert choose(65536, 151936, 4096, torch.bfloat16, ALL_GRADS, gpu) == kernel_module.VOCAB_OUTER
+    # N >> V: the fp32 [V, H] weight accumulator is the smaller one.
+    assert choose(2**20, 32000, 4096, torch.bfloat16, ALL_GRADS, gpu) == kernel_module.ROWS_OUTER
+    # A frozen weight needs no [V, H] accumulator at all.
+    assert choose(65536, 151936, 4096, torch.bfloat16, (True, False, False), gpu) == kernel_module.ROWS_OUTER
+    # fp32 gradients are accumulated in place and both orders use the same workspace: today's order.
+    assert choose(65536, 151936, 4096, torch.float32, ALL_GRADS, kernel_module._GPU_FP32) == kernel_module.ROWS_OUTER
+
+
+def test_backward_extra_memory_formula_at_the_issue_shape():
+    """Issue 3: peak extra memory under 1.5 GiB at N = 65536, V = 151936, H = 4096 in bf16."""
+    n, v, h = 65536, 151936, 4096
+    gpu = kernel_module._GPU_16BIT
+    extra = kernel_module.backward_extra_bytes(kernel_module.VOCAB_OUTER, n, v, h, torch.bfloat16, ALL_GRADS, gpu)
+    workspace = 2048 * 8192 * 2  # bf16 dz, 32 MiB
+    hidden_acc = n * h * 4  # fp32 [N, H], 1 GiB
+    weight_acc = 8192 * h * 4  # fp32 [8192, H], 128 MiB
+    vectors = (2048 // 128 * 8192 + v) * 4 + 2 * n * 4  # bias column sums, fp32 d bias, upstream gradients
+    assert extra == workspace + hidden_acc + weight_acc + vectors == 1_243_170_304
+    assert extra < 1.5 * 2**30
+    rows_outer = kernel_module.backward_extra_bytes(kernel_module.ROWS_OUTER, n, v, h, torch.bfloat16, ALL_GRADS, gpu)
+    assert rows_outer > v * h * 4 > 2.3 * 2**30  # the fp32 [V, H] accumulator alone
+
+
 @pytest.mark.parametrize(
     "change, argument",
     [
@@ -224,15 +316,20 @@ def _largest_allocation(backend, n, h, v):
     return max(mode.sizes)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_n_by_v_allocation_and_peak_independent_of_n(backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton", *ORDERS])
+def test_no_n_by_v_allocation_and_peak_independent_of_n(backend, monkeypatch, force_order):
     monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)
     monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    if backend in ORDERS:  # the Triton backend in a forced loop order
+        force_order(backend)
+        backend = "triton"
+    # fp32 inputs: both orders accumulate straight into the gradients. (In bf16 the vocab-outer order
+    # adds an fp32 [N, H] hidden accumulator: O(N H), like the hidden gradient itself, never O(N V).)
     h, v = 4, 1024  # small H: the [N, H] hidden gradient stays below the chunk budget
     small, large = _largest_allocation(backend, 64, h, v), _largest_allocation(backend, 128, h, v)
     assert small < 64 * v
     assert large == small, f"largest allocation grew with N: {small} -> {large}"
-    assert large >= v * h  # the fp32 weight-gradient accumulator: proves the mode saw the allocations
+    assert large >= v * h  # the fp32 [V, H] weight gradient: proves the mode saw the allocations
 
 
 @pytest.mark.gpu
