@@ -100,7 +100,7 @@ def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, 
                           old_logprobs=old_lp)
 
 
-def _weight(loss_type: str, sub_mask: torch.Tensor, mini_rows: int, mini_tokens: int) -> float:
+def _weight(loss_type: str, rows: int, tokens: int, mini_rows: int, mini_tokens: int) -> float:
     """Share of a micro-batch's loss in its mini-batch's loss.
 
     dapo divides by the mini-batch's token count itself (num_items_in_batch); grpo and dr_grpo
@@ -109,8 +109,8 @@ def _weight(loss_type: str, sub_mask: torch.Tensor, mini_rows: int, mini_tokens:
     if loss_type == "dapo":
         return 1.0
     if loss_type == "bnpo":
-        return int(sub_mask.sum()) / mini_tokens
-    return sub_mask.shape[0] / mini_rows
+        return tokens / mini_tokens
+    return rows / mini_rows
 
 
 def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch, advantages: torch.Tensor,
@@ -137,6 +137,9 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
         ref_lp = per_token(session.reference, batch, passes[0], temperature, backend)
     sums, tokens_seen, losses, grad_norms = {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
+    # Token counts per row, read once: the loop below then never waits on the device; the loss and its
+    # metrics are summed as device tensors and read back once, at the end.
+    row_tokens = mask.sum(1).tolist()
     # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it, and so does
     # a mini-batch that is one micro-batch (its loss call sees the whole mini-batch) unless Clip-Cov
     # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
@@ -145,7 +148,7 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
     for plan in passes:
         for mini in plan:
             mini_rows = sum(len(r) for r in mini)
-            mini_tokens = sum(int(mask[r].sum()) for r in mini)
+            mini_tokens = sum(row_tokens[i] for r in mini for i in r.tolist())
             step_loss = 0.0
             selection = None
             if batch_wide and (len(mini) > 1 or loss_fn.cov_mode == "clip_cov"):
@@ -164,23 +167,24 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
                     ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
                     num_items_in_batch=mini_tokens if cfg.loss.loss_type == "dapo" else None,
                     selection=None if selection is None else selection.rows(rows, length))
-                share = _weight(cfg.loss.loss_type, sub_mask, mini_rows, mini_tokens)
+                valid = sum(row_tokens[i] for i in rows.tolist())
+                share = _weight(cfg.loss.loss_type, len(rows), valid, mini_rows, mini_tokens)
                 (loss * share).backward()
-                step_loss += float(loss.detach()) * share
-                valid = int(sub_mask.sum())
+                step_loss = step_loss + loss.detach().double() * share
                 tokens_seen += valid
-                for key, value in metrics_to_floats(metrics).items():
-                    sums[key] = sums.get(key, 0.0) + value * valid
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value.double() * valid
             if optim.max_grad_norm > 0:
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)))
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm).double())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-    out = {key: value / max(1, tokens_seen) for key, value in sums.items()}
-    out["loss/policy"] = sum(losses) / len(losses)
+    totals = {key: value / max(1, tokens_seen) for key, value in sums.items()}
+    totals["loss/policy"] = sum(losses) / len(losses)
     if grad_norms:
-        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out = metrics_to_floats(totals)
     out["lr"] = scheduler.get_last_lr()[0]
     return out
 
@@ -200,15 +204,11 @@ def train(cfg: Config) -> dict:
         start = time.perf_counter()
         # Rollout: G responses per prompt, the group's rows adjacent.
         prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
-        batch = rollout.generate(model, tokenizer, prompts.prompt_ids, group_size=r.group_size,
-                                 temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                 batch_size=r.batch_size)
+        batch = session.generate(prompts)
         texts = rollout.decode(tokenizer, batch)
         generated = time.perf_counter()
         # Reward, shaped by the overlong penalty.
-        repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
-        columns = {k: [v[i] for i in repeat] for k, v in prompts.columns.items()}
-        rewards, failures = session.score([prompts.prompts[i] for i in repeat], texts, columns)
+        rewards, failures = session.score_groups(prompts, texts)
         lengths = batch.lengths()
         shaped = rewards + overlong_penalty(lengths, r.max_new_tokens, cfg.advantage.overlong_buffer,
                                             cfg.advantage.overlong_penalty)

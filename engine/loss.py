@@ -62,10 +62,10 @@ def _choice(name: str, value, options: tuple) -> None:
 
 
 def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The loss's metrics as Python floats, with a single device-to-host copy."""
+    """0-dim tensors (the loss's metrics, or sums of them) as Python floats, with one device-to-host copy."""
     if not metrics:
         return {}
-    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
+    values = torch.stack([v.detach().double().reshape(()) for v in metrics.values()]).tolist()
     return dict(zip(metrics.keys(), values))
 
 

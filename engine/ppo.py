@@ -149,14 +149,9 @@ def train(cfg: Config) -> dict:
     for step in session.steps():
         start = time.perf_counter()
         prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
-        batch = rollout.generate(model, tokenizer, prompts.prompt_ids, group_size=r.group_size,
-                                 temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                 batch_size=r.batch_size)
+        batch = session.generate(prompts)
         generated = time.perf_counter()
-        repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
-        columns = {k: [v[i] for i in repeat] for k, v in prompts.columns.items()}
-        scores, failures = session.score([prompts.prompts[i] for i in repeat], rollout.decode(tokenizer, batch),
-                                         columns)
+        scores, failures = session.score_groups(prompts, rollout.decode(tokenizer, batch))
         # Rollout-time log-probs, reference log-probs and values, then GAE on the per-token rewards.
         plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
         old_lp = per_token(model, batch, [plan], r.temperature, cfg.loss.backend)

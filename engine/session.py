@@ -137,6 +137,20 @@ class Session:
         rewards, failures = score(self.reward_fn, prompts, completions, columns, self.cfg.reward.timeout_s)
         return torch.tensor(rewards, dtype=torch.float32), failures
 
+    def generate(self, prompts) -> rollout.Batch:
+        """rollout.group_size responses to each of `prompts` (a Split) with the configured sampling; the
+        responses of one prompt are adjacent rows."""
+        r = self.cfg.rollout
+        return rollout.generate(self.model, self.tokenizer, prompts.prompt_ids, group_size=r.group_size,
+                                temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                batch_size=r.batch_size)
+
+    def score_groups(self, prompts, completions: list[str]) -> tuple[torch.Tensor, int]:
+        """Rewards of the responses `generate(prompts)` made, each scored against its own prompt's row."""
+        repeat = [i for i in range(len(prompts)) for _ in range(self.cfg.rollout.group_size)]
+        columns = {k: [v[i] for i in repeat] for k, v in prompts.columns.items()}
+        return self.score([prompts.prompts[i] for i in repeat], completions, columns)
+
     def evaluate(self) -> dict:
         """Held-out accuracy (responses with reward >= 1), mean reward and length; leaves RNGs untouched."""
         cfg, split = self.cfg, self.eval_split

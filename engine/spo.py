@@ -54,8 +54,7 @@ def make_scorer(session: Session, prompts: Split, failures: list[int]) -> Scorer
 def chain_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scorer):
     """Rollout, boundary values and per-token advantages of one SPO-chain step."""
     cfg, model, tokenizer, r = session.cfg, session.model, session.tokenizer, session.cfg.rollout
-    batch = rollout.generate(model, tokenizer, prompts.prompt_ids, group_size=r.group_size, temperature=r.temperature,
-                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size)
+    batch = session.generate(prompts)
     repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
     rewards = torch.tensor(scorer(repeat, rollout.decode(tokenizer, batch)))
     rewards = rewards.masked_fill(batch.truncated.cpu(), 0.0)
@@ -73,7 +72,7 @@ def chain_step(session: Session, prompts: Split, sampling: Sampling, scorer: Sco
 
 def tree_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scorer):
     """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
-    cfg, tokenizer, spo = session.cfg, session.tokenizer, session.cfg.spo
+    tokenizer, spo = session.tokenizer, session.cfg.spo
     trees, generated = sample_trees(session.model, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
                                     branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
                                     sampling=sampling)
