@@ -125,6 +125,36 @@ def test_triton_backend_matches_float64(case):
     _check("triton", *case)
 
 
+@pytest.mark.parametrize(
+    "switch, expected",
+    [
+        (None, "ieee"),
+        (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("medium"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+        (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), "tf32"),
+    ],
+)
+def test_reads_the_users_tf32_switch(switch, expected, monkeypatch):
+    """Each of torch's ways to allow TF32 for fp32 matmuls is seen; torch's default is exact fp32."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        if switch is not None:
+            switch()
+        assert kernel_module._cuda_fp32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_triton_tf32_path_runs_under_the_interpreter(monkeypatch):
+    """CPU twin of the fp32 GPU test: forward and backward kernels take DOT_PRECISION="tf32". (The
+    interpreter multiplies tf32 dots exactly, so this checks the plumbing; the rounding itself is
+    checked on a GPU.)"""
+    monkeypatch.setattr(kernel_module, "_INTERPRETER",
+                        dataclasses.replace(kernel_module._INTERPRETER, dot_precision="tf32"))
+    _check("triton", 19, 48, 200, torch.float32, True, 0.6, "both")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fully_ignored_row_blocks(backend):
     """Leading prompt-like rows all ignored: the Triton kernels skip those row blocks (16 rows under the
@@ -348,6 +378,33 @@ def test_gpu_realistic_size_matches_torch_backend(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_gpu_fp32_error_no_worse_than_torch_matmul_at_the_same_precision(precision):
+    """fp32 inputs: exact products by default, TF32 when torch.matmul may use it; either way the error
+    against fp64 stays within that of the two-step torch path run at the same precision (TF32 keeps
+    fp16's 10-bit mantissa, hence fp16's tolerances for it)."""
+    n, h, v = 1024, 2048, 32003
+    hidden, weight, _, targets = (None if x is None else x.cuda() for x in _inputs(n, h, v, torch.float32, False))
+    g = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+
+    def two_step(dtype):
+        return lambda a, b: _two_step(a, b, None, targets, 0.7, dtype)[:2]
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ours = _run(lambda a, b: linear_logprobs_and_entropy(a, b, targets, temperature=0.7), hidden, weight, None,
+                    targets, *g)
+        same = _run(two_step(torch.float32), hidden, weight, None, targets, *g)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    exact = _run(two_step(torch.float64), hidden.double(), weight.double(), None, targets, *g)
+    tolerances = torch.float32 if precision == "highest" else torch.float16
+    for name, a, b, e in zip(("lp", "entropy", "d hidden", "d weight"), ours, same, exact):
+        _assert_rule(name, a, b, e, tolerances)
+
+
+@pytest.mark.gpu
 def test_gpu_peak_memory_far_below_logits():
     n, h, v = 16384, 4096, 32000
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -376,3 +433,19 @@ def test_agrees_with_logits_op(backend):
                   hidden.double(), weight.double(), bias.double(), targets, *g)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, expected",
+    [
+        (torch.bfloat16, "ieee", "_GPU_16BIT"),
+        (torch.float16, "tf32", "_GPU_16BIT"),
+        (torch.float32, "ieee", "_GPU_FP32"),
+        (torch.float32, "tf32", "_GPU_TF32"),
+    ],
+)
+def test_fp32_follows_torchs_matmul_precision(dtype, precision, expected):
+    """On a GPU, fp32 inputs use exact fp32 products unless the user allowed TF32 for torch.matmul."""
+    blocks = kernel_module._gpu_blocks(dtype, precision)
+    assert blocks is getattr(kernel_module, expected)
+    assert blocks.dot_precision == {"_GPU_16BIT": "ieee", "_GPU_FP32": "ieee", "_GPU_TF32": "tf32"}[expected]
