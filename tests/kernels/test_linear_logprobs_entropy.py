@@ -67,10 +67,11 @@ def _assert_rule(name, ours, same_dtype, exact, dtype):
                     f"fp64 {exact[idx]:.8g}, tol {tol[idx]:.3g}")
 
 
-def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5)):
-    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias, ignored)
-    g_lp = torch.randn(n) if upstream in ("lp", "both") else None
-    g_ent = torch.randn(n) if upstream in ("entropy", "both") else None
+def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5), device="cpu"):
+    hidden, weight, bias, targets = (None if x is None else x.to(device)
+                                     for x in _inputs(n, h, v, dtype, with_bias, ignored))
+    g_lp = torch.randn(n, device=device) if upstream in ("lp", "both") else None
+    g_ent = torch.randn(n, device=device) if upstream in ("entropy", "both") else None
 
     def ours(*leaves):
         return linear_logprobs_and_entropy(leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None,
@@ -375,6 +376,19 @@ def test_gpu_realistic_size_matches_torch_backend(dtype):
                  hidden, weight, None, targets, *g) for be in ("triton", "torch")]
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", TRITON_CASES + [
+    (300, 1024, 32003, torch.bfloat16, True, 0.7, "both"),
+    (513, 4096, 8191, torch.bfloat16, False, 1.0, "both"),
+    (129, 2048, 4099, torch.float16, True, 1.7, "entropy"),
+    (257, 512, 2053, torch.float32, True, 0.6, "both"),
+], ids=str)
+def test_gpu_compiled_kernels_match_float64(case):
+    """GPU twin of test_triton_backend_matches_float64: the same fp64 rule for the compiled kernels,
+    at the interpreter's shapes and at shapes that cross the GPU tiles (128 x 128, BLOCK_H 64)."""
+    _check("triton", *case, device="cuda")
 
 
 @pytest.mark.gpu
