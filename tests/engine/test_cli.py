@@ -62,7 +62,13 @@ def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
     assert summary["accuracy_before_rl"] is not None and summary["accuracy_after_rl"] is not None
 
     # Micro-batches of 96 tokens force gradient accumulation; the run above exercised it.
-    assert main(_args(resumed, digit_reward, f"run.resume={full / 'checkpoint-2'}")) == 0
+    _assert_resume_repeats_step_three(full, resumed, digit_reward)
+
+
+def _assert_resume_repeats_step_three(full, resumed, reward, *extra):
+    """Resuming `full`'s run from its step-2 checkpoint repeats its step 3: metrics and weights."""
+    rows = _metrics(full / "metrics.jsonl")[1:]
+    assert main(_args(resumed, reward, *extra, f"run.resume={full / 'checkpoint-2'}")) == 0
     again = _metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == [3]
     expected = {k: v for k, v in rows[2].items() if k not in NONDETERMINISTIC}
@@ -73,6 +79,19 @@ def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
     # The step-2 weights differ from the step-3 ones: the resumed step really trained.
     before = load_file(full / "checkpoint-2" / "model.safetensors")
     assert any((before[k] != weights[k]).any() for k in weights)
+
+
+# Clip-Cov with a wide candidate interval and r = 0.2, so that its random draw drops tokens every step.
+CLIP_COV = ["loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=-10", "loss.cov_upper=10"]
+
+
+def test_clip_cov_resume_repeats_step_three(tmp_path, digit_reward):
+    """Clip-Cov draws its dropped tokens from torch's generator, whose state the checkpoint keeps."""
+    full = tmp_path / "full"
+    assert main(_args(full, digit_reward, *CLIP_COV)) == 0
+    rows = _metrics(full / "metrics.jsonl")[1:]
+    assert all(r["mask/cov"] > 0 for r in rows)
+    _assert_resume_repeats_step_three(full, tmp_path / "resumed", digit_reward, *CLIP_COV)
 
 
 def test_missing_model_path_is_a_clean_error(tmp_path, capsys):
