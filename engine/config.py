@@ -190,7 +190,7 @@ class LossConfig:
     kl_cov_coef: float = 1.0
     """KL-Cov coefficient."""
     normalize_by: str = "valid"
-    """Divide by all valid tokens (valid) or by the selected tokens (selected)."""
+    """Divide the policy-gradient part by all valid tokens (valid) or by the selected ones (selected)."""
     backend: str = "auto"
     """Fused-op backend: auto (Triton on CUDA, plain PyTorch elsewhere), triton or torch."""
 
@@ -414,10 +414,9 @@ def validate(cfg: Config) -> None:
         _fail("loss.cov_lower", f"must be < loss.cov_upper ({loss.cov_upper}); got {loss.cov_lower}")
     _at_least("loss.kl_cov_coef", loss.kl_cov_coef, 0)
     _choice("loss.normalize_by", loss.normalize_by, ("valid", "selected"))
-    if loss.normalize_by == "selected" and loss.loss_type in ("dapo", "dr_grpo"):
-        # dapo divides by the global count of valid tokens, dr_grpo by a fixed length: neither is a
-        # count of selected tokens.
-        _fail("loss.normalize_by", f"'selected' needs loss.loss_type bnpo or grpo; got {loss.loss_type!r}")
+    if loss.normalize_by == "selected" and loss.loss_type == "dr_grpo":
+        _fail("loss.normalize_by", "'selected' needs loss.loss_type dapo, bnpo or grpo; dr_grpo divides by "
+                                   "a constant (rollout.max_new_tokens per response)")
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0)

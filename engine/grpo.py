@@ -103,8 +103,9 @@ def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, 
 def _weight(loss_type: str, rows: int, tokens: int, mini_rows: int, mini_tokens: int) -> float:
     """Share of a micro-batch's loss in its mini-batch's loss.
 
-    dapo divides by the mini-batch's token count itself (num_items_in_batch); grpo and dr_grpo
-    average over responses, so a micro-batch counts by its rows; bnpo averages over tokens.
+    dapo divides by the mini-batch's token count itself (num_items_in_batch, or with normalize_by
+    selected the Selection's count); grpo and dr_grpo average over responses, so a micro-batch counts
+    by its rows; bnpo averages over tokens (with normalize_by selected the loss scales its part to fit).
     """
     if loss_type == "dapo":
         return 1.0
@@ -140,10 +141,11 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
     # Token counts per row, read once: the loop below then never waits on the device; the loss and its
     # metrics are summed as device tensors and read back once, at the end.
     row_tokens = mask.sum(1).tolist()
-    # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it, and so does
-    # a mini-batch that is one micro-batch (its loss call sees the whole mini-batch) unless Clip-Cov
-    # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
-    batch_wide = loss_fn.top_entropy_fraction < 1.0 or loss_fn.cov_mode is not None
+    # Batch-wide statistics (masks, the selected-token count) need their own no-grad pass per mini-batch;
+    # plain runs skip it, and so does a mini-batch that is one micro-batch (its loss call sees the whole
+    # mini-batch) unless Clip-Cov draws: its draw is laid out over the batch's rows, so that runs do not
+    # depend on micro_batch_tokens.
+    batch_wide = loss_fn.batch_wide
     model.train()
     for plan in passes:
         for mini in plan:
