@@ -150,7 +150,9 @@ class AdvantageConfig:
     eps: float = 1e-4
     """Added to the group std before dividing."""
     dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal (DAPO)."""
+    """Train only on groups whose rewards differ, sampling more prompts until prompts_per_step such groups (DAPO)."""
+    max_generation_rounds: int = 10
+    """Most rounds of prompts_per_step prompts one step samples to fill its batch with dynamic sampling."""
     overlong_buffer: int = 0
     """Tokens before max_new_tokens over which the overlong penalty grows linearly (0: off)."""
     overlong_penalty: float = 1.0
@@ -387,6 +389,7 @@ def validate(cfg: Config) -> None:
     if run.algorithm == "grpo" and rollout.group_size == 1 and adv.dynamic_sampling:
         _fail("advantage.dynamic_sampling", "every group of 1 has equal rewards; needs rollout.group_size >= 2")
     _positive("advantage.eps", adv.eps)
+    _at_least("advantage.max_generation_rounds", adv.max_generation_rounds, 1)
     _at_least("advantage.overlong_buffer", adv.overlong_buffer, 0)
     if adv.overlong_buffer > rollout.max_new_tokens:
         _fail("advantage.overlong_buffer", f"must be <= rollout.max_new_tokens ({rollout.max_new_tokens})")

@@ -6,6 +6,7 @@ import math
 import textwrap
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fusedrl.cli import main
@@ -21,6 +22,11 @@ def digit_reward(tmp_path, monkeypatch):
     (tmp_path / "digit_reward.py").write_text(textwrap.dedent("""
         def digits(prompts, completions, **columns):
             return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+        def half_flat(prompts, completions, a, **columns):
+            # 0 for every response to a prompt with an even first operand: about half the groups are flat.
+            return [0.0 if x % 2 == 0 else sum(ch.isdigit() for ch in c) / max(1, len(c))
+                    for x, c in zip(a, completions)]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "digit_reward:digits"
@@ -114,3 +120,24 @@ def test_prompt_and_response_longer_than_the_context(tmp_path, capsys):
     assert code == 2
     assert ("data.max_prompt_length + rollout.max_new_tokens = 600 tokens exceeds the model's context of 512"
             in capsys.readouterr().err)
+
+
+DYNAMIC = ["advantage.dynamic_sampling=true", "advantage.max_generation_rounds=4"]
+
+
+def test_dynamic_sampling_refills_the_batch_and_resumes(tmp_path, digit_reward):
+    """About half the groups are flat: steps sample further rounds until 3 groups carry signal (or 3
+    rounds were sampled); the sampler advances by every round, and a resume repeats step 3."""
+    reward, full = "digit_reward:half_flat", tmp_path / "full"
+    assert main(_args(full, reward, *DYNAMIC)) == 0
+    rows = _metrics(full / "metrics.jsonl")[1:]
+    rounds = [r["dynamic_sampling/rounds"] for r in rows]
+    assert max(rounds) > 1 and all(1 <= n <= 4 for n in rounds)
+    for r, n in zip(rows, rounds):
+        kept = round(r["groups/kept"] * 3 * n)  # informative groups among the 3 n sampled
+        assert r["groups/trained"] == min(3, kept) and (kept >= 3 or n == 4)
+        assert math.isfinite(r["loss/policy"]) and r["grad_norm"] > 0
+    # The prompt sampler moved on by every round's 3 prompts, and a resume continues from there.
+    state = torch.load(full / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    assert state["sampler"]["position"] == 3 * sum(rounds)
+    _assert_resume_repeats_step_three(full, tmp_path / "resumed", reward, *DYNAMIC)

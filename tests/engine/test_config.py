@@ -105,6 +105,7 @@ def test_missing_file(tmp_path):
     ("data.task=poetry", "data.task", "one of arithmetic"),
     ("reward.function=whatever", "reward.function", "module:function"),
     ("reward.timeout_s=0", "reward.timeout_s", "must be > 0"),
+    ("advantage.max_generation_rounds=0", "advantage.max_generation_rounds", "must be >= 1"),
 ])
 def test_out_of_range(override, key, words):
     message = _error(None, [override])
