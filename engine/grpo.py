@@ -55,14 +55,17 @@ def make_loss(cfg: Config) -> FusedPolicyLoss:
 
 def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
     """Splits `rows` into groups whose padded size (rows x (longest prompt + longest response))
-    fits the budget; rows are sorted by length first so that similar lengths share padding."""
-    prompt_len = batch.attention_mask[rows, : batch.prompt_length].sum(1)
-    response_len = batch.completion_mask[rows].sum(1)
+    fits the budget; rows are sorted by length first so that similar lengths share padding. The groups
+    are CPU index tensors (they index device tensors; the lengths are read from the device once)."""
+    rows = torch.as_tensor(rows).cpu()
+    lengths = torch.stack([batch.attention_mask[:, : batch.prompt_length].sum(1),
+                           batch.completion_mask.sum(1)]).cpu()
+    prompt_len, response_len = lengths[0, rows], lengths[1, rows]
     order = rows[torch.argsort(prompt_len + response_len, stable=True)]
     groups, current, p_max, r_max = [], [], 0, 0
+    prompt_lens, response_lens = lengths.tolist()
     for row in order.tolist():
-        p = int(batch.attention_mask[row, : batch.prompt_length].sum())
-        r = max(1, int(batch.completion_mask[row].sum()))
+        p, r = prompt_lens[row], max(1, response_lens[row])
         if current and (len(current) + 1) * (max(p_max, p) + max(r_max, r)) > token_budget:
             groups.append(torch.tensor(current))
             current, p_max, r_max = [], 0, 0

@@ -1,0 +1,90 @@
+"""Every training loop on a second device: the model, its batches and every tensor derived from them on
+`fakegpu` (tests/fake_device.py), where combining them with CPU tensors fails as it would on CUDA.
+
+The project was written on CPU-only machines, where a tensor created without `device=` is always on the
+right device; these runs are where such a tensor shows up, on the line a GPU run would fail on.
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import fake_device
+from fake_device import DEVICE, DeviceMismatch
+from fusedrl.engine.config import load_config
+from fusedrl.engine.train import train
+
+REWARD_MODULE = '''
+def parity(prompts, completions, **columns):
+    return [float(len(c) % 2 == 0) for c in completions]
+'''
+
+TINY = ["run.steps=2", "run.progress=false", "run.tensorboard=false", "run.plots=false", "run.num_threads=2",
+        "warm_start.steps=2", "warm_start.batch_size=4", "data.train_size=32", "data.eval_size=4",
+        "model.demo.hidden_size=32", "model.demo.num_layers=1", "model.demo.num_heads=2",
+        "model.demo.intermediate_size=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
+        "rollout.max_new_tokens=16", "optim.micro_batch_tokens=64", "reward.function=toy_reward:parity"]
+# Each run switches on what its loop can do, so that every path meets the device.
+RUNS = {
+    "grpo": ["model.reference=policy", "loss.beta=0.1", "optim.mini_batches=2", "optim.updates_per_batch=2",
+             "loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=-10", "loss.cov_upper=10",
+             "loss.top_entropy_fraction=0.5", "advantage.overlong_buffer=4", "advantage.dynamic_sampling=true"],
+    "grpo_kl_cov_bf16": ["model.dtype=bfloat16", "loss.cov_mode=kl_cov", "loss.cov_ratio=0.2", "loss.loss_type=bnpo",
+                         "loss.normalize_by=selected", "loss.prob_mask_threshold=0.9"],
+    "ppo_bf16": ["run.algorithm=ppo", "model.dtype=bfloat16", "optim.mini_batches=2", "model.reference=policy",
+                 "loss.beta=0.1", "ppo.reference_ema=0.01", "ppo.normalize_values=true"],
+    "spo_chain": ["run.algorithm=spo_chain", "spo.num_continuations=2", "spo.cutpoint_interval=8",
+                  "loss.prob_mask_threshold=0.9", "loss.normalize_by=selected"],
+    "spo_tree": ["run.algorithm=spo_tree", "spo.tree_branching=[2,2,2]", "spo.tree_level_tokens=[4,4]",
+                 "optim.mini_batches=2"],
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_training_runs_on_another_device(name, tmp_path, monkeypatch):
+    (tmp_path / "toy_reward.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config("configs/demo.yaml", [*TINY, *RUNS[name], f"run.output_dir={tmp_path / 'run'}"])
+    # run.device accepts auto, cpu and cuda; the loops themselves take any torch device.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=str(DEVICE)))
+    before = fake_device.dispatched
+    train(cfg)
+    assert fake_device.dispatched - before > 10_000, "the run did not compute on the device"
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in steps if "loss/policy" in m]
+    assert trained and all(math.isfinite(m["loss/policy"]) for m in trained)
+
+
+# What the device check must refuse and allow: CUDA's own rules (tests/fake_device.py).
+X = torch.arange(3.0)
+
+
+@pytest.mark.parametrize("op", [
+    lambda d: d + X,
+    lambda d: torch.cat([d, X]),
+    lambda d: X[torch.tensor([0, 1], device=DEVICE)],
+    lambda d: d.__setitem__(torch.tensor([0, 1]), X[:2]),
+    lambda d: torch.randperm(3, device=DEVICE, generator=torch.Generator()),
+], ids=["add", "cat", "cpu_tensor_device_index", "index_put_cpu_values", "cpu_generator"])
+def test_mixing_devices_fails_as_on_cuda(op):
+    with pytest.raises(DeviceMismatch):
+        op(torch.zeros(3, device=DEVICE))
+
+
+@pytest.mark.parametrize("op", [
+    lambda d: d + torch.tensor(2.0),
+    lambda d: d[torch.tensor([0, 2])],
+    lambda d: d.__setitem__(torch.tensor([1]), torch.tensor(5.0)),
+    lambda d: d.__setitem__(slice(0, 2), X[:2]),
+    lambda d: d.cpu() + X,
+    lambda d: d + X.to(d.device),
+], ids=["cpu_scalar", "cpu_index", "index_put_cpu_scalar", "copy", "to_cpu", "to_device"])
+def test_what_cuda_allows_computes_the_cpu_values(op):
+    on_device, on_cpu = torch.zeros(3, device=DEVICE), torch.zeros(3)
+    got, expected = op(on_device), op(on_cpu)
+    if got is None:
+        got, expected = on_device, on_cpu
+    assert torch.equal(got.cpu(), expected)
