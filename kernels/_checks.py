@@ -4,6 +4,7 @@ would read out of bounds or silently produce a number."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -68,3 +69,9 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's GPU, not the current one: Triton launches on the current device, and a process may
+    hold tensors on another one (several GPUs, a model placed on cuda:1) without switching to it."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from fusedrl.kernels import reference
-from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature
+from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
 
 
@@ -474,7 +474,9 @@ class _Options:
 class _LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: _Options):
-        logprobs, entropy, lse = _forward(hidden, weight, bias, targets, options.inv_temperature, options.ignore_index)
+        with device_guard(hidden):
+            logprobs, entropy, lse = _forward(hidden, weight, bias, targets, options.inv_temperature,
+                                              options.ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.options = options
         return logprobs, entropy
@@ -483,7 +485,8 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grads = _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, ctx.options, needs)
+        with device_guard(hidden):
+            grads = _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, ctx.options, needs)
         return (*grads, None, None)
 
 

@@ -29,14 +29,12 @@ int64 before any offset arithmetic, so N * V above 2^31 is addressed correctly.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature
+from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
 from fusedrl.kernels._rows import RowLayout, row_layout, rows_are_disjoint
 from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
@@ -159,11 +157,6 @@ def _config(vocab: int) -> tuple[int, int, int, int]:
     return block_n, block_v, max(1, block_n * block_v // (16 * ELEMENTS_PER_THREAD)), 1
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU, not the current one (a multi-GPU process need not have switched)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _grid(n_rows: int, block_n: int) -> tuple[int]:
     # Axis 0 only: CUDA allows 2^31 - 1 programs there (65,535 on axes 1 and 2).
     return (triton.cdiv(n_rows, block_n),)
@@ -178,7 +171,7 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, opt
     if n_rows == 0:
         return lp, entropy, row_max, log_sum
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    with _on_device(logits):
+    with device_guard(logits):
         _forward_kernel[_grid(n_rows, block_n)](
             logits, targets, lp, entropy, row_max, log_sum,
             n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
@@ -208,7 +201,7 @@ def _backward(
     else:
         grad_strides = (layout.inner * vocab, vocab)
     block_n, block_v, num_warps, num_stages = _config(vocab)
-    with _on_device(logits):
+    with device_guard(logits):
         _backward_kernel[_grid(layout.n_rows, block_n)](
             logits, grad, targets, row_max, log_sum, entropy,
             grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,

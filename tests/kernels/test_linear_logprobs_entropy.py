@@ -419,6 +419,25 @@ def test_gpu_fp32_error_no_worse_than_torch_matmul_at_the_same_precision(precisi
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU to hold the tensors off the current one")
+def test_gpu_kernels_run_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; both ops must switch to their inputs' GPU themselves."""
+    hidden, weight, _, targets = _inputs(300, 256, 4099, torch.bfloat16, False)
+    g = torch.randn(300), torch.randn(300)
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        on = [x.to(device) for x in (hidden, weight, targets, *g)]
+        linear = _run(lambda a, b: linear_logprobs_and_entropy(a, b, on[2]), *on[:2], None, *on[2:])
+        logits = (on[0].float() @ on[1].float().T).requires_grad_()
+        lp, ent = logprobs_and_entropy(logits, on[2])
+        (lp * on[3] + ent * on[4]).sum().backward()
+        results[device] = [t.cpu() for t in (*linear, lp.detach(), ent.detach(), logits.grad)]
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        assert torch.equal(a, b)  # deterministic kernels: the same bits on either GPU
+
+
+@pytest.mark.gpu
 def test_gpu_peak_memory_far_below_logits():
     n, h, v = 16384, 4096, 32000
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
