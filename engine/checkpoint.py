@@ -49,8 +49,10 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
 
 
 def load_state(directory: Path) -> dict:
+    """trainer_state.pt, every tensor on the CPU: optimizer.load_state_dict moves each state to its
+    parameter's device, and a checkpoint written on a GPU then also loads where there is none."""
     # The numpy RNG key is stored as a tensor so that the whole file loads with weights_only=True.
-    return torch.load(directory / STATE_FILE, weights_only=True)
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict:
@@ -69,7 +71,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the machine that saved it; a machine with fewer GPUs restores its own.
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _step_of(path: Path) -> int | None:

@@ -143,7 +143,8 @@ def train(cfg: Config) -> dict:
     normalizer = RunningMeanStd() if ppo.normalize_values else None
     session.restore(optimizer, scheduler)
     if session.resume_from is not None:
-        critic_optimizer.load_state_dict(torch.load(session.resume_from / CRITIC_STATE, weights_only=True))
+        critic_optimizer.load_state_dict(torch.load(session.resume_from / CRITIC_STATE, map_location="cpu",
+                                                      weights_only=True))
         if normalizer is not None:
             normalizer.load_state_dict(session.extra["value_normalizer"])
     for step in session.steps():
