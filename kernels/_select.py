@@ -185,7 +185,10 @@ def random_keys(
     some 80 elementwise int64 ops, most of clip_cov's time when hashing every token) and the others
     get key 0. Elsewhere every token is hashed: gathering the needed ones would sync with the host.
     """
-    seeds = torch.randint(0, 1 << 32, (4,), generator=generator, device=device)
+    # Drawn on the generator's own device, so that one CPU generator serves tensors on any device (and
+    # draws the same keys for them); a CPU generator with GPU tensors costs one 32-byte copy.
+    seeds = torch.randint(0, 1 << 32, (4,), generator=generator,
+                          device=device if generator is None else generator.device).to(device)
     rank, size = world(group)
     seeds = all_reduce(seeds * (rank == 0), group)
     numel = torch.zeros(size, dtype=torch.int64, device=device)

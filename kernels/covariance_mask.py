@@ -76,7 +76,8 @@ def covariance_mask(
         ratio: r in (0, 1]; k = max(1, int(r * N_valid)) with N_valid over all ranks.
         lower, upper: clip_cov's open interval for Cov (lower < upper).
         exclude: bool, logprobs' shape; tokens never drawn by clip_cov (those the PPO clip already clipped).
-        generator: the source of clip_cov's random draw (default: torch's global generator).
+        generator: the source of clip_cov's random draw (default: torch's global generator for the
+            tensors' device); on any device, a CPU generator draws the same mask as for CPU tensors.
         process_group: a torch.distributed group over which the batch is spread.
 
     Returns a bool tensor of logprobs' shape, at most k tokens set over all ranks. On a GPU, never syncs with the host.

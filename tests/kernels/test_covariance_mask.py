@@ -168,3 +168,22 @@ def test_bad_shapes():
         covariance_mask(torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3), mode="kl_cov", ratio=0.1)
     with pytest.raises(ValueError, match="mask"):
         covariance_mask(torch.zeros(2, 3), torch.zeros(2), torch.ones(3, 3), mode="kl_cov", ratio=0.1)
+
+
+@pytest.mark.parametrize("mode", ["kl_cov", "clip_cov"])
+def test_on_another_device_equals_the_cpu_mask(mode):
+    """Off the CPU both modes take their device path (a sort instead of torch.topk, every token hashed),
+    with a CPU generator for clip_cov, whose draw must not depend on where the tensors live."""
+    from fake_device import DEVICE
+
+    lp, adv, mask, exclude, _ = clip_cov_inputs()
+    options = dict(mode=mode, ratio=0.05, lower=0.5, upper=3.0)
+    if mode == "clip_cov":
+        options["exclude"] = exclude
+    on_cpu = covariance_mask(lp, adv, mask, generator=torch.Generator().manual_seed(3), **options)
+    moved = [t.to(DEVICE) for t in (lp, adv, mask)]
+    if mode == "clip_cov":
+        options["exclude"] = exclude.to(DEVICE)
+    on_device = covariance_mask(*moved, generator=torch.Generator().manual_seed(3), **options)
+    assert on_device.device == DEVICE
+    assert on_cpu.any() and torch.equal(on_device.cpu(), on_cpu)
