@@ -37,7 +37,7 @@ from torch import nn
 
 from fusedrl import kernels
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
-from fusedrl.kernels._checks import check_fraction, check_temperature
+from fusedrl.kernels._checks import check_fraction, check_same_device, check_temperature
 from fusedrl.kernels._select import all_reduce
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
 from fusedrl.kernels.top_entropy_mask import check_mask
@@ -239,6 +239,9 @@ class FusedPolicyLoss(nn.Module):
         shape = completion_ids.shape
         valid = check_mask("completion_mask", completion_mask, shape)
         adv = broadcast_advantages(advantages, shape).detach().float()
+        check_same_device(completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
+                          logits=logits, hidden=hidden, weight=weight, bias=bias, old_logprobs=old_logprobs,
+                          ref_logprobs=ref_logprobs)
         for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
             if t is not None and tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -341,6 +344,8 @@ class FusedPolicyLoss(nn.Module):
                 continue
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {getattr(t, 'shape', t)!r}")
+        check_same_device(completion_mask=completion_mask, advantages=advantages, entropy=entropy, logprobs=logprobs,
+                          old_logprobs=old_logprobs)
         lp = torch.where(valid, logprobs.float(), 0.0)
         olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)
         unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
