@@ -29,6 +29,7 @@ from fusedrl.engine.critic import ValueModel
 from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantages, masked_mean, masked_whiten,
                                 token_rewards)
 from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
+from fusedrl.engine.loss import metrics_to_floats
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.reference import ema_update_
 from fusedrl.engine.session import Session, make_scheduler
@@ -68,12 +69,15 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
     """The critic's passes over the batch: clipped value loss, token mean over each mini-batch."""
     optim = cfg.optim
     n = len(batch)
+    # As in the policy update: token counts read once, losses and norms summed on the device and read
+    # back once at the end, so that no micro-batch waits for the one before.
+    row_tokens = batch.completion_mask.sum(1).tolist()
     losses, clip_fracs, grad_norms = [], [], []
     critic.train()
     for _ in range(optim.updates_per_batch):
         order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
         for mini in order.tensor_split(min(optim.mini_batches, n)):
-            mini_tokens = int(batch.completion_mask[mini].sum())
+            mini_tokens = max(1, sum(row_tokens[i] for i in mini.tolist()))
             step_loss = step_clip = 0.0
             for rows in micro_batches(batch, mini, optim.micro_batch_tokens):
                 sub = batch.rows(rows)
@@ -81,12 +85,12 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
                 values = critic(sub.input_ids, sub.attention_mask, sub.prompt_length, length)
                 loss, clip_frac = clipped_value_loss(values, old_values[rows, :length], returns[rows, :length],
                                                      sub.completion_mask, value_clip=cfg.ppo.value_clip)
-                share = int(sub.completion_mask.sum()) / max(1, mini_tokens)
+                share = sum(row_tokens[i] for i in rows.tolist()) / mini_tokens
                 (loss * share).backward()
-                step_loss += float(loss.detach()) * share
-                step_clip += float(clip_frac) * share
+                step_loss = step_loss + loss.detach().double() * share
+                step_clip = step_clip + clip_frac.double() * share
             if optim.max_grad_norm > 0:
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.max_grad_norm)))
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.max_grad_norm).double())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
@@ -94,7 +98,7 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
     out = {"loss/value": sum(losses) / len(losses), "value/clip_frac": sum(clip_fracs) / len(clip_fracs)}
     if grad_norms:
         out["value/grad_norm"] = sum(grad_norms) / len(grad_norms)
-    return out
+    return metrics_to_floats(out)
 
 
 def advantages_and_returns(cfg: Config, batch: rollout.Batch, scores: torch.Tensor, raw_values: torch.Tensor,

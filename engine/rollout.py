@@ -35,9 +35,11 @@ class Batch:
         """The rows `index` with all-padding columns trimmed on both sides (same positions, less work)."""
         index = torch.as_tensor(index, device=self.input_ids.device)
         mask = self.attention_mask[index]
-        prompt_mask = mask[:, : self.prompt_length]
-        first = self.prompt_length - int(prompt_mask.sum(1).max())  # leftmost column with a prompt token
-        length = int(self.completion_mask[index].sum(1).max().clamp(min=1))
+        # The longest prompt and response among the rows, read from the device in one copy.
+        prompt, response = torch.stack([mask[:, : self.prompt_length].sum(1).max(),
+                                        self.completion_mask[index].sum(1).max()]).tolist()
+        first = self.prompt_length - prompt  # leftmost column with a prompt token
+        length = max(1, response)
         return Batch(self.input_ids[index][:, first: self.prompt_length + length],
                      mask[:, first: self.prompt_length + length], self.prompt_length - first,
                      self.completion_ids[index][:, :length], self.completion_mask[index][:, :length],
@@ -72,6 +74,22 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
         ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, length - len(p):] = 1
     return ids.to(device), mask.to(device)
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: list[bool], pad_id: int,
+               device) -> Batch:
+    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses."""
+    prompt, prompt_mask = left_pad(prompts, pad_id, device)
+    length = max(1, max(len(r) for r in responses))
+    completion = torch.full((len(responses), length), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(responses), length), dtype=torch.bool)
+    for i, r in enumerate(responses):
+        completion[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        completion_mask[i, :len(r)] = True
+    completion, completion_mask = completion.to(device), completion_mask.to(device)
+    return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
+                 prompt.shape[1], completion, completion_mask,
+                 torch.tensor(truncated, dtype=torch.bool, device=device))
 
 
 @torch.no_grad()

@@ -53,7 +53,8 @@ def chain_boundaries(logprobs: torch.Tensor, mask: torch.Tensor, *, threshold: f
         raise ValueError(f"interval must be >= 1, got {interval}")
     lengths = mask.sum(-1).tolist()
     out = []
-    for row, length in zip(logprobs, lengths):
+    # The search is per row and its result a Python list: one copy to the host, not two syncs per row.
+    for row, length in zip(logprobs.detach().cpu(), lengths):
         kept = cutpoints(row, int(length), threshold)[::interval]
         out.append(sorted({0, *kept}))
     return out
@@ -70,7 +71,8 @@ def chain_advantages(boundaries: list[list[int]], values: list[list[float]], rew
         raise ValueError(f"boundaries, values and rewards need one entry per row of mask ({mask.shape[0]}), "
                          f"got {len(boundaries)}, {len(values)}, {len(rewards)}")
     lengths = mask.sum(-1).tolist()
-    advantages = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    # Filled on the host segment by segment, then moved at once (not a device kernel per segment).
+    advantages = torch.zeros(mask.shape, dtype=torch.float32)
     for i, (starts, vals, reward, length) in enumerate(zip(boundaries, values, rewards, lengths)):
         if len(starts) != len(vals):
             raise ValueError(f"row {i}: {len(starts)} boundaries but {len(vals)} values")
@@ -82,7 +84,7 @@ def chain_advantages(boundaries: list[list[int]], values: list[list[float]], rew
         for k, start in enumerate(starts):
             end = starts[k + 1] if k + 1 < len(starts) else int(length)
             advantages[i, start:end] = chain[k + 1] - chain[k]
-    return advantages
+    return advantages.to(mask.device)
 
 
 def tree_values_and_advantages(parents: list[int], leaf_rewards: dict[int, float], *,

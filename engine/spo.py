@@ -35,8 +35,8 @@ from fusedrl.engine.data import Split
 from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
 from fusedrl.engine.segments import chain_advantages, tree_values_and_advantages
 from fusedrl.engine.session import Session, make_scheduler
-from fusedrl.engine.spo_rollout import (Sampling, Scorer, chain_values, make_batch, pad_rows, sample_trees,
-                                        score_leaves, tree_training_rows)
+from fusedrl.engine.spo_rollout import (Sampling, Scorer, chain_values, pad_rows, sample_trees, score_leaves,
+                                        tree_training_rows)
 
 
 def make_scorer(session: Session, prompts: Split, failures: list[int]) -> Scorer:
@@ -84,8 +84,9 @@ def tree_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scor
     metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows)}
     if not rows:
         return None, rewards, None, None, metrics
-    batch = make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows], [ids for _, _, ids, _, _ in rows],
-                       [not tree.finished[leaf] for tree, leaf, *_ in rows], tokenizer.pad_token_id, session.device)
+    batch = rollout.make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows],
+                               [ids for _, _, ids, _, _ in rows], [not tree.finished[leaf] for tree, leaf, *_ in rows],
+                               tokenizer.pad_token_id, session.device)
     width = batch.completion_ids.shape[1]
     token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
     loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)

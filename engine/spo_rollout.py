@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from fusedrl.engine.rollout import Batch, generate, left_pad
+from fusedrl.engine.rollout import Batch, generate
 from fusedrl.engine.segments import chain_boundaries, tree_paths
 
 Scorer = Callable[[list[int], list[str]], list[float]]
@@ -36,6 +36,12 @@ class Sampling:
     top_p: float
     max_new_tokens: int
     batch_size: int
+
+
+def _to_host(batch: Batch) -> tuple[list[int], list[bool], list[list[int]]]:
+    """Response lengths, truncation flags and token ids of a generated batch, read from the device once
+    (the loops over rows then never wait on it)."""
+    return batch.lengths().tolist(), batch.truncated.tolist(), batch.completion_ids.tolist()
 
 
 def continuation_values(model, tokenizer, prefixes: list[tuple[int, list[int], list[int]]], *, k: int,
@@ -57,14 +63,14 @@ def continuation_values(model, tokenizer, prefixes: list[tuple[int, list[int], l
         out = generate(model, tokenizer, [prefixes[i][1] + prefixes[i][2] for i in chunk], group_size=k,
                        temperature=sampling.temperature, top_p=sampling.top_p,
                        max_new_tokens=budgets[chunk[0]], batch_size=sampling.batch_size)
-        lengths = out.lengths().tolist()
+        lengths, truncated, ids = _to_host(out)
         for row, length in enumerate(lengths):
             i = chunk[row // k]
             used = min(length, budgets[i])
             generated += used
             owners.append(i)
-            finished.append(not bool(out.truncated[row]) and length <= budgets[i])
-            texts.append(prefixes[i][2] + out.completion_ids[row, :used].tolist())
+            finished.append(not truncated[row] and length <= budgets[i])
+            texts.append(prefixes[i][2] + ids[row][:used])
     completions = tokenizer.batch_decode(texts, skip_special_tokens=True)
     rewards = scorer([prefixes[i][0] for i in owners], completions)
     totals = [0.0] * len(prefixes)
@@ -84,8 +90,9 @@ def chain_values(model, tokenizer, prompt_ids: list[list[int]], prompt_index: li
     root_slot = {p: slot for slot, p in enumerate(sorted(set(prompt_index)))}
     prefixes = [(p, prompt_ids[p], []) for p in root_slot]
     slots = []
+    responses = batch.completion_ids.tolist()
     for i, starts in enumerate(boundaries):
-        response = batch.completion_ids[i].tolist()
+        response = responses[i]
         row = [root_slot[prompt_index[i]]]
         for b in starts[1:]:
             row.append(len(prefixes))
@@ -135,11 +142,12 @@ def sample_trees(model, tokenizer, prompt_ids: list[list[int]], prompt_index: li
         out = generate(model, tokenizer, prefixes, group_size=width, temperature=sampling.temperature,
                        top_p=sampling.top_p, max_new_tokens=budget, batch_size=sampling.batch_size)
         next_frontier = []
-        for row, length in enumerate(out.lengths().tolist()):
+        lengths, truncated, ids = _to_host(out)
+        for row, length in enumerate(lengths):
             tree, parent = frontier[row // width]
             tree.parents.append(parent)
-            tree.tokens.append(out.completion_ids[row, :length].tolist())
-            tree.finished.append(not bool(out.truncated[row]))
+            tree.tokens.append(ids[row][:length])
+            tree.finished.append(not truncated[row])
             generated += length
             if not tree.finished[-1] and not last:
                 next_frontier.append((tree, len(tree.parents) - 1))
@@ -176,22 +184,6 @@ def tree_training_rows(trees: list[Tree], advantages: list[list[float]]):
             if any(token_mask):
                 rows.append((tree, path[-1], ids, token_adv, token_mask))
     return rows
-
-
-def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: list[bool], pad_id: int,
-               device) -> Batch:
-    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses."""
-    prompt, prompt_mask = left_pad(prompts, pad_id, device)
-    length = max(1, max(len(r) for r in responses))
-    completion = torch.full((len(responses), length), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(responses), length), dtype=torch.bool)
-    for i, r in enumerate(responses):
-        completion[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        completion_mask[i, :len(r)] = True
-    completion, completion_mask = completion.to(device), completion_mask.to(device)
-    return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
-                 prompt.shape[1], completion, completion_mask,
-                 torch.tensor(truncated, dtype=torch.bool, device=device))
 
 
 def pad_rows(rows: list[list], width: int, value, dtype, device) -> torch.Tensor:

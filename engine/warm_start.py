@@ -13,24 +13,14 @@ import torch
 
 from fusedrl.engine.config import WarmStartConfig
 from fusedrl.engine.model import completion_hidden, output_projection
-from fusedrl.engine.rollout import Batch, left_pad
+from fusedrl.engine.rollout import Batch, make_batch
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 
 def supervised_batch(tokenizer, prompts_ids: list[list[int]], responses: list[str], device) -> Batch:
     """[left-padded prompt | response + end token, right-padded] in the rollout layout."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    targets = [ids + [eos] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
-    prompt, prompt_mask = left_pad(prompts_ids, pad, device)
-    length = max(len(t) for t in targets)
-    completion = torch.full((len(targets), length), pad, dtype=torch.long, device=device)
-    completion_mask = torch.zeros((len(targets), length), dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        completion[i, : len(t)] = torch.tensor(t, device=device)
-        completion_mask[i, : len(t)] = True
-    return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
-                 prompt.shape[1], completion, completion_mask, torch.zeros(len(targets), dtype=torch.bool,
-                                                                          device=device))
+    targets = [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    return make_batch(prompts_ids, targets, [False] * len(targets), tokenizer.pad_token_id, device)
 
 
 def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -> tuple[float, float]:

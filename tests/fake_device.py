@@ -52,6 +52,7 @@ def _register() -> None:
 _register()
 DEVICE = torch.device(NAME, 0)
 dispatched = 0  # ops run on fakegpu tensors so far: lets a test show that it used the device at all
+host_reads = 0  # copies from fakegpu to the host (.item(), .tolist(), .cpu(), ...): each one a GPU sync
 
 
 class OnDevice(torch.Tensor):
@@ -80,6 +81,8 @@ class OnDevice(torch.Tensor):
         return _dispatch(func, args, kwargs or {})
 
     def tolist(self):  # torch refuses tolist() on subclasses; a GPU tensor copies to the host
+        global host_reads
+        host_reads += 1
         return self.inner.tolist()
 
     def numpy(self, *, force=False):  # as for a CUDA tensor: only after .cpu()
@@ -142,13 +145,17 @@ def _is_device(d) -> bool:
 
 
 def _dispatch(func, args, kwargs):
-    global dispatched
+    global dispatched, host_reads
     flat, _ = tree_flatten((args, kwargs))
     target = NAME if any(isinstance(t, OnDevice) for t in flat) or _is_device(kwargs.get("device")) else "cpu"
     if func is aten._to_copy.default and kwargs.get("device") is not None:
         target = torch.device(kwargs["device"]).type
+    if func is aten.copy_.default:
+        target = _device_of(args[0])
     _check(func, args, kwargs, target)
     dispatched += target == NAME
+    reads_device = func is aten._local_scalar_dense.default or (target == "cpu" and func in _CROSS_DEVICE)
+    host_reads += reads_device and any(isinstance(t, OnDevice) for t in flat)
 
     def unwrap(x):
         if isinstance(x, OnDevice):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fusedrl.engine.grpo import Round, collect_groups, rollout_metrics
-from fusedrl.engine.spo_rollout import make_batch
+from fusedrl.engine.rollout import make_batch
 
 PAD, G = 0, 4
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import fusedrl.engine.spo_rollout as spo_rollout
+from fusedrl.engine.rollout import make_batch
 from fusedrl.engine.segments import tree_values_and_advantages
-from fusedrl.engine.spo_rollout import (Sampling, chain_values, continuation_values, make_batch,
-                                        sample_trees, score_leaves, tree_training_rows)
+from fusedrl.engine.spo_rollout import (Sampling, chain_values, continuation_values, sample_trees, score_leaves,
+                                        tree_training_rows)
 
 EOS, PAD = 0, 9
 
@@ -134,3 +135,33 @@ def test_make_batch_layout():
     assert batch.completion_mask.tolist() == [[True, True, False], [True, True, True]]
     assert batch.truncated.tolist() == [False, True]
     assert batch.lengths().tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("rows", [2, 8])
+def test_sampling_reads_each_generated_batch_once(rows, monkeypatch):
+    """On a GPU every read of a device value waits for the GPU. chain_values reads the old log-probs and
+    the responses once, and each generated batch once (lengths, truncation, ids), whatever the rows;
+    sample_trees each level's batch once."""
+    import fake_device
+
+    calls = []
+
+    def generate(model, tokenizer, prompt_ids, *, group_size, max_new_tokens, **sampling):
+        calls.append(max_new_tokens)
+        prompts = [p for p in prompt_ids for _ in range(group_size)]
+        responses = [[1, 2, EOS][:max_new_tokens] for _ in prompts]
+        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, fake_device.DEVICE)
+
+    monkeypatch.setattr(spo_rollout, "generate", generate)
+    batch = make_batch([[5, 5]] * rows, [[1, 2, 3, 4, EOS]] * rows, [False] * rows, PAD, fake_device.DEVICE)
+    old_lp = torch.full((rows, 5), -2.0, device=fake_device.DEVICE)  # every token a cutpoint
+    before = fake_device.host_reads
+    boundaries, _, _ = chain_values(None, DigitTokenizer(), [[5, 5]], [0] * rows, batch, old_lp, k=2, threshold=0.9,
+                                    interval=2, sampling=SAMPLING, scorer=length_scorer([]))
+    assert boundaries == [[0, 2, 4]] * rows and len(calls) > 1
+    assert fake_device.host_reads - before == 3 + 3 * len(calls)
+    calls.clear()
+    before = fake_device.host_reads
+    sample_trees(None, DigitTokenizer(), [[7]] * rows, list(range(rows)), branching=[2, 2], level_tokens=[2],
+                 sampling=SAMPLING)
+    assert len(calls) == 2 and fake_device.host_reads - before == 3 * len(calls)
