@@ -71,3 +71,27 @@ def test_bad_inputs():
         critic(ids, attn, prompt_length=5, completion_length=6)
     with pytest.raises(ValueError, match="not a directory"):
         ValueModel.from_pretrained("/nonexistent/critic")
+
+
+def test_a_16_bit_critic_keeps_an_fp32_head():
+    """The backbone in the model's dtype, the head in fp32: its values are fp32 and a step at a critic's
+    learning rate moves them (a bf16 bias of 0.5 cannot move by 1e-5)."""
+    from types import SimpleNamespace
+
+    from fusedrl.engine.config import load_config
+    from fusedrl.engine.ppo import make_critic
+
+    policy = _policy().to(torch.bfloat16)
+    session = SimpleNamespace(cfg=load_config(None, ["run.algorithm=ppo", "model.dtype=bfloat16"]), resume_from=None,
+                              model=policy, device=torch.device("cpu"))
+    critic = make_critic(session)
+    assert critic.head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in critic.backbone.parameters())
+    torch.nn.init.constant_(critic.head.bias, 0.5)
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-5)
+    ids, attn = _batch()
+    values = critic(ids, attn, prompt_length=5, completion_length=4)
+    assert values.dtype == torch.float32
+    ((values - 1.0) ** 2).mean().backward()
+    optimizer.step()
+    assert critic.head.bias.item() == pytest.approx(0.5 + 1e-5, rel=1e-6)
