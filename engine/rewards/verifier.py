@@ -20,6 +20,7 @@ The verifier runs in eval mode under torch.inference_mode, in batches, left-padd
 ids that skip the padding, so a padded row gives the same probabilities as the row alone.
 """
 
+import inspect
 import string
 
 import torch
@@ -110,6 +111,9 @@ class VerifierReward:
             raise ValueError("tokenizer is required when model is a model object rather than a path")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # Only the last position's logits are read. transformers' causal LMs can skip the others
+        # (logits_to_keep=1): [B, L, V] logits are gigabytes for a 7B verifier's vocabulary on a GPU.
+        self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.token_ids = [self._token_id(yes_token, "yes_token"), self._token_id(no_token, "no_token")]
         if self.token_ids[0] == self.token_ids[1]:
@@ -166,7 +170,8 @@ class VerifierReward:
             mask[i, width - len(row) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device)
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+            **({"logits_to_keep": 1} if self._last_logits_only else {}),
         )
         probs = out.logits[:, -1, :].double().softmax(-1)
         return probs[:, self.token_ids].cpu()

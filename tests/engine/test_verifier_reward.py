@@ -103,6 +103,18 @@ def test_soft_reward_equals_hand_probabilities_of_a_tiny_llama(tiny):
     assert_close(z, [(e - mean) / std for e in expected], rtol=1e-4, atol=1e-5)
 
 
+def test_only_the_last_positions_logits_are_computed(tiny):
+    """A transformers verifier is asked for the last position's logits alone (logits_to_keep), not [B, L, V]."""
+    model, tokenizer = tiny
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        VerifierReward(model, tokenizer, batch_size=4)(QUESTIONS, RESPONSES, answer=ANSWERS)
+    finally:
+        hook.remove()
+    assert shapes and all(shape[1] == 1 for shape in shapes), shapes
+
+
 def test_loading_from_a_local_directory_matches_the_object(tiny, tmp_path):
     model, tokenizer = tiny
     model.save_pretrained(tmp_path)
