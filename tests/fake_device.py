@@ -93,6 +93,15 @@ class OnDevice(torch.Tensor):
     def untyped_storage(self):
         return self.inner.untyped_storage()
 
+    # A traceable wrapper: nn.Module._apply (module.float(), .to(dtype)) then swaps whole tensors
+    # instead of assigning .data, which would leave `inner` behind in the old dtype.
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        return OnDevice(inner_tensors["inner"])
+
     def __reduce_ex__(self, protocol):
         return _rebuild, (self.inner, self.requires_grad)
 

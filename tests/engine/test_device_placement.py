@@ -43,19 +43,37 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize("name", RUNS)
-def test_training_runs_on_another_device(name, tmp_path, monkeypatch):
+def _train(tmp_path, monkeypatch, overrides, device: str, output="run") -> list[dict]:
+    """Trains as configured on `device`; returns the logged steps that trained."""
     (tmp_path / "toy_reward.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = load_config("configs/demo.yaml", [*TINY, *RUNS[name], f"run.output_dir={tmp_path / 'run'}"])
+    cfg = load_config("configs/demo.yaml", [*TINY, *overrides, f"run.output_dir={tmp_path / output}"])
     # run.device accepts auto, cpu and cuda; the loops themselves take any torch device.
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=str(DEVICE)))
-    before = fake_device.dispatched
-    train(cfg)
-    assert fake_device.dispatched - before > 10_000, "the run did not compute on the device"
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device)))
+    steps = [json.loads(line) for line in (tmp_path / output / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in steps if "loss/policy" in m]
     assert trained and all(math.isfinite(m["loss/policy"]) for m in trained)
+    return trained
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_training_runs_on_another_device(name, tmp_path, monkeypatch):
+    before = fake_device.dispatched
+    _train(tmp_path, monkeypatch, RUNS[name], str(DEVICE))
+    assert fake_device.dispatched - before > 10_000, "the run did not compute on the device"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["grpo", "ppo_bf16"])
+def test_gpu_training_runs_and_resumes(name, tmp_path, monkeypatch):
+    """The same runs on CUDA (Triton kernels, CUDA generation, memory statistics and RNG state), then a
+    resume from the step-1 checkpoint. GPU runs need not repeat exactly (atomics in attention's backward)."""
+    overrides = [*RUNS[name], "run.save_every=1"]
+    full = _train(tmp_path, monkeypatch, overrides, "cuda")
+    assert all(m["memory/peak_bytes"] > 0 for m in full)
+    resumed = _train(tmp_path, monkeypatch, [*overrides, f"run.resume={tmp_path / 'run' / 'checkpoint-1'}"], "cuda",
+                     output="resumed")
+    assert [m["step"] for m in resumed] == [2]
 
 
 # What the device check must refuse and allow: CUDA's own rules (tests/fake_device.py).

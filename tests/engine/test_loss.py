@@ -144,12 +144,28 @@ def aggregate(cfg, x, counted, num_items):
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_and_gradients_match_float64(case, path, backend):
+    check_against_float64(case, path, backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+@pytest.mark.parametrize("case", ["dapo_num_items", "clip_cov", "kl_cov", "combined", "combined_kl_cov"])
+def test_gpu_loss_and_gradients_match_float64(case, path):
+    """GPU twin on the cases whose masks take the selection ops' device paths (one sort instead of topk,
+    every token hashed, Clip-Cov seeded from the same CPU generator): compiled kernels, same reference."""
+    check_against_float64(case, path, "triton", "cuda")
+
+
+def check_against_float64(case, path, backend, device):
+    """The loss on `device` against the float64 reference on the CPU: value, gradients, two metrics."""
     cfg, call = CASES[case]
     inputs, logits64, ids, mask, adv, old, ref = make_batch(path == "hidden", token_advantages=case == "kl_cov")
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    leaves = {k: v.to(device, copy=True).requires_grad_(True) for k, v in inputs.items()}
     loss_fn = FusedPolicyLoss(**cfg, generator=torch.Generator().manual_seed(SEED), backend=backend)
-    loss, metrics = loss_fn(ids, mask, adv, **leaves, old_logprobs=old, ref_logprobs=ref, **call)
+    moved = [t.to(device) for t in (ids, mask, adv, old, ref)]
+    loss, metrics = loss_fn(*moved[:3], **leaves, old_logprobs=moved[3], ref_logprobs=moved[4], **call)
     loss.backward()
+    loss, metrics, grads = loss.cpu(), {k: v.cpu() for k, v in metrics.items()}, {k: v.grad.cpu() for k, v in leaves.items()}
 
     ref_leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
     if path == "hidden":
@@ -161,12 +177,12 @@ def test_loss_and_gradients_match_float64(case, path, backend):
 
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
-    for name, leaf in leaves.items():
+    for name, grad in grads.items():
         want = ref_leaves[name].grad
         scale = want.abs().max().item()
         assert scale > 0, f"reference gradient of {name} is all zero: the case tests nothing"
         torch.testing.assert_close(
-            leaf.grad.double(), want, rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=lambda m, name=name: f"{name}: {m}"
+            grad.double(), want, rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=lambda m, name=name: f"{name}: {m}"
         )
     valid = mask.bool()
     assert metrics["mask/selected"].item() == pytest.approx(keep.sum().item() / valid.sum().item())
