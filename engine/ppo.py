@@ -46,10 +46,11 @@ def make_critic(session: Session) -> ValueModel:
         critic = ValueModel.from_pretrained(cfg.ppo.critic_model)
     else:
         critic = ValueModel.from_policy(session.model)
-    critic.to(device=session.device, dtype=DTYPES[cfg.model.dtype])
-    # The head stays fp32 under a 16-bit backbone: values are regression targets read to a few digits,
-    # and a bf16 bias cannot move by a critic step (0.5 + 1e-5 rounds back to 0.5).
-    critic.head.float()
+    # Only the backbone takes the model's dtype. The head stays fp32 (as built, and as a checkpoint's
+    # head is saved): values are regression targets read to a few digits, and a bf16 bias cannot move
+    # by a critic step (0.5 + 1e-5 rounds back to 0.5).
+    critic.backbone.to(dtype=DTYPES[cfg.model.dtype])
+    critic.to(device=session.device)
     if cfg.model.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return critic
