@@ -78,7 +78,7 @@ class ModelConfig:
     reference: Optional[str] = None
     """Frozen reference model for the KL term: null, "policy" (a copy of the initial policy) or a path."""
     dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    """Parameter dtype: float32, bfloat16 or float16 (16-bit ones are stepped through fp32 master copies)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward to save memory."""
     demo: DemoModelConfig = field(default_factory=DemoModelConfig)

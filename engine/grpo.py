@@ -36,6 +36,7 @@ from fusedrl.engine.advantages import group_advantages, informative_groups, over
 from fusedrl.engine.config import Config
 from fusedrl.engine.loss import FusedPolicyLoss, Selection, metrics_to_floats
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
+from fusedrl.engine.optim import MasterWeightAdamW
 from fusedrl.engine.session import Session, make_scheduler
 
 
@@ -278,7 +279,7 @@ def train(cfg: Config) -> dict:
     session.prepare()
     model, tokenizer, r, a = session.model, session.tokenizer, cfg.rollout, cfg.advantage
     loss_fn = make_loss(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     total_updates = cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches
     scheduler = make_scheduler(optimizer, cfg, total_updates)

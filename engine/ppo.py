@@ -31,6 +31,7 @@ from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantag
 from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
 from fusedrl.engine.loss import metrics_to_floats
 from fusedrl.engine.model import DTYPES
+from fusedrl.engine.optim import MasterWeightAdamW
 from fusedrl.engine.reference import ema_update_
 from fusedrl.engine.session import Session, make_scheduler
 
@@ -142,11 +143,11 @@ def train(cfg: Config) -> dict:
     # With the KL in the reward, the loss must not add it a second time.
     kl_in_loss = ppo.kl_penalty == "loss"
     loss_fn = make_loss(cfg if kl_in_loss else dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, beta=0.0)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
     critic = make_critic(session)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=ppo.critic_lr, weight_decay=cfg.optim.weight_decay,
+    critic_optimizer = MasterWeightAdamW(critic.parameters(), lr=ppo.critic_lr, weight_decay=cfg.optim.weight_decay,
                                          betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     normalizer = RunningMeanStd() if ppo.normalize_values else None
     session.restore(optimizer, scheduler)

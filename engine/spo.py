@@ -33,6 +33,7 @@ from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.data import Split
 from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
+from fusedrl.engine.optim import MasterWeightAdamW
 from fusedrl.engine.segments import chain_advantages, tree_values_and_advantages
 from fusedrl.engine.session import Session, make_scheduler
 from fusedrl.engine.spo_rollout import (Sampling, Scorer, chain_values, pad_rows, sample_trees, score_leaves,
@@ -100,7 +101,7 @@ def train(cfg: Config) -> dict:
     session.prepare()
     model, r = session.model, cfg.rollout
     loss_fn = make_loss(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
     session.restore(optimizer, scheduler)

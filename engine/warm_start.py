@@ -13,6 +13,7 @@ import torch
 
 from fusedrl.engine.config import WarmStartConfig
 from fusedrl.engine.model import completion_hidden, output_projection
+from fusedrl.engine.optim import MasterWeightAdamW
 from fusedrl.engine.rollout import Batch, make_batch
 from fusedrl.kernels import linear_logprobs_and_entropy
 
@@ -26,7 +27,7 @@ def supervised_batch(tokenizer, prompts_ids: list[list[int]], responses: list[st
 def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -> tuple[float, float]:
     """Trains `model` in place for cfg.steps steps; returns (seconds, last loss)."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     prompt_ids = tokenizer([row["prompt"] for row in rows])["input_ids"]

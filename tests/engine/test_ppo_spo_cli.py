@@ -46,13 +46,13 @@ UNTIMED = ("time/", "tokens_per_second", "memory/")
 CLIP_COV = ["loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=-10", "loss.cov_upper=10"]
 
 
-@pytest.mark.parametrize("extra", [[], CLIP_COV], ids=["plain", "clip_cov"])
+@pytest.mark.parametrize("extra", [[], CLIP_COV, ["model.dtype=bfloat16"]], ids=["plain", "clip_cov", "bf16"])
 def test_ppo_two_steps_and_an_exact_resume(tmp_path, monkeypatch, extra):
     lines = _run(tmp_path, monkeypatch, *PPO, *extra)
     for m in lines:
         for key in ("loss/policy", "loss/value", "value/clip_frac", "kl/rollout", "returns/mean"):
             assert math.isfinite(m[key]), key
-        assert m["mask/cov"] > 0 if extra else "mask/cov" not in m
+        assert m["mask/cov"] > 0 if extra == CLIP_COV else "mask/cov" not in m
     assert any(m["loss/value"] > 0 for m in lines)
     out = tmp_path / "run"
     critic = out / "checkpoint-2" / "critic"
