@@ -32,7 +32,7 @@ from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
 from fusedrl.engine.loss import metrics_to_floats
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.optim import MasterWeightAdamW
-from fusedrl.engine.reference import ema_update_
+from fusedrl.engine.reference import ema_update_, master_copies
 from fusedrl.engine.session import Session, make_scheduler
 
 CRITIC_DIR, CRITIC_STATE = "critic", "critic_state.pt"
@@ -156,6 +156,10 @@ def train(cfg: Config) -> dict:
                                                       weights_only=True))
         if normalizer is not None:
             normalizer.load_state_dict(session.extra["value_normalizer"])
+    # A 16-bit EMA reference is averaged in fp32 copies (reference.py), kept in the checkpoints.
+    ema_master = master_copies(session.reference) if ppo.reference_ema > 0 else {}
+    for name, saved in session.extra.get("reference_ema_master", {}).items():
+        ema_master[name].copy_(saved)
     for step in session.steps():
         start = time.perf_counter()
         prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
@@ -179,13 +183,15 @@ def train(cfg: Config) -> dict:
         metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, ref_logprobs=ref_lp))
         metrics.update(update_critic(critic, critic_optimizer, cfg, batch, old_values, targets))
         if ppo.reference_ema > 0:
-            ema_update_(session.reference, model, ppo.reference_ema)
+            ema_update_(session.reference, model, ppo.reference_ema, master=ema_master)
         elapsed = time.perf_counter() - start
         metrics["tokens_per_second"] = float(batch.attention_mask.sum()) / elapsed
         metrics["time/rollout_s"] = generated - start
         metrics["time/step_s"] = elapsed
         if normalizer is not None:
             session.extra["value_normalizer"] = normalizer.state_dict()
+        if ema_master:
+            session.extra["reference_ema_master"] = ema_master
         saved = session.end_step(step, metrics, optimizer, scheduler)
         if saved is not None:
             save_critic(saved, critic, critic_optimizer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusedrl.engine.reference import ema_update_
+from fusedrl.engine.reference import ema_update_, master_copies
 
 
 def _pair(dtype=torch.float64):
@@ -61,6 +61,39 @@ def test_lower_precision_reference_takes_the_policy_cast():
         # Three bf16 roundings (cast of p, product, sum), each within 2^-8 of its operands' size.
         error = (r.float() - (0.5 * a.float() + 0.5 * p.detach())).abs()
         assert (error <= 2 ** -7 * (a.float().abs() + p.detach().abs())).all()
+
+
+def test_a_bf16_reference_follows_the_average_through_fp32_copies():
+    """A policy a little way from its reference, as in RL: at eta = 0.001 a bf16 reference updated in
+    place never moves (each step is a thousandth of a few bf16 spacings); with fp32 master copies it
+    holds the rounding of the average (after 300 steps 26% of the way to the policy)."""
+    g = torch.Generator().manual_seed(0)
+    reference = nn.Linear(16, 8)
+    with torch.no_grad():
+        for p in reference.parameters():  # magnitudes in [0.02, 0.1], away from zero's fine bf16 spacing
+            p.copy_((0.02 + 0.08 * torch.rand(p.shape, generator=g)) * torch.randn(p.shape, generator=g).sign())
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+    reference, policy = reference.to(torch.bfloat16).requires_grad_(False), policy.to(torch.bfloat16)
+    start = {name: r.clone() for name, r in reference.named_parameters()}
+    in_place = copy.deepcopy(reference)
+    master = master_copies(reference)
+    assert set(master) == set(start)
+    eta, steps = 0.001, 300
+    for _ in range(steps):
+        ema_update_(reference, policy, eta, master=master)
+        ema_update_(in_place, policy, eta)
+    decay = (1 - eta) ** steps
+    for name, r in reference.named_parameters():
+        assert torch.equal(dict(in_place.named_parameters())[name], start[name])
+        exact = decay * start[name].double() + (1 - decay) * dict(policy.named_parameters())[name].detach().double()
+        # 300 fp32 steps, each rounding at most 2^-24 * 0.1: 2e-6, under 1% of the distance moved (2.6e-4).
+        torch.testing.assert_close(master[name].double(), exact, rtol=0, atol=2e-6)
+        assert torch.equal(r, master[name].to(torch.bfloat16))
+        assert not torch.equal(r, start[name])
+    assert master_copies(policy.float()) == {}
 
 
 def test_bad_inputs_name_the_problem():
