@@ -65,6 +65,15 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def fake_gpu():
+    """tests/fake_device.py: a second device on which mixing devices fails as on CUDA. Imported by the
+    tests that use it, since it registers torch's PrivateUse1 backend for the rest of the process."""
+    import fake_device
+
+    return fake_device
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -12,8 +12,6 @@ import math
 import pytest
 import torch
 
-import fake_device
-from fake_device import DEVICE, DeviceMismatch
 from fusedrl.engine.config import load_config
 from fusedrl.engine.train import train
 
@@ -57,10 +55,10 @@ def _train(tmp_path, monkeypatch, overrides, device: str, output="run") -> list[
 
 
 @pytest.mark.parametrize("name", RUNS)
-def test_training_runs_on_another_device(name, tmp_path, monkeypatch):
-    before = fake_device.dispatched
-    _train(tmp_path, monkeypatch, RUNS[name], str(DEVICE))
-    assert fake_device.dispatched - before > 10_000, "the run did not compute on the device"
+def test_training_runs_on_another_device(name, tmp_path, monkeypatch, fake_gpu):
+    before = fake_gpu.dispatched
+    _train(tmp_path, monkeypatch, RUNS[name], str(fake_gpu.DEVICE))
+    assert fake_gpu.dispatched - before > 10_000, "the run did not compute on the device"
 
 
 @pytest.mark.gpu
@@ -83,13 +81,13 @@ X = torch.arange(3.0)
 @pytest.mark.parametrize("op", [
     lambda d: d + X,
     lambda d: torch.cat([d, X]),
-    lambda d: X[torch.tensor([0, 1], device=DEVICE)],
+    lambda d: X[torch.tensor([0, 1], device=d.device)],
     lambda d: d.__setitem__(torch.tensor([0, 1]), X[:2]),
-    lambda d: torch.randperm(3, device=DEVICE, generator=torch.Generator()),
+    lambda d: torch.randperm(3, device=d.device, generator=torch.Generator()),
 ], ids=["add", "cat", "cpu_tensor_device_index", "index_put_cpu_values", "cpu_generator"])
-def test_mixing_devices_fails_as_on_cuda(op):
-    with pytest.raises(DeviceMismatch):
-        op(torch.zeros(3, device=DEVICE))
+def test_mixing_devices_fails_as_on_cuda(op, fake_gpu):
+    with pytest.raises(fake_gpu.DeviceMismatch):
+        op(torch.zeros(3, device=fake_gpu.DEVICE))
 
 
 @pytest.mark.parametrize("op", [
@@ -100,8 +98,8 @@ def test_mixing_devices_fails_as_on_cuda(op):
     lambda d: d.cpu() + X,
     lambda d: d + X.to(d.device),
 ], ids=["cpu_scalar", "cpu_index", "index_put_cpu_scalar", "copy", "to_cpu", "to_device"])
-def test_what_cuda_allows_computes_the_cpu_values(op):
-    on_device, on_cpu = torch.zeros(3, device=DEVICE), torch.zeros(3)
+def test_what_cuda_allows_computes_the_cpu_values(op, fake_gpu):
+    on_device, on_cpu = torch.zeros(3, device=fake_gpu.DEVICE), torch.zeros(3)
     got, expected = op(on_device), op(on_cpu)
     if got is None:
         got, expected = on_device, on_cpu

@@ -437,20 +437,19 @@ def test_call_errors_name_the_argument():
         plain(ids, mask, torch.zeros(2), logits=logits, old_logprobs=torch.zeros(2, 4))
 
 
-def test_inputs_on_two_devices_name_the_argument():
+def test_inputs_on_two_devices_name_the_argument(fake_gpu):
     """CPU advantages (rewards come from Python) with the batch on a GPU: a ValueError naming them, not a
     device error from deep inside the loss."""
-    from fake_device import DEVICE
-
+    device = fake_gpu.DEVICE
     loss_fn = FusedPolicyLoss(top_entropy_fraction=0.5, backend="torch")
-    ids, mask = torch.zeros(2, 3, dtype=torch.long, device=DEVICE), torch.ones(2, 3, device=DEVICE)
-    hidden, weight = torch.zeros(2, 3, 5, device=DEVICE), torch.zeros(4, 5, device=DEVICE)
+    ids, mask = torch.zeros(2, 3, dtype=torch.long, device=device), torch.ones(2, 3, device=device)
+    hidden, weight = torch.zeros(2, 3, 5, device=device), torch.zeros(4, 5, device=device)
     with pytest.raises(ValueError, match="advantages on cpu"):
         loss_fn(ids, mask, torch.zeros(2), hidden=hidden, weight=weight)
     with pytest.raises(ValueError, match="old_logprobs on cpu"):
-        loss_fn(ids, mask, torch.zeros(2, device=DEVICE), hidden=hidden, weight=weight, old_logprobs=torch.zeros(2, 3))
-    lp = torch.zeros(2, 3, device=DEVICE)
+        loss_fn(ids, mask, torch.zeros(2, device=device), hidden=hidden, weight=weight, old_logprobs=torch.zeros(2, 3))
+    lp = torch.zeros(2, 3, device=device)
     with pytest.raises(ValueError, match="advantages on cpu"):
         loss_fn.select(mask, torch.zeros(2), entropy=lp, logprobs=lp)
-    loss, _ = loss_fn(ids, mask, torch.zeros(2, device=DEVICE), hidden=hidden, weight=weight)
-    assert loss.device == DEVICE
+    loss, _ = loss_fn(ids, mask, torch.zeros(2, device=device), hidden=hidden, weight=weight)
+    assert loss.device == device

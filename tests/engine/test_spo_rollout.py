@@ -138,30 +138,28 @@ def test_make_batch_layout():
 
 
 @pytest.mark.parametrize("rows", [2, 8])
-def test_sampling_reads_each_generated_batch_once(rows, monkeypatch):
+def test_sampling_reads_each_generated_batch_once(rows, monkeypatch, fake_gpu):
     """On a GPU every read of a device value waits for the GPU. chain_values reads the old log-probs and
     the responses once, and each generated batch once (lengths, truncation, ids), whatever the rows;
     sample_trees each level's batch once."""
-    import fake_device
-
     calls = []
 
     def generate(model, tokenizer, prompt_ids, *, group_size, max_new_tokens, **sampling):
         calls.append(max_new_tokens)
         prompts = [p for p in prompt_ids for _ in range(group_size)]
         responses = [[1, 2, EOS][:max_new_tokens] for _ in prompts]
-        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, fake_device.DEVICE)
+        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, fake_gpu.DEVICE)
 
     monkeypatch.setattr(spo_rollout, "generate", generate)
-    batch = make_batch([[5, 5]] * rows, [[1, 2, 3, 4, EOS]] * rows, [False] * rows, PAD, fake_device.DEVICE)
-    old_lp = torch.full((rows, 5), -2.0, device=fake_device.DEVICE)  # every token a cutpoint
-    before = fake_device.host_reads
+    batch = make_batch([[5, 5]] * rows, [[1, 2, 3, 4, EOS]] * rows, [False] * rows, PAD, fake_gpu.DEVICE)
+    old_lp = torch.full((rows, 5), -2.0, device=fake_gpu.DEVICE)  # every token a cutpoint
+    before = fake_gpu.host_reads
     boundaries, _, _ = chain_values(None, DigitTokenizer(), [[5, 5]], [0] * rows, batch, old_lp, k=2, threshold=0.9,
                                     interval=2, sampling=SAMPLING, scorer=length_scorer([]))
     assert boundaries == [[0, 2, 4]] * rows and len(calls) > 1
-    assert fake_device.host_reads - before == 3 + 3 * len(calls)
+    assert fake_gpu.host_reads - before == 3 + 3 * len(calls)
     calls.clear()
-    before = fake_device.host_reads
+    before = fake_gpu.host_reads
     sample_trees(None, DigitTokenizer(), [[7]] * rows, list(range(rows)), branching=[2, 2], level_tokens=[2],
                  sampling=SAMPLING)
-    assert len(calls) == 2 and fake_device.host_reads - before == 3 * len(calls)
+    assert len(calls) == 2 and fake_gpu.host_reads - before == 3 * len(calls)

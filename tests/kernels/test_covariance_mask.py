@@ -171,19 +171,18 @@ def test_bad_shapes():
 
 
 @pytest.mark.parametrize("mode", ["kl_cov", "clip_cov"])
-def test_on_another_device_equals_the_cpu_mask(mode):
+def test_on_another_device_equals_the_cpu_mask(mode, fake_gpu):
     """Off the CPU both modes take their device path (a sort instead of torch.topk, every token hashed),
     with a CPU generator for clip_cov, whose draw must not depend on where the tensors live."""
-    from fake_device import DEVICE
-
+    device = fake_gpu.DEVICE
     lp, adv, mask, exclude, _ = clip_cov_inputs()
     options = dict(mode=mode, ratio=0.05, lower=0.5, upper=3.0)
     if mode == "clip_cov":
         options["exclude"] = exclude
     on_cpu = covariance_mask(lp, adv, mask, generator=torch.Generator().manual_seed(3), **options)
-    moved = [t.to(DEVICE) for t in (lp, adv, mask)]
+    moved = [t.to(device) for t in (lp, adv, mask)]
     if mode == "clip_cov":
-        options["exclude"] = exclude.to(DEVICE)
+        options["exclude"] = exclude.to(device)
     on_device = covariance_mask(*moved, generator=torch.Generator().manual_seed(3), **options)
-    assert on_device.device == DEVICE
+    assert on_device.device == device
     assert on_cpu.any() and torch.equal(on_device.cpu(), on_cpu)

@@ -147,14 +147,13 @@ def test_bad_inputs_name_the_argument():
         top_entropy_mask(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
 
 
-def test_on_another_device_equals_the_cpu_mask():
+def test_on_another_device_equals_the_cpu_mask(fake_gpu):
     """Off the CPU the order statistics come from a sort instead of torch.topk: the same tau, bit for bit."""
-    from fake_device import DEVICE
-
+    device = fake_gpu.DEVICE
     g = torch.Generator().manual_seed(11)
     for trial in range(20):
         h = random_entropies(300, trial % 4, g).reshape(3, 100)
         mask = torch.rand(3, 100, generator=g) < 0.8
-        on_device = top_entropy_mask(h.to(DEVICE), mask.to(DEVICE), top_fraction=0.2)
-        assert on_device.device == DEVICE
+        on_device = top_entropy_mask(h.to(device), mask.to(device), top_fraction=0.2)
+        assert on_device.device == device
         assert torch.equal(on_device.cpu(), top_entropy_mask(h, mask, top_fraction=0.2)), trial
