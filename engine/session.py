@@ -131,6 +131,9 @@ class Session:
         checkpoint.set_rng_state(self.state["rng"])
 
     def steps(self):
+        if self.device.type == "cuda":
+            # Each step's memory/peak_bytes is its own: the first one's would include the warm start.
+            torch.cuda.reset_peak_memory_stats(self.device)
         return range(self.start_step + 1, self.cfg.run.steps + 1)
 
     def score(self, prompts, completions, columns) -> tuple[torch.Tensor, int]:
