@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction
+from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction, check_same_device
 from fusedrl.kernels._select import all_reduce, float_keys, random_keys, top_k_mask
 from fusedrl.kernels.top_entropy_mask import check_mask
 
@@ -45,6 +45,7 @@ def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: tor
     check_float("logprobs", logprobs, FLOAT_DTYPES + (torch.float64,))
     valid = check_mask("mask", mask, logprobs.shape)
     adv = broadcast_advantages(advantages, logprobs.shape)
+    check_same_device(logprobs=logprobs, advantages=advantages, mask=mask)
     lp = torch.where(valid, logprobs.detach().to(torch.float64), 0.0)
     a = torch.where(valid, adv.detach().to(torch.float64), 0.0)
     sums = all_reduce(torch.stack([lp.sum(), a.sum(), valid.sum().to(torch.float64)]), process_group)
@@ -96,6 +97,7 @@ def covariance_mask(
         return top_k_mask(float_keys(cov), valid, k, 64, process_group)
     candidates = valid & (cov > float(lower)) & (cov < float(upper))
     if exclude is not None:
+        check_same_device(logprobs=logprobs, exclude=exclude)
         candidates = candidates & ~check_mask("exclude", exclude, logprobs.shape)
     keys = random_keys(logprobs.shape, generator, logprobs.device, process_group, needed=candidates)
     return top_k_mask(keys, candidates, k, 64, process_group)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction
+from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction, check_same_device
 from fusedrl.kernels.top_entropy_mask import check_mask
 
 
@@ -24,5 +24,6 @@ def probability_mask(old_logprobs: torch.Tensor, mask: torch.Tensor, *, threshol
     """
     check_float("old_logprobs", old_logprobs, FLOAT_DTYPES + (torch.float64,))
     valid = check_mask("mask", mask, old_logprobs.shape)
+    check_same_device(old_logprobs=old_logprobs, mask=mask)
     rho = check_fraction("threshold", threshold)
     return valid & (old_logprobs.detach().to(torch.float64).exp() < rho)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction
+from fusedrl.kernels._checks import FLOAT_DTYPES, check_float, check_fraction, check_same_device
 from fusedrl.kernels._select import all_reduce, float_keys, key_to_float, kth_smallest_key
 
 _EXACT_FLOAT32_RANKS = 1 << 24  # float32 holds every integer rank up to here
@@ -84,8 +84,7 @@ def top_entropy_mask(
     check_float("entropy", entropy, FLOAT_DTYPES + (torch.float64,))
     valid = check_mask("mask", mask, entropy.shape)
     rho = check_fraction("top_fraction", top_fraction)
-    if valid.device != entropy.device:
-        raise ValueError(f"mask must be on entropy's device {entropy.device}, got {mask.device}")
+    check_same_device(entropy=entropy, mask=mask)
     entropy = entropy.detach()
     tau = entropy_quantile(entropy, valid, 1.0 - rho, process_group)
     return valid & (entropy.to(tau.dtype) >= tau)

@@ -32,8 +32,9 @@ class DeviceMismatch(RuntimeError):
 def _register() -> None:
     """PrivateUse1 as a Python backend named fakegpu, once per process (torch allows one renaming).
 
-    It reports itself unavailable, so that torch.accelerator (and libraries that ask it which device to
-    use, such as transformers) keep choosing the CPU in other tests of the same process."""
+    It reports itself unavailable and without devices, so that what asks torch.accelerator which device
+    to use (transformers, torch.random.fork_rng without devices=) keeps to the CPU in the other tests of
+    the same process."""
     if torch._C._get_privateuse1_backend_name() == NAME:
         return
     from torch.utils import backend_registration as registration
@@ -45,6 +46,9 @@ def _register() -> None:
     class Module(registration._DummyBackendModule):
         def is_available(self) -> bool:
             return False
+
+        def device_count(self) -> int:
+            return 0
 
     registration._setup_privateuseone_for_python_backend(NAME, backend_module=Module(), hook=Hooks())
 

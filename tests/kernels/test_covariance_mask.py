@@ -163,6 +163,15 @@ def test_bad_arguments(kwargs, name):
         covariance_mask(torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3), **kwargs)
 
 
+def test_inputs_on_two_devices_name_the_argument(fake_gpu):
+    lp, mask = torch.zeros(2, 3, device=fake_gpu.DEVICE), torch.ones(2, 3, device=fake_gpu.DEVICE)
+    with pytest.raises(ValueError, match="advantages on cpu"):
+        covariance_mask(lp, torch.zeros(2), mask, mode="kl_cov", ratio=0.1)
+    with pytest.raises(ValueError, match="exclude on cpu"):
+        covariance_mask(lp, torch.zeros(2, device=fake_gpu.DEVICE), mask, mode="clip_cov", ratio=0.1,
+                        exclude=torch.zeros(2, 3, dtype=torch.bool))
+
+
 def test_bad_shapes():
     with pytest.raises(ValueError, match="advantages"):
         covariance_mask(torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3), mode="kl_cov", ratio=0.1)

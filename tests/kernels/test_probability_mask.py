@@ -43,3 +43,8 @@ def test_bad_inputs_name_the_argument():
         probability_mask(torch.zeros(2, 2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="old_logprobs"):
         probability_mask(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+
+
+def test_inputs_on_two_devices_name_the_argument(fake_gpu):
+    with pytest.raises(ValueError, match="mask on cpu"):
+        probability_mask(torch.zeros(2, 2, device=fake_gpu.DEVICE), torch.ones(2, 2))

@@ -147,6 +147,11 @@ def test_bad_inputs_name_the_argument():
         top_entropy_mask(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
 
 
+def test_inputs_on_two_devices_name_the_argument(fake_gpu):
+    with pytest.raises(ValueError, match="mask on cpu"):
+        top_entropy_mask(torch.zeros(2, 3, device=fake_gpu.DEVICE), torch.ones(2, 3))
+
+
 def test_on_another_device_equals_the_cpu_mask(fake_gpu):
     """Off the CPU the order statistics come from a sort instead of torch.topk: the same tau, bit for bit."""
     device = fake_gpu.DEVICE
