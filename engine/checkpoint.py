@@ -60,7 +60,9 @@ def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
                        "has_gauss": has_gauss, "gauss": gauss}}
-    if torch.cuda.is_available():
+    # Only a process that uses CUDA has CUDA RNG state worth keeping; asking for it would initialise CUDA
+    # (a context on the GPU) in a CPU run on a GPU machine.
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -70,7 +72,7 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         # One state per GPU of the machine that saved it; a machine with fewer GPUs restores its own.
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
