@@ -32,9 +32,10 @@ class DeviceMismatch(RuntimeError):
 def _register() -> None:
     """PrivateUse1 as a Python backend named fakegpu, once per process (torch allows one renaming).
 
-    It reports itself unavailable and without devices, so that what asks torch.accelerator which device
-    to use (transformers, torch.random.fork_rng without devices=) keeps to the CPU in the other tests of
-    the same process."""
+    It reports itself unavailable, so that what asks torch.accelerator which device to use (transformers)
+    keeps to the CPU in the other tests of the same process; and it has RNG-state calls for
+    torch.random.fork_rng() (which forks the current accelerator's), with nothing to fork: fakegpu's
+    random ops draw from the CPU generator."""
     if torch._C._get_privateuse1_backend_name() == NAME:
         return
     from torch.utils import backend_registration as registration
@@ -47,8 +48,11 @@ def _register() -> None:
         def is_available(self) -> bool:
             return False
 
-        def device_count(self) -> int:
-            return 0
+        def get_rng_state(self, device=None) -> torch.Tensor:
+            return torch.empty(0, dtype=torch.uint8)
+
+        def set_rng_state(self, state, device=None) -> None:
+            pass
 
     registration._setup_privateuseone_for_python_backend(NAME, backend_module=Module(), hook=Hooks())
 
