@@ -139,14 +139,14 @@ class FusedGRPOTrainer(GRPOTrainer):
         return loss
 
     def _log_fused_metrics(self, mode: str, metrics: dict, mask: torch.Tensor) -> None:
-        """Token-weighted means over all processes, under TRL's metric names: all of them in one
-        all-reduce and one read from the device per micro-batch, not one of each per metric."""
-        names = [(ours, theirs) for ours, theirs in _TRL_METRICS.items() if ours in metrics]
+        """Token-weighted means over all processes, under TRL's metric names."""
         count = mask.sum().float()
-        sums = [torch.as_tensor(metrics[ours], dtype=torch.float32, device=count.device) * count for ours, _ in names]
-        *totals, total_count = self.accelerator.reduce(torch.stack([*sums, count]), reduction="sum").tolist()
-        for (_, theirs), total in zip(names, totals):
-            self._metrics[mode][theirs].append(total / max(total_count, 1.0))
+        for ours, theirs in _TRL_METRICS.items():
+            if ours not in metrics:
+                continue
+            local = torch.as_tensor(metrics[ours], dtype=torch.float32, device=count.device)
+            totals = self.accelerator.reduce(torch.stack([local * count, count]), reduction="sum")
+            self._metrics[mode][theirs].append((totals[0] / totals[1].clamp(min=1.0)).item())
 
 
 def _check_supported(trainer: GRPOTrainer) -> None:
