@@ -7,6 +7,7 @@ fixture then makes the interpreter round fp32 to bf16 as the GPU does (see below
 
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The fakegpu device of the device-placement tests must exist before the process's first backward:
+    # the autograd engine sets up one queue per device then. A GPU session has real devices instead.
+    import fake_device  # noqa: F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,11 +71,10 @@ def device():
 
 @pytest.fixture
 def fake_gpu():
-    """tests/fake_device.py: a second device on which mixing devices fails as on CUDA. Imported by the
-    tests that use it, since it registers torch's PrivateUse1 backend for the rest of the process."""
-    import fake_device
-
-    return fake_device
+    """tests/fake_device.py: a second device on which mixing devices fails as on CUDA (CPU sessions)."""
+    if "fake_device" not in sys.modules:
+        pytest.skip("the fakegpu device is set up in CPU sessions; this one has CUDA")
+    return sys.modules["fake_device"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,9 @@ tensors, so every op computes real values and `.tolist()` / `.item()` work, whil
 A violation raises DeviceMismatch where a CUDA run would fail. Code that branches on
 `device.type == "cuda"` takes its non-CUDA branch here, and the fused ops take their torch backend
 (`is_cuda` is false): those parts need GPU tests or a reading.
+
+tests/conftest.py imports this module in CPU sessions before any test runs (the autograd engine sets
+up its per-device queues at the process's first backward); tests reach it through the fake_gpu fixture.
 """
 
 from __future__ import annotations

@@ -12,20 +12,16 @@ import math
 import pytest
 import torch
 
+from _tiny_run import REWARD_MODULE, TINY
+
 from fusedrl.engine.config import load_config
 from fusedrl.engine.train import train
 
-REWARD_MODULE = '''
-def parity(prompts, completions, **columns):
-    return [float(len(c) % 2 == 0) for c in completions]
-'''
-
-TINY = ["run.steps=2", "run.progress=false", "run.tensorboard=false", "run.plots=false", "run.num_threads=2",
-        "warm_start.steps=2", "warm_start.batch_size=4", "data.train_size=32", "data.eval_size=4",
-        "model.demo.hidden_size=32", "model.demo.num_layers=1", "model.demo.num_heads=2",
-        "model.demo.intermediate_size=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
-        "rollout.max_new_tokens=16", "optim.micro_batch_tokens=64", "reward.function=toy_reward:parity"]
-# Each run switches on what its loop can do, so that every path meets the device.
+# The tiny runs of the loop tests, with the warm start, the demo's top-entropy loss (its batch-wide masks)
+# and small micro-batches switched back on, so that every path meets the device.
+DEVICE_RUN = [*TINY, "warm_start.steps=2", "warm_start.batch_size=4", "loss.top_entropy_fraction=0.2",
+              "rollout.group_size=4", "rollout.max_new_tokens=16", "optim.micro_batch_tokens=64"]
+# Each run switches on what its loop can do.
 RUNS = {
     "grpo": ["model.reference=policy", "loss.beta=0.1", "optim.mini_batches=2", "optim.updates_per_batch=2",
              "loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=-10", "loss.cov_upper=10",
@@ -45,7 +41,7 @@ def _train(tmp_path, monkeypatch, overrides, device: str, output="run") -> list[
     """Trains as configured on `device`; returns the logged steps that trained."""
     (tmp_path / "toy_reward.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = load_config("configs/demo.yaml", [*TINY, *overrides, f"run.output_dir={tmp_path / output}"])
+    cfg = load_config("configs/demo.yaml", [*DEVICE_RUN, *overrides, f"run.output_dir={tmp_path / output}"])
     # run.device accepts auto, cpu and cuda; the loops themselves take any torch device.
     train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device)))
     steps = [json.loads(line) for line in (tmp_path / output / "metrics.jsonl").read_text().splitlines()]
