@@ -4,19 +4,23 @@ One module for every policy-gradient loss of the engine. The per-token log-prob 
 from one fused pass over the vocabulary, from logits or straight from hidden states and the output
 embedding (so no [B, T, V] tensor need exist); the token masks read detached copies of them.
 
-Per valid token t, with ratio = exp(lp - olp):
+Per valid token t, with the importance weight ratio = exp(lp - olp) (or GSPO's sequence-level
+weight, `importance_sampling_level`; engine/objectives.py):
     pg_t   = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))        (PPO clip)
     pg_t   = min(pg_t, -A c)  where A < 0                                     (dual clip, optional)
     pg_t   = -A ratio + kl_cov_coef |lp - olp| [t in KL-Cov]                 (cov_mode="kl_cov": no clip)
-    loss_t = M_t pg_t + beta KL_t - entropy_coef H_t
+    pg_t   = CISPO's, SAPO's or VESPO's term instead (loss_type cispo, sapo, vespo; engine/objectives.py)
+    loss_t = M_t w_t pg_t + beta KL_t - entropy_coef H_t
     (with kl_importance_weighted, beta ratio KL_t: TRL's use_bias_correction_kl, DeepSeek-V3.2)
 where M_t is the product of the selection masks (top-rho entropy, SPO probability, not drawn by
-Clip-Cov). The policy-gradient part is aggregated over the valid tokens (`normalize_by="valid"`, TRL)
-or over the selected ones (`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply
-to every valid token and are always aggregated over the valid ones. `loss_type` picks the aggregation:
-grpo (mean over responses of each response's token mean), bnpo (local token mean), dr_grpo (token
-sum / (B * max_completion_length)) or dapo (token sum / num_items_in_batch, the global count of valid
-tokens over micro-batches and ranks, else the local count).
+Clip-Cov) and w_t the rollout importance weight given at call time (1 without). The policy-gradient
+part is aggregated over the valid tokens (`normalize_by="valid"`, TRL) or over the selected ones
+(`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply to every valid token and
+are always aggregated over the valid ones. `loss_type` picks the aggregation: grpo (mean over responses
+of each response's token mean), bnpo (local token mean), dr_grpo (token sum / (B *
+max_completion_length)), dapo (token sum / num_items_in_batch, the global count of valid tokens over
+micro-batches and ranks, else the local count) or luspo (token sum / B: each response's mean weighted
+by its length, LUSPO); cispo and vespo aggregate as dapo, sapo as grpo (TRL's pairings).
 
 The batch-wide masks (the top-entropy threshold, the covariance's centring and its top-k or random
 draw) are statistics of the whole training batch. A call computes them over its own tokens; when a
@@ -33,12 +37,17 @@ import torch
 from torch import nn
 
 from fusedrl import kernels
+from fusedrl.engine import objectives
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
 from fusedrl.kernels._checks import check_fraction, check_temperature
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
 from fusedrl.kernels.top_entropy_mask import check_mask
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+# The loss types built on the PPO clip; the others replace it with their own term (engine/objectives.py).
+CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# How each loss type reduces its per-token terms (`_aggregate`).
+AGGREGATION = {**{name: name for name in CLIP_LOSS_TYPES}, "cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 COV_MODES = (None, "clip_cov", "kl_cov")
 NORMALIZERS = ("valid", "selected")
@@ -59,6 +68,11 @@ def _number(name: str, value, *, low: float | None = None, low_open: bool = Fals
 def _choice(name: str, value, options: tuple) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+# Metrics that are extremes, not means: how two micro-batches' values combine (NaN = none; fmin and
+# fmax skip it).
+EXTREME_METRICS = {"clip_ratio/low_min": torch.fmin, "clip_ratio/high_max": torch.fmax, "cov/max": torch.fmax}
 
 
 def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -95,9 +109,12 @@ class FusedPolicyLoss(nn.Module):
     """Policy-gradient loss on fused per-token log-probs and entropies.
 
     Constructor arguments (all validated here; a bad one raises ValueError naming it):
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" (aggregation, see the module docstring).
-        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
-        dual_clip: c > 1 bounds the loss of tokens with A < 0 by -A c; None disables it.
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "luspo" (the PPO clip, aggregated as named)
+            or "cispo" | "sapo" | "vespo" (their own terms); see the module docstring.
+        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high] (the clip loss
+            types; cispo, sapo and vespo have no PPO clip and ignore them).
+        dual_clip: c > 1 bounds the loss of tokens with A < 0 by -A c; None disables it. (TRL's `delta`,
+            INTELLECT-2's two-sided clip, is this c when delta > 1 + epsilon_high.)
         beta: weight of the KL to the reference policy (needs ref_logprobs at call time when > 0).
         kl_estimator: "k1" (lp - rlp), "k2" ((lp - rlp)^2 / 2) or "k3" (exp(rlp - lp) - (rlp - lp) - 1).
         entropy_coef: weight of the entropy bonus -entropy_coef * H (with gradient).
@@ -116,6 +133,21 @@ class FusedPolicyLoss(nn.Module):
         generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
         backend: passed to the fused ops ("auto", "triton" or "torch").
         ignore_index: the id the fused ops skip; padded positions are set to it before the pass.
+        importance_sampling_level: "token" (exp(lp - olp) per token), "sequence" (GSPO: the exponent
+            averaged over each response's valid tokens, for all of them; the gradient reaches every
+            token through the mean) or "sequence_token" (GSPO-token: the sequence weight in value, each
+            token's own gradient, so that token masks restrict it). See engine/objectives.py. The clip,
+            CISPO's truncation, SAPO's gate and the bias-corrected KL then read the sequence weight;
+            top-entropy and probability masks still pick tokens (with "sequence" a masked token's
+            share of the response's term goes, but its gradient through the other tokens' terms
+            stays). Not with cov_mode (Clip-Cov and KL-Cov act on single tokens' ratios) or vespo
+            (which weighs whole responses itself).
+        cispo_max_weight: CISPO's cap on the importance weight, min(ratio, cap) (ScaleRL's eps_max,
+            TRL's epsilon_high under loss_type="cispo"; 5.0 as ScaleRL recommends).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A <= 0
+            (1.0 and 1.05, the paper's and TRL's defaults).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma weight
+            W^k exp(lambda (1 - W)) for A >= 0 and A < 0 (2, 3, 3, 2: the paper's and TRL's defaults).
         kl_importance_weighted: multiply each token's KL estimate by its importance ratio
             exp(lp - old_lp), gradient included (so it changes the KL gradient even on-policy, where
             the ratio is 1), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): with k3 the gradient
@@ -148,6 +180,14 @@ class FusedPolicyLoss(nn.Module):
         backend: str = "auto",
         ignore_index: int = -100,
         kl_importance_weighted: bool = False,
+        importance_sampling_level: str = "token",
+        cispo_max_weight: float = 5.0,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
     ):
         super().__init__()
         _choice("loss_type", loss_type, LOSS_TYPES)
@@ -177,6 +217,19 @@ class FusedPolicyLoss(nn.Module):
         if cov_mode == "kl_cov" and dual_clip is not None:
             raise ValueError("dual_clip must be None with cov_mode='kl_cov': KL-Cov drops the PPO clip")
         self.normalize_by = normalize_by
+        self._check_objective(loss_type, dual_clip, cov_mode, normalize_by, importance_sampling_level)
+        self.importance_sampling_level = importance_sampling_level
+        self.aggregation = AGGREGATION[loss_type]
+        self.cispo_max_weight = _number("cispo_max_weight", cispo_max_weight, low=0.0, low_open=True)
+        self.sapo_temperatures = (
+            _number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True),
+            _number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True),
+        )
+        self.vespo_k = (_number("vespo_k_pos", vespo_k_pos, low=0.0), _number("vespo_k_neg", vespo_k_neg, low=0.0))
+        self.vespo_lambda = (
+            _number("vespo_lambda_pos", vespo_lambda_pos, low=0.0, low_open=True),
+            _number("vespo_lambda_neg", vespo_lambda_neg, low=0.0, low_open=True),
+        )
         if loss_type == "dr_grpo":
             if not isinstance(max_completion_length, int) or max_completion_length < 1:
                 raise ValueError(
@@ -195,6 +248,25 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError(f"kl_importance_weighted must be a bool, got {kl_importance_weighted!r}")
         self.kl_importance_weighted = kl_importance_weighted
 
+    @staticmethod
+    def _check_objective(loss_type, dual_clip, cov_mode, normalize_by, level) -> None:
+        """The combinations of loss type, importance-sampling level and masks that have a meaning."""
+        _choice("importance_sampling_level", level, objectives.IMPORTANCE_SAMPLING_LEVELS)
+        if loss_type not in CLIP_LOSS_TYPES:
+            for name, value in (("dual_clip", dual_clip), ("cov_mode", cov_mode)):
+                if value is not None:
+                    raise ValueError(f"{name} must be None with loss_type={loss_type!r}, which has no PPO clip to build on")
+        if cov_mode is not None and level != "token":
+            raise ValueError(
+                "importance_sampling_level must be 'token' with cov_mode: Clip-Cov and KL-Cov act on single tokens' ratios"
+            )
+        if loss_type == "vespo" and level != "token":
+            raise ValueError(
+                "importance_sampling_level must be 'token' with loss_type='vespo', which weighs whole responses itself"
+            )
+        if loss_type == "luspo" and normalize_by == "selected":
+            raise ValueError("normalize_by must be 'valid' for loss_type='luspo', whose denominator is the number of responses")
+
     def forward(
         self,
         completion_ids: torch.Tensor,
@@ -209,6 +281,7 @@ class FusedPolicyLoss(nn.Module):
         ref_logprobs: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         selection: Selection | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss and a dict of detached 0-dim metric tensors (see metrics_to_floats).
 
@@ -217,7 +290,16 @@ class FusedPolicyLoss(nn.Module):
         (and bias [V]). old_logprobs / ref_logprobs [B, T]; old_logprobs=None means on-policy.
         selection: these rows of a Selection that `select` made over the whole batch
         (`Selection.rows`); without it the batch-wide masks come from this call's tokens alone.
+        rollout_is_weights [B] or [B, T]: constant weights of each token's policy-gradient term, the
+        correction from the sampling engine's policy to the trainer's (TRL's vLLM
+        importance_sampling_ratio, verl's rollout_is_weights); vespo folds them into its weight instead.
         Gradients flow to logits, or to hidden, weight and bias.
+
+        Metrics: entropy/mean, loss/pg, mask/*, kl (with ref_logprobs), and the loss type's clip
+        statistics: clip_ratio/low_mean, high_mean, region_mean (shares of valid tokens; of responses
+        when the weight is per response, a sequence level with advantages [B]) and clip_ratio/low_min,
+        high_max (the least and most clipped response's share, NaN without one) for the PPO clip;
+        clip_ratio/cispo_mean (weight above the cap with A > 0) for cispo; vespo/phi_mean for vespo.
         """
         if not isinstance(completion_ids, torch.Tensor) or completion_ids.dim() != 2:
             raise ValueError(f"completion_ids must be a [B, T] tensor, got {getattr(completion_ids, 'shape', completion_ids)!r}")
@@ -231,7 +313,9 @@ class FusedPolicyLoss(nn.Module):
             self._check_selection(selection, shape)
         if self.beta > 0 and ref_logprobs is None:
             raise ValueError("ref_logprobs must be given when beta > 0")
-        if self.loss_type == "dapo" and self.normalize_by == "selected" and num_items_in_batch is not None:
+        if rollout_is_weights is not None:
+            rollout_is_weights = objectives.check_rollout_weights(rollout_is_weights, shape)
+        if self.aggregation == "dapo" and self.normalize_by == "selected" and num_items_in_batch is not None:
             raise ValueError(
                 "num_items_in_batch must be None with normalize_by='selected': it counts valid tokens, "
                 "and the selected tokens are only known inside the loss"
@@ -243,18 +327,31 @@ class FusedPolicyLoss(nn.Module):
         olp = lp.detach() if old_logprobs is None else torch.where(valid, old_logprobs.detach().float(), 0.0)
 
         log_ratio = lp - olp
-        ratio = torch.exp(log_ratio)
+        ratio = torch.exp(objectives.log_importance_weights(log_ratio, valid, self.importance_sampling_level))
         unclipped, clipped = self._ppo_terms(adv, ratio)
         if selection is None:
             selection = self._select(lp.detach(), entropy.detach(), adv, valid, clipped > unclipped)
         metrics: dict[str, torch.Tensor] = {}
         n_valid = valid.sum().clamp(min=1)
+        # With one weight per response and one advantage per response, every token of a response shares
+        # its clip decision: the clip statistics then count responses (as TRL logs them).
+        per_response = self.importance_sampling_level != "token" and advantages.dim() == 1
 
         def frac(mask: torch.Tensor) -> torch.Tensor:
             return (mask & valid).sum() / n_valid
 
         keep = valid
-        if self.cov_mode == "kl_cov":
+        if self.loss_type == "cispo":
+            pg = objectives.cispo_terms(lp, ratio, adv, self.cispo_max_weight)
+            capped = (ratio > self.cispo_max_weight) & (adv > 0)
+            metrics["clip_ratio/cispo_mean"] = objectives.share(capped, valid, per_response)
+        elif self.loss_type == "sapo":
+            pg = objectives.sapo_terms(ratio, adv, *self.sapo_temperatures)
+        elif self.loss_type == "vespo":
+            phi = objectives.vespo_weights(log_ratio, valid, adv, self.vespo_k, self.vespo_lambda, rollout_is_weights)
+            pg = -phi * adv * lp
+            metrics["vespo/phi_mean"] = phi[:, 0].mean() if advantages.dim() == 1 else (phi * valid).sum() / n_valid
+        elif self.cov_mode == "kl_cov":
             pg = unclipped + self.kl_cov_coef * log_ratio.abs() * selection.covariance
         else:
             pg = torch.maximum(unclipped, clipped)
@@ -262,6 +359,8 @@ class FusedPolicyLoss(nn.Module):
                 dual = -adv * self.dual_clip
                 metrics["clip_ratio/dual_mean"] = frac((adv < 0) & (dual < pg))
                 pg = torch.where(adv < 0, torch.minimum(pg, dual), pg)
+        if rollout_is_weights is not None and self.loss_type != "vespo":
+            pg = pg * rollout_is_weights
         if self.cov_mode == "clip_cov":
             keep = keep & ~selection.covariance
         if self.cov_mode is not None:
@@ -293,11 +392,8 @@ class FusedPolicyLoss(nn.Module):
 
         metrics["loss/pg"] = pg_loss.detach()
         metrics["entropy/mean"] = entropy.detach().sum() / n_valid
-        low = (ratio < 1.0 - self.epsilon_low) & (adv < 0)
-        high = (ratio > 1.0 + self.epsilon_high) & (adv > 0)
-        metrics["clip_ratio/low_mean"] = frac(low)
-        metrics["clip_ratio/high_mean"] = frac(high)
-        metrics["clip_ratio/region_mean"] = frac(low | high)
+        if self.loss_type in CLIP_LOSS_TYPES:
+            metrics.update(objectives.clip_metrics(ratio, adv, valid, self.epsilon_low, self.epsilon_high, per_response))
         metrics["mask/selected"] = frac(keep)
         if self.cov_mode is not None:
             cov = torch.where(valid, selection.cov, 0.0)
@@ -404,12 +500,14 @@ class FusedPolicyLoss(nn.Module):
         return torch.exp(diff) - diff - 1.0
 
     def _aggregate(self, values: torch.Tensor, counted: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Reduce per-token values (zero off `counted`) to a scalar by loss_type."""
-        if self.loss_type == "grpo":
+        """Reduce per-token values (zero off `counted`) to a scalar by the loss type's aggregation."""
+        if self.aggregation == "grpo":
             per_response = values.sum(-1) / counted.sum(-1).clamp(min=1)
             return per_response.mean()
-        if self.loss_type == "dr_grpo":
+        if self.aggregation == "dr_grpo":
             return values.sum() / (values.shape[0] * self.max_completion_length)
-        if self.loss_type == "dapo" and num_items_in_batch is not None:
+        if self.aggregation == "luspo":
+            return values.sum() / values.shape[0]
+        if self.aggregation == "dapo" and num_items_in_batch is not None:
             return values.sum() / num_items_in_batch
         return values.sum() / counted.sum().clamp(min=1)

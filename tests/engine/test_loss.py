@@ -346,11 +346,13 @@ def test_metrics_names_values_and_floats():
     assert set(metrics) == {
         "loss/pg", "entropy/mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
         "mask/top_entropy", "mask/probability", "mask/cov", "mask/selected", "cov/mean", "cov/max",
+        "clip_ratio/low_min", "clip_ratio/high_max",
     }
     floats = metrics_to_floats(metrics)
     assert all(isinstance(v, float) for v in floats.values())
     assert floats["clip_ratio/high_mean"] == 0.25 and floats["clip_ratio/low_mean"] == 0.0
     assert floats["clip_ratio/region_mean"] == 0.25
+    assert floats["clip_ratio/high_max"] == 0.25 and floats["clip_ratio/low_min"] == 0.0  # the one response
     assert floats["entropy/mean"] == pytest.approx(math.log(2))
     assert floats["mask/top_entropy"] == 1.0  # all entropies tie at ln 2: all are >= tau
     assert floats["mask/probability"] == 0.75  # exp(old) = 1/3, 1, 1/2, 1/2
