@@ -148,6 +148,9 @@ class FusedPolicyLoss(nn.Module):
             (1.0 and 1.05, the paper's and TRL's defaults).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma weight
             W^k exp(lambda (1 - W)) for A >= 0 and A < 0 (2, 3, 3, 2: the paper's and TRL's defaults).
+        off_policy_mask_threshold: delta >= 0 of DeepSeek-V3.2's off-policy sequence mask: a response
+            with A < 0 whose mean of (sampling lp - lp) exceeds delta loses its policy-gradient terms
+            (sampling lp: the call's sampling_logprobs, else old_logprobs); None disables it.
         kl_importance_weighted: multiply each token's KL estimate by its importance ratio
             exp(lp - old_lp), gradient included (so it changes the KL gradient even on-policy, where
             the ratio is 1), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): with k3 the gradient
@@ -188,6 +191,7 @@ class FusedPolicyLoss(nn.Module):
         vespo_lambda_pos: float = 3.0,
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
+        off_policy_mask_threshold: float | None = None,
     ):
         super().__init__()
         _choice("loss_type", loss_type, LOSS_TYPES)
@@ -219,6 +223,10 @@ class FusedPolicyLoss(nn.Module):
         self.normalize_by = normalize_by
         self._check_objective(loss_type, dual_clip, cov_mode, normalize_by, importance_sampling_level)
         self.importance_sampling_level = importance_sampling_level
+        self.off_policy_mask_threshold = (
+            None if off_policy_mask_threshold is None
+            else _number("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
+        )
         self.aggregation = AGGREGATION[loss_type]
         self.cispo_max_weight = _number("cispo_max_weight", cispo_max_weight, low=0.0, low_open=True)
         self.sapo_temperatures = (
@@ -282,6 +290,7 @@ class FusedPolicyLoss(nn.Module):
         num_items_in_batch: int | torch.Tensor | None = None,
         selection: Selection | None = None,
         rollout_is_weights: torch.Tensor | None = None,
+        sampling_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss and a dict of detached 0-dim metric tensors (see metrics_to_floats).
 
@@ -293,6 +302,8 @@ class FusedPolicyLoss(nn.Module):
         rollout_is_weights [B] or [B, T]: constant weights of each token's policy-gradient term, the
         correction from the sampling engine's policy to the trainer's (TRL's vLLM
         importance_sampling_ratio, verl's rollout_is_weights); vespo folds them into its weight instead.
+        sampling_logprobs [B, T]: the sampling engine's log-probs, for off_policy_mask_threshold
+        (default: old_logprobs); NaN where the sampler gave none.
         Gradients flow to logits, or to hidden, weight and bias.
 
         Metrics: entropy/mean, loss/pg, mask/*, kl (with ref_logprobs), and the loss type's clip
@@ -306,7 +317,9 @@ class FusedPolicyLoss(nn.Module):
         shape = completion_ids.shape
         valid = check_mask("completion_mask", completion_mask, shape)
         adv = broadcast_advantages(advantages, shape).detach().float()
-        for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if sampling_logprobs is not None and self.off_policy_mask_threshold is None:
+            raise ValueError("sampling_logprobs is read only with off_policy_mask_threshold set")
+        for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("sampling_logprobs", sampling_logprobs)):
             if t is not None and tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
         if selection is not None:
@@ -372,6 +385,11 @@ class FusedPolicyLoss(nn.Module):
             unlikely = probability_mask(olp, valid, threshold=self.prob_mask_threshold)
             keep = keep & unlikely
             metrics["mask/probability"] = frac(unlikely)
+        if self.off_policy_mask_threshold is not None:
+            sampled = olp if sampling_logprobs is None else sampling_logprobs.detach().float()
+            near = objectives.off_policy_keep(lp.detach(), sampled, valid, adv, self.off_policy_mask_threshold)
+            keep = keep & near
+            metrics["mask/off_policy"] = frac(near)
 
         counted = keep if self.normalize_by == "selected" else valid
         pg_loss = self._aggregate(torch.where(keep, pg, 0.0), counted, num_items_in_batch)

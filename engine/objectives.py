@@ -21,6 +21,9 @@ Objectives other than the PPO clip, per valid token (sg = stop-gradient):
             log W_i = sum over response i of (lp - olp) (not a mean), clamped to [ln 1e-8, 20] after
             each token's log-ratio is clamped to [-20, 20]; (k, lam) = (k_pos, lambda_pos) if A >= 0 else
             (k_neg, lambda_neg)                               (VESPO: a Gamma-shaped weight, phi(1) = 1)
+
+The off-policy sequence mask (DeepSeek-V3.2, eq. 9) drops responses with A < 0 that the sampling
+policy made too unlikely under the current one: mean over the response of (sampling lp - lp) > delta.
 """
 
 from __future__ import annotations
@@ -85,6 +88,17 @@ def vespo_weights(
     k_t = torch.where(nonnegative, k[0], k[1])
     lam_t = torch.where(nonnegative, lam[0], lam[1])
     return torch.exp(lam_t + k_t * log_w - lam_t * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def off_policy_keep(lp, sampling_lp, valid, adv, threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask, [B, T] bool: False on the tokens with A < 0 of a response
+    whose mean over its valid tokens of sampling_lp - lp (the current policy's, detached) exceeds
+    `threshold`. A NaN sampling log-prob (a token the sampler could not score) counts as 0, so that one
+    such token cannot drop its response."""
+    divergence = torch.where(valid, (sampling_lp - lp).nan_to_num(nan=0.0), 0.0)
+    mean = divergence.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    return (adv >= 0) | (mean <= threshold)
 
 
 def check_rollout_weights(weights, shape: torch.Size) -> torch.Tensor:

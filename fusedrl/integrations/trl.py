@@ -19,7 +19,8 @@ it is `FusedPolicyLoss(dual_clip=delta)`), `sapo_temperature_pos` / `_neg`, `ves
 `_lambda_pos` / `_k_neg` / `_lambda_neg`, `beta` (k3 estimator, as TRL), `use_bias_correction_kl`
 (TRL's default True: the per-token KL is multiplied by the importance ratio, gradient included;
 `FusedPolicyLoss(kl_importance_weighted=True)`), `temperature`, `top_entropy_quantile`,
-`max_completion_length` (dr_grpo), vLLM's `importance_sampling_ratio` when
+`max_completion_length` (dr_grpo), `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy sequence
+mask, on vLLM's sampling log-probs where present), vLLM's `importance_sampling_ratio` when
 `vllm_importance_sampling_correction` is on (`rollout_is_weights=`), and the gradient-accumulation
 scaling of each loss type. Options whose TRL semantics the fused loss does not reproduce are refused
 at construction with a ValueError naming the option.
@@ -100,6 +101,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             # TRL takes the entropy quantile over the micro-batches of all processes at once.
             process_group=torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None,
             importance_sampling_level=self.importance_sampling_level,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
             **_objective_options(self),
         )
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -154,6 +156,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             num_items_in_batch=num_items_in_batch,
             rollout_is_weights=rollout_is_weights,
+            # As TRL: the off-policy mask reads vLLM's sampling log-probs where there are some.
+            sampling_logprobs=inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None,
         )
         if self.fused_loss.aggregation != "dapo":
             loss = loss / accumulation
@@ -199,7 +203,6 @@ def _check_supported(trainer: GRPOTrainer) -> None:
         # Above 1 + epsilon_high TRL's min(ratio, delta) only caps the A < 0 side: fusedrl's dual clip.
         raise ValueError(f"delta must be above 1 + epsilon_high ({1.0 + trainer.epsilon_high}) for FusedGRPOTrainer, got {args.delta}")
     refused = {
-        "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
         "entropy_coef": trainer.entropy_coef != 0.0,
         "use_adaptive_entropy": trainer.use_adaptive_entropy,
         "router_aux_loss_coef": trainer.aux_loss_enabled,

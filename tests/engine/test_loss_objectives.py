@@ -34,6 +34,9 @@ CASES = {
     "sapo_sequence_kl": dict(loss_type="sapo", importance_sampling_level="sequence", sapo_temperature_pos=2.0,
                              sapo_temperature_neg=0.5, beta=0.1, kl_importance_weighted=True),
     "vespo": dict(loss_type="vespo"),
+    "off_policy": dict(loss_type="dapo", off_policy_mask_threshold=0.1),
+    "off_policy_gspo_selected": dict(loss_type="bnpo", importance_sampling_level="sequence", off_policy_mask_threshold=0.1,
+                                     normalize_by="selected"),
     "vespo_shaped": dict(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=0.5, vespo_lambda_neg=4.0),
 }
 # Each response's sequence-level weight in the sequence cases (advantages +1.1, -0.7, -1.6): the first
@@ -46,8 +49,9 @@ AGGREGATION = {"grpo": "responses", "sapo": "responses", "bnpo": "tokens", "dapo
                "vespo": "tokens", "luspo": "per_response_sum"}
 
 
-def reference(cfg, logits64, ids, mask, adv, old, ref, weights=None, num_items=None):
-    """(loss, metrics) in float64 from the formulas; `weights` are rollout importance weights [B, T]."""
+def reference(cfg, logits64, ids, mask, adv, old, ref, weights=None, num_items=None, sampling=None):
+    """(loss, metrics) in float64 from the formulas; `weights` are rollout importance weights [B, T],
+    `sampling` the sampler's log-probs for the off-policy mask (default: old)."""
     valid = mask.bool()
     logp = (logits64 / cfg.get("temperature", 1.0)).log_softmax(-1)
     lp = torch.where(valid, logp.gather(-1, ids.clamp(max=V - 1).unsqueeze(-1)).squeeze(-1), 0.0)
@@ -89,6 +93,10 @@ def reference(cfg, logits64, ids, mask, adv, old, ref, weights=None, num_items=N
         keep &= h.detach() >= torch.quantile(h.detach()[valid], 1 - cfg["top_entropy_fraction"])
     if cfg.get("prob_mask_threshold") is not None:
         keep &= old.double().exp() < cfg["prob_mask_threshold"]
+    if cfg.get("off_policy_mask_threshold") is not None:  # DeepSeek-V3.2 eq. 9, NaN sampler log-probs as 0
+        gap = torch.where(valid, ((old if sampling is None else sampling).double() - lp.detach()).nan_to_num(0.0), 0.0)
+        keep &= (a >= 0) | (gap.sum(1, keepdim=True) / valid.sum(1, keepdim=True) <= cfg["off_policy_mask_threshold"])
+        metrics["keep"] = keep
     counted = keep if cfg.get("normalize_by") == "selected" else valid
     loss = aggregate(kind, pg * keep, counted, num_items)
     k3 = torch.exp(ref.double() - lp) - (ref.double() - lp) - 1
@@ -129,15 +137,21 @@ def steer(old, logits64, ids, mask, targets):
     return (old.double() + shift[:, None]).float()
 
 
-def run_case(case, path, weights=None, num_items=None):
+def run_case(case, path, weights=None, num_items=None, sampling_gap=None):
+    """`sampling_gap`: per response, the mean of sampling lp - lp that the sampler's log-probs are given
+    (with one NaN), for the off-policy mask."""
     cfg = CASES[case]
     inputs, logits64, ids, mask, adv, old, ref = make_batch(path == "hidden", token_advantages=case in TOKEN_ADVANTAGES)
     if cfg.get("importance_sampling_level", "token") != "token":
         old = steer(old, logits64, ids, mask, SEQUENCE_WEIGHTS)
+    sampling = None
+    if sampling_gap is not None:
+        sampling = steer(old, logits64, ids, mask, [math.exp(-g) for g in sampling_gap])
+        sampling[2, 1] = torch.nan
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     loss_fn = FusedPolicyLoss(**cfg, backend="torch")
     loss, metrics = loss_fn(ids, mask, adv, **leaves, old_logprobs=old, ref_logprobs=ref, rollout_is_weights=weights,
-                            num_items_in_batch=num_items)
+                            num_items_in_batch=num_items, sampling_logprobs=sampling)
     loss.backward()
     ref_leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
     if path == "hidden":
@@ -145,7 +159,7 @@ def run_case(case, path, weights=None, num_items=None):
     else:
         logits64 = ref_leaves["logits"]
     full_weights = None if weights is None else (weights[:, None].expand(B, T) if weights.dim() == 1 else weights)
-    expected, h, ref_metrics = reference(cfg, logits64, ids, mask, adv, old, ref, full_weights, num_items)
+    expected, h, ref_metrics = reference(cfg, logits64, ids, mask, adv, old, ref, full_weights, num_items, sampling)
     expected.backward()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
     for name, leaf in leaves.items():
@@ -157,6 +171,8 @@ def run_case(case, path, weights=None, num_items=None):
         )
     sequence_weight = cfg.get("importance_sampling_level", "token") != "token"
     check_metrics(metrics, ref_metrics, mask.bool(), adv.dim() == 1, sequence_weight)
+    if "keep" in ref_metrics:
+        assert metrics["mask/selected"].item() == pytest.approx(ref_metrics["keep"].sum().item() / mask.sum().item())
     return metrics
 
 
@@ -186,10 +202,16 @@ def check_metrics(metrics, ref_metrics, valid, response_advantages, sequence_wei
         assert metrics["clip_ratio/high_max"].item() == pytest.approx(response_shares(high, per_response).max().item())
 
 
+# Mean sampler-to-current log-prob gap of each response for the off-policy cases (advantages +, -, -):
+# the first is far off-policy but has A > 0 and stays, the second is dropped, the third stays.
+SAMPLING_GAP = (0.3, 0.2, 0.0)
+
+
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_gradients_and_metrics_match_float64(case, path):
-    metrics = run_case(case, path, num_items=40 if CASES[case]["loss_type"] in ("dapo", "cispo") else None)
+    metrics = run_case(case, path, num_items=40 if CASES[case]["loss_type"] in ("dapo", "cispo") else None,
+                       sampling_gap=SAMPLING_GAP if "off_policy_mask_threshold" in CASES[case] else None)
     # The batch reaches the branches each case is about.
     cfg = CASES[case]
     if cfg["loss_type"] in ("grpo", "bnpo", "dapo", "luspo"):
@@ -202,6 +224,8 @@ def test_loss_gradients_and_metrics_match_float64(case, path):
         assert 0 < metrics["clip_ratio/cispo_mean"] < 1
     if cfg["loss_type"] == "vespo":
         assert abs(metrics["vespo/phi_mean"] - 1) > 0.02
+    if "off_policy_mask_threshold" in cfg:
+        assert 0 < metrics["mask/off_policy"] < 1
 
 
 @pytest.mark.parametrize(
@@ -341,6 +365,7 @@ def test_extremes_with_an_empty_response(level, low_min):
         (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_temperature_neg"),
         (dict(loss_type="vespo", vespo_k_pos=-1.0), "vespo_k_pos"),
         (dict(loss_type="vespo", vespo_lambda_neg=0.0), "vespo_lambda_neg"),
+        (dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold"),
     ],
 )
 def test_config_errors_name_the_argument(kwargs, name):
@@ -353,3 +378,12 @@ def test_rollout_weights_errors_name_the_argument(weights):
     ids, mask, logits = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match="rollout_is_weights"):
         FusedPolicyLoss(backend="torch")(ids, mask, torch.zeros(2), logits=logits, rollout_is_weights=weights)
+
+
+def test_sampling_logprobs_need_the_off_policy_mask():
+    ids, mask, logits = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="off_policy_mask_threshold"):
+        FusedPolicyLoss(backend="torch")(ids, mask, torch.zeros(2), logits=logits, sampling_logprobs=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="sampling_logprobs"):
+        FusedPolicyLoss(off_policy_mask_threshold=0.1, backend="torch")(
+            ids, mask, torch.zeros(2), logits=logits, sampling_logprobs=torch.zeros(2, 4))

@@ -169,6 +169,10 @@ CASES = [
     pytest.param(dict(loss_type="sapo", beta=0.05, top_entropy_quantile=0.2), id="sapo-beta-top20"),
     pytest.param(dict(loss_type="vespo"), id="vespo"),
     pytest.param(dict(loss_type="vespo", vespo_k_neg=1.5, beta=0.05), id="vespo-beta"),
+    # DeepSeek-V3.2's off-policy sequence mask: of the two A < 0 responses, the one whose old log-probs
+    # sit 0.2 above the current ones on average is dropped, the other kept.
+    pytest.param(dict(loss_type="dapo", off_policy_mask_threshold=0.1), id="dapo-off-policy-mask"),
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.3, off_policy_mask_threshold=0.1), id="cispo-off-policy-mask"),
 ]
 # The sequence-level weight averages the per-token noise away; this one gives response weights of
 # about 1.6, 2.1, 1.0, 0.5 (advantages +, -, +, -): a high clip, a low clip and a ratio above delta.
@@ -193,6 +197,10 @@ def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
         assert _ratio_exceeds(stock, inputs, overrides["delta"], overrides.get("importance_sampling_level", "token"))
     if overrides["loss_type"] == "cispo":
         assert 0 < stock_metrics["cispo_clip_ratio"] < 1
+    if "off_policy_mask_threshold" in overrides:
+        unmasked = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "unmasked",
+                            **{k: v for k, v in overrides.items() if k != "off_policy_mask_threshold"})
+        assert abs(_loss_and_grads(unmasked, inputs)[0].item() - fused_loss.item()) > 1e-4
 
 
 def _assert_same(stock_loss, stock_grads, stock_metrics, fused_loss, fused_grads, fused_metrics):
@@ -244,6 +252,8 @@ def test_metrics_with_empty_completions_match_stock_trl(tmp_path, model_dir, lev
 
 VLLM_CASES = [
     pytest.param(dict(loss_type="dapo"), "token", id="dapo-token"),
+    # The sampler's log-probs below put the second response (A < 0) 0.1 above the current ones: dropped.
+    pytest.param(dict(loss_type="grpo", off_policy_mask_threshold=0.05), "token", id="grpo-off-policy-mask"),
     pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence"), "sequence", id="gspo-sequence"),
     pytest.param(dict(loss_type="cispo", epsilon_high=1.3), "sequence", id="cispo-sequence"),
     pytest.param(dict(loss_type="sapo", beta=0.05), "token", id="sapo-token"),
@@ -266,6 +276,10 @@ def test_vllm_importance_sampling_correction_matches_stock_trl(tmp_path, model_d
     ratio = torch.empty(shape).uniform_(0.5, 1.5, generator=g)
     ratio[1, 0] = 0.0  # a ratio a *_mask mode removed
     inputs["importance_sampling_ratio"] = torch.where(inputs["completion_mask"].bool(), ratio, 1.0) if weight_level == "token" else ratio
+    # vLLM's own log-probs, which the off-policy mask reads instead of the old ones; one it could not give.
+    sampling = inputs["old_per_token_logps"] + 0.3 * torch.randn(inputs["old_per_token_logps"].shape, generator=g)
+    sampling[2, 0] = torch.nan
+    inputs["sampling_per_token_logps"] = sampling
     results = []
     for trainer in (stock, fused):
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
@@ -427,8 +441,7 @@ def test_train_steps_log_what_stock_trl_logs(tmp_path, model_dir, overrides):
     "overrides, option",
     [
         (dict(entropy_coef=0.01), "entropy_coef"),
-        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-        (dict(delta=1.2), "delta"),  # below 1 + epsilon_high = 1.28
+            (dict(delta=1.2), "delta"),  # below 1 + epsilon_high = 1.28
         (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level"),
     ],
 )
