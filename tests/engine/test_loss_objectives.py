@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_loss import B, SEED, T, V, make_batch
+from test_loss import B, SEED, T, V, assert_matches_float64, float64_leaves, make_batch
 
 from fusedrl import FusedPolicyLoss
 
@@ -153,22 +153,11 @@ def run_case(case, path, weights=None, num_items=None, sampling_gap=None):
     loss, metrics = loss_fn(ids, mask, adv, **leaves, old_logprobs=old, ref_logprobs=ref, rollout_is_weights=weights,
                             num_items_in_batch=num_items, sampling_logprobs=sampling)
     loss.backward()
-    ref_leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
-    if path == "hidden":
-        logits64 = ref_leaves["hidden"] @ ref_leaves["weight"].T + ref_leaves["bias"]
-    else:
-        logits64 = ref_leaves["logits"]
+    ref_leaves, logits64 = float64_leaves(inputs)
     full_weights = None if weights is None else (weights[:, None].expand(B, T) if weights.dim() == 1 else weights)
     expected, h, ref_metrics = reference(cfg, logits64, ids, mask, adv, old, ref, full_weights, num_items, sampling)
     expected.backward()
-    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
-    for name, leaf in leaves.items():
-        want = ref_leaves[name].grad
-        scale = want.abs().max().item()
-        assert scale > 0, f"reference gradient of {name} is all zero: the case tests nothing"
-        torch.testing.assert_close(
-            leaf.grad.double(), want, rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=lambda m, name=name: f"{name}: {m}"
-        )
+    assert_matches_float64(loss, expected, leaves, ref_leaves)
     sequence_weight = cfg.get("importance_sampling_level", "token") != "token"
     check_metrics(metrics, ref_metrics, mask.bool(), adv.dim() == 1, sequence_weight)
     if "keep" in ref_metrics:
