@@ -108,7 +108,9 @@ def check_rollout_weights(weights, shape: torch.Size) -> torch.Tensor:
     if weights.dim() == 1 and weights.shape[0] == shape[0]:
         weights = weights[:, None].expand(shape)
     if tuple(weights.shape) != tuple(shape):
-        raise ValueError(f"rollout_is_weights must have shape ({shape[0]},) or {tuple(shape)}, got {tuple(weights.shape)}")
+        raise ValueError(
+            f"rollout_is_weights must have shape ({shape[0]},) or {tuple(shape)}, got {tuple(weights.shape)}"
+        )
     return weights.detach().float()
 
 

@@ -71,7 +71,10 @@ _TRL_MEANS = {
     "vespo/phi_mean": "vespo/phi_seq_mean",
 }
 # Per-response extremes of the micro-batch, reduced over processes with nanmin / nanmax as TRL does.
-_TRL_EXTREMES = {"clip_ratio/low_min": ("clip_ratio/low_min", nanmin), "clip_ratio/high_max": ("clip_ratio/high_max", nanmax)}
+_TRL_EXTREMES = {
+    "clip_ratio/low_min": ("clip_ratio/low_min", nanmin),
+    "clip_ratio/high_max": ("clip_ratio/high_max", nanmax),
+}
 
 # Model inputs of vision-language models; the fused path here feeds text models only.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids")
@@ -138,6 +141,10 @@ class FusedGRPOTrainer(GRPOTrainer):
             if mode == "train":
                 num_items_in_batch = num_items_in_batch * accumulation / self.args.steps_per_generation
 
+        # As TRL: the off-policy mask reads vLLM's sampling log-probs where there are some.
+        sampling_logprobs = None
+        if self.off_policy_mask_threshold is not None:
+            sampling_logprobs = inputs.get("sampling_per_token_logps")
         rollout_is_weights = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             # [B, T] in TRL's token_* modes, [B, 1] in its sequence_* modes.
@@ -156,8 +163,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             num_items_in_batch=num_items_in_batch,
             rollout_is_weights=rollout_is_weights,
-            # As TRL: the off-policy mask reads vLLM's sampling log-probs where there are some.
-            sampling_logprobs=inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None,
+            sampling_logprobs=sampling_logprobs,
         )
         if self.fused_loss.aggregation != "dapo":
             loss = loss / accumulation
@@ -186,7 +192,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             self._metrics[mode][_TRL_MEANS[name]].append(value)
         extremes = [name for name in _TRL_EXTREMES if name in metrics]
         if extremes:
-            gathered = self.accelerator.gather(torch.stack([metrics[name].to(tokens.device) for name in extremes])[None])
+            local = torch.stack([metrics[name].to(tokens.device) for name in extremes])
+            gathered = self.accelerator.gather(local[None])
             for i, name in enumerate(extremes):
                 theirs, reduce = _TRL_EXTREMES[name]
                 self._metrics[mode][theirs].append(reduce(gathered[:, i]).item())
@@ -199,9 +206,12 @@ def _check_supported(trainer: GRPOTrainer) -> None:
         raise ValueError(
             f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for FusedGRPOTrainer, got {trainer.loss_type!r}"
         )
-    if args.delta is not None and trainer.loss_type in CLIP_LOSS_TYPES and not args.delta > 1.0 + trainer.epsilon_high:
+    clips = trainer.loss_type in CLIP_LOSS_TYPES
+    if args.delta is not None and clips and not args.delta > 1.0 + trainer.epsilon_high:
         # Above 1 + epsilon_high TRL's min(ratio, delta) only caps the A < 0 side: fusedrl's dual clip.
-        raise ValueError(f"delta must be above 1 + epsilon_high ({1.0 + trainer.epsilon_high}) for FusedGRPOTrainer, got {args.delta}")
+        raise ValueError(
+            f"delta must be above 1 + epsilon_high ({1.0 + trainer.epsilon_high}) for FusedGRPOTrainer, got {args.delta}"
+        )
     refused = {
         "entropy_coef": trainer.entropy_coef != 0.0,
         "use_adaptive_entropy": trainer.use_adaptive_entropy,

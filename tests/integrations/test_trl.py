@@ -157,7 +157,9 @@ CASES = [
     # GSPO: one importance weight per response (TRL recommends grpo; dapo weighs responses by length).
     pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence"), id="gspo"),
     pytest.param(dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.05), id="gspo-dapo-beta"),
-    pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence", top_entropy_quantile=0.2), id="gspo-top20"),
+    pytest.param(
+        dict(loss_type="grpo", importance_sampling_level="sequence", top_entropy_quantile=0.2), id="gspo-top20"
+    ),
     pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.5), id="gspo-delta"),
     pytest.param(dict(loss_type="luspo", importance_sampling_level="sequence"), id="luspo"),
     # CISPO's cap (TRL's epsilon_high) inside the ratios' range, so that some weights are truncated.
@@ -165,7 +167,9 @@ CASES = [
     pytest.param(dict(loss_type="cispo", epsilon_high=1.3, importance_sampling_level="sequence"), id="cispo-sequence"),
     pytest.param(dict(loss_type="cispo", epsilon_high=1.3, beta=0.05, top_entropy_quantile=0.2), id="cispo-beta-top20"),
     pytest.param(dict(loss_type="sapo"), id="sapo"),
-    pytest.param(dict(loss_type="sapo", sapo_temperature_pos=2.0, importance_sampling_level="sequence"), id="sapo-sequence"),
+    pytest.param(
+        dict(loss_type="sapo", sapo_temperature_pos=2.0, importance_sampling_level="sequence"), id="sapo-sequence"
+    ),
     pytest.param(dict(loss_type="sapo", beta=0.05, top_entropy_quantile=0.2), id="sapo-beta-top20"),
     pytest.param(dict(loss_type="vespo"), id="vespo"),
     pytest.param(dict(loss_type="vespo", vespo_k_neg=1.5, beta=0.05), id="vespo-beta"),
@@ -240,7 +244,9 @@ def test_metrics_with_empty_completions_match_stock_trl(tmp_path, model_dir, lev
     overrides = dict(loss_type="grpo", importance_sampling_level=level)
     stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
     fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
-    inputs = _batch(stock, len(tiny_tokenizer()), False, lengths=(6, 3, 0, 0), noise=1.5, advantages=(-1.2, -0.7, 0.4, -0.9))
+    inputs = _batch(
+        stock, len(tiny_tokenizer()), False, lengths=(6, 3, 0, 0), noise=1.5, advantages=(-1.2, -0.7, 0.4, -0.9)
+    )
     stock_results = _loss_and_grads(stock, inputs)
     _assert_same(*stock_results, *_loss_and_grads(fused, inputs))
     metrics = stock_results[2]
@@ -275,7 +281,9 @@ def test_vllm_importance_sampling_correction_matches_stock_trl(tmp_path, model_d
     shape = (BATCH, COMPLETION_LEN if weight_level == "token" else 1)
     ratio = torch.empty(shape).uniform_(0.5, 1.5, generator=g)
     ratio[1, 0] = 0.0  # a ratio a *_mask mode removed
-    inputs["importance_sampling_ratio"] = torch.where(inputs["completion_mask"].bool(), ratio, 1.0) if weight_level == "token" else ratio
+    if weight_level == "token":  # TRL's ratio is exp(0) = 1 on padding
+        ratio = torch.where(inputs["completion_mask"].bool(), ratio, 1.0)
+    inputs["importance_sampling_ratio"] = ratio
     # vLLM's own log-probs, which the off-policy mask reads instead of the old ones; one it could not give.
     sampling = inputs["old_per_token_logps"] + 0.3 * torch.randn(inputs["old_per_token_logps"].shape, generator=g)
     sampling[2, 0] = torch.nan
