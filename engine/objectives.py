@@ -8,10 +8,10 @@ rollout-time one, A the advantage, valid the response tokens.
 Importance weight w of each token (`importance_sampling_level`):
     "token"           w_t = exp(lp_t - olp_t)                                    (PPO, GRPO)
     "sequence"        w_t = s_i = exp(mean over the valid tokens t' of response i of (lp_t' - olp_t'))
-                      for every token of response i (GSPO, Zheng et al. 2025, eq. 7); the gradient
+                      for every token of response i (GSPO, Zheng et al. 2025); the gradient
                       reaches each token through the mean
     "sequence_token"  w_t = sg(s_i) exp(lp_t - sg(lp_t)): s_i in value, the per-token gradient
-                      s_i grad lp_t (GSPO-token, eq. 13), so that a token mask or a per-token
+                      s_i grad lp_t (GSPO-token, same paper), so that a token mask or a per-token
                       advantage acts on the tokens it names
 
 Objectives other than the PPO clip, per valid token (sg = stop-gradient):
@@ -22,8 +22,8 @@ Objectives other than the PPO clip, per valid token (sg = stop-gradient):
             each token's log-ratio is clamped to [-20, 20]; (k, lam) = (k_pos, lambda_pos) if A >= 0 else
             (k_neg, lambda_neg)                               (VESPO: a Gamma-shaped weight, phi(1) = 1)
 
-The off-policy sequence mask (DeepSeek-V3.2, eq. 9) drops responses with A < 0 that the sampling
-policy made too unlikely under the current one: mean over the response of (sampling lp - lp) > delta.
+The off-policy sequence mask (DeepSeek-V3.2, eq. 9) drops the responses with A < 0 on which the current
+policy has drifted too far from the sampling one: mean over the response of (sampling lp - lp) > delta.
 """
 
 from __future__ import annotations

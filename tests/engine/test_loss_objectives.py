@@ -61,11 +61,11 @@ def reference(cfg, logits64, ids, mask, adv, old, ref, weights=None, num_items=N
     a = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv).double()
     log_ratio = torch.where(valid, lp - old.double(), 0.0)
     level = cfg.get("importance_sampling_level", "token")
-    s = torch.exp(log_ratio.sum(1, keepdim=True) / valid.sum(1, keepdim=True))  # GSPO eq. 7
+    s = torch.exp(log_ratio.sum(1, keepdim=True) / valid.sum(1, keepdim=True))  # GSPO
     if level == "sequence":
         w = s.expand(B, T)
     elif level == "sequence_token":
-        w = s.detach() * torch.exp(lp - lp.detach())  # GSPO eq. 13
+        w = s.detach() * torch.exp(lp - lp.detach())  # GSPO-token
     else:
         w = log_ratio.exp()
     kind = cfg["loss_type"]
