@@ -11,6 +11,7 @@ import json
 import os
 import posix
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,14 @@ def write(directory):
         return errno.errorcode[exc.errno]
 
 
+def connect(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return "connected"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+
+
 def environ_leaks():
     found = []
     for path in glob.glob("/proc/*/environ"):
@@ -63,7 +72,7 @@ numbers = [int(word) for word in sys.stdin.read().split()]
 status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\\t" in line)
 seen = {
     "uid": [os.getuid(), os.getgid()], "groups": os.getgroups(), "pid": os.getpid(), "cwd": os.getcwd(),
-    "env": dict(os.environ), "interfaces": socket.if_nameindex(),
+    "env": dict(os.environ), "interfaces": socket.if_nameindex(), "connect": connect(PORT),
     "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
     "fds": sorted(os.listdir("/proc/self/fd")),  # 3 is the listing's own
     "root": sorted(os.listdir("/")), "tmp": os.listdir("/tmp"),
@@ -76,6 +85,7 @@ seen = {
     "remount_root_rw": outcome(libc.mount(None, b"/", None, ctypes.c_ulong(32 | 4096), None)),
     "umount_work": outcome(libc.umount2(b"/tmp/work", 2)),
     "mount_tmpfs": outcome(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ctypes.c_ulong(0), None)),
+    "ptrace_init": outcome(libc.ptrace(16, 1, None, None)),  # PTRACE_ATTACH to pid 1, which holds capabilities
     "keyctl": outcome(libc.syscall(KEYCTL, 0, ctypes.c_long(-3), 0)),  # KEYCTL_GET_KEYRING_ID, session
     "capabilities": [int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapAmb")],
     "no_new_privs": status["NoNewPrivs"], "environ_leaks": environ_leaks(), "tempdir": tempfile.gettempdir(),
@@ -107,9 +117,22 @@ print(children)
 FORK_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
 
 
-def view_program() -> str:
+def view_program(port: int) -> str:
+    """The inspection program; `port`: a listener of the test's on the host's loopback."""
     keyctl = ARCHES[os.uname().machine][2][2]
-    return f"HIDDEN = {HIDDEN!r}\nSECRET = {SECRET!r}\nKEYCTL = {keyctl}\n{VIEW_PROGRAM}"
+    return f"HIDDEN = {HIDDEN!r}\nSECRET = {SECRET!r}\nKEYCTL = {keyctl}\nPORT = {port}\n{VIEW_PROGRAM}"
+
+
+@pytest.fixture
+def listener():
+    """A host loopback listener that no sandboxed program may reach."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        yield sock
+        with pytest.raises(BlockingIOError):
+            sock.accept()
 
 
 def assert_minimal_world(result: dict, first_uid: int, slot: int, rootless: bool) -> None:
@@ -120,7 +143,7 @@ def assert_minimal_world(result: dict, first_uid: int, slot: int, rootless: bool
     # Rootless, the caller's supplementary groups stay (a user namespace cannot drop them); here, none.
     assert seen["groups"] in ([], [first_uid + slot])
     assert (seen["pid"], seen["pids"]) == (2, [1, 2])  # host processes are invisible
-    assert seen["interfaces"] == [[1, "lo"]]
+    assert seen["interfaces"] == [[1, "lo"]] and seen["connect"] == "ENETUNREACH"  # its own loopback, down
     assert seen["env"] == {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
     assert (seen["cwd"], seen["tmp"], seen["tempdir"]) == (WORKDIR, ["work"], WORKDIR)
     # The interpreter's install is visible, and so are the directories above it (holding nothing else).
@@ -135,6 +158,7 @@ def assert_minimal_world(result: dict, first_uid: int, slot: int, rootless: bool
     assert [d for d, outcome in seen["writes"].items() if outcome == "written"] == ["/tmp/work"], seen["writes"]
     assert seen["remount_root_rw"] == seen["umount_work"] == seen["mount_tmpfs"] == "EPERM"
     assert seen["keyctl"] == "EPERM"  # the seccomp filter
+    assert seen["ptrace_init"] == "EPERM"  # rootless it is the same uid, but holds capabilities the program lacks
     assert seen["capabilities"] == [0, 0, 0, 0] and seen["no_new_privs"] == "1"
     if rootless:  # the namespace's own limit is 0; as root the host's sysctls decide
         assert seen["nested_user_namespace"] == "ENOSPC"
@@ -145,11 +169,11 @@ def _below(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def test_the_programs_world_is_minimal_and_read_only(work_root, monkeypatch):
+def test_the_programs_world_is_minimal_and_read_only(work_root, monkeypatch, listener):
     """In this process's mode: root in CI."""
     monkeypatch.setenv("FUSEDRL_TEST_SECRET", SECRET)
     sandbox = Sandbox(Limits(timeout_s=5.0, max_processes=8))
-    result = sandbox.run(view_program(), "3 4 5\n", slot=2)
+    result = sandbox.run(view_program(listener.getsockname()[1]), "3 4 5\n", slot=2)
     assert_minimal_world(dataclasses.asdict(result), sandbox.first_uid, 2, sandbox.rootless)
     pool = SandboxPool(sandbox, 2)
     try:
@@ -229,9 +253,10 @@ def _as_nobody(script: str, shared_dir: str, *args: str, env: dict | None = None
     return json.loads(out.stdout)
 
 
-def test_rootless_mode_as_an_unprivileged_user(shared_dir):
+def test_rootless_mode_as_an_unprivileged_user(shared_dir, listener):
     """As user nobody: a user namespace replaces root, with the same world and a contained fork bomb."""
-    params = {"module": os.path.join(shared_dir, "sandbox.py"), "view": view_program(),
+    view = view_program(listener.getsockname()[1])
+    params = {"module": os.path.join(shared_dir, "sandbox.py"), "view": view,
               "fork_count": FORK_COUNT, "fork_bomb": FORK_BOMB}  # fmt: skip
     report = _as_nobody(ROOTLESS_SCRIPT, shared_dir, json.dumps(params), env={"FUSEDRL_TEST_SECRET": SECRET})
     if "no_user_namespaces" in report:
