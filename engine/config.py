@@ -150,7 +150,9 @@ class AdvantageConfig:
     eps: float = 1e-4
     """Added to the group std before dividing."""
     dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal (DAPO)."""
+    """Train only on groups whose rewards differ, sampling more prompts until prompts_per_step such groups (DAPO)."""
+    max_generation_rounds: int = 10
+    """Most rounds of prompts_per_step prompts one step samples to fill its batch with dynamic sampling."""
     overlong_buffer: int = 0
     """Tokens before max_new_tokens over which the overlong penalty grows linearly (0: off)."""
     overlong_penalty: float = 1.0
@@ -190,7 +192,7 @@ class LossConfig:
     kl_cov_coef: float = 1.0
     """KL-Cov coefficient."""
     normalize_by: str = "valid"
-    """Divide by all valid tokens (valid) or by the selected tokens (selected)."""
+    """Divide the policy-gradient part by all valid tokens (valid) or by the selected ones (selected)."""
     backend: str = "auto"
     """Fused-op backend: auto (Triton on CUDA, plain PyTorch elsewhere), triton or torch."""
 
@@ -387,6 +389,7 @@ def validate(cfg: Config) -> None:
     if run.algorithm == "grpo" and rollout.group_size == 1 and adv.dynamic_sampling:
         _fail("advantage.dynamic_sampling", "every group of 1 has equal rewards; needs rollout.group_size >= 2")
     _positive("advantage.eps", adv.eps)
+    _at_least("advantage.max_generation_rounds", adv.max_generation_rounds, 1)
     _at_least("advantage.overlong_buffer", adv.overlong_buffer, 0)
     if adv.overlong_buffer > rollout.max_new_tokens:
         _fail("advantage.overlong_buffer", f"must be <= rollout.max_new_tokens ({rollout.max_new_tokens})")
@@ -414,10 +417,9 @@ def validate(cfg: Config) -> None:
         _fail("loss.cov_lower", f"must be < loss.cov_upper ({loss.cov_upper}); got {loss.cov_lower}")
     _at_least("loss.kl_cov_coef", loss.kl_cov_coef, 0)
     _choice("loss.normalize_by", loss.normalize_by, ("valid", "selected"))
-    if loss.normalize_by == "selected" and loss.loss_type in ("dapo", "dr_grpo"):
-        # dapo divides by the global count of valid tokens, dr_grpo by a fixed length: neither is a
-        # count of selected tokens.
-        _fail("loss.normalize_by", f"'selected' needs loss.loss_type bnpo or grpo; got {loss.loss_type!r}")
+    if loss.normalize_by == "selected" and loss.loss_type == "dr_grpo":
+        _fail("loss.normalize_by", "'selected' needs loss.loss_type dapo, bnpo or grpo; dr_grpo divides by "
+                                   "a constant (rollout.max_new_tokens per response)")
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0)

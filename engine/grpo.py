@@ -4,10 +4,13 @@ Each step samples `prompts_per_step` prompts and `group_size` responses to each 
 temperature, scores them, and turns the rewards into advantages relative to their group: the mean is
 subtracted and, unless Dr. GRPO is asked for (advantage.normalize_std=false), the group's std
 divides. Optional DAPO shaping: an overlong penalty added to the reward before the advantage, and
-dynamic sampling, which drops the groups whose rewards are all equal (if every group is dropped the
-step makes no update). The policy then takes `updates_per_batch` passes over the batch, each split
-into `mini_batches` optimizer steps; each mini-batch is cut into micro-batches by a token budget
-whose gradients accumulate before clipping and the AdamW step.
+dynamic sampling, which trains only on groups whose rewards are not all equal: the step samples
+round after round of `prompts_per_step` fresh prompts, keeping such groups in sampling order, until it
+holds `prompts_per_step` of them (the last round's surplus is cut) or `max_generation_rounds` rounds
+were sampled; then it trains on the groups it has (none: no update). The reward metrics describe every
+response sampled in the step's rounds. The policy then takes `updates_per_batch` passes over the
+batch, each split into `mini_batches` optimizer steps; each mini-batch is cut into micro-batches by a
+token budget whose gradients accumulate before clipping and the AdamW step.
 
 The loss is FusedPolicyLoss on the fused linear path: the backbone's final hidden states and the
 output embedding go in, so the logits tensor is never built. With a single update per rollout the
@@ -23,6 +26,8 @@ micro-batch's loss takes its rows of them.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -103,8 +108,9 @@ def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, 
 def _weight(loss_type: str, rows: int, tokens: int, mini_rows: int, mini_tokens: int) -> float:
     """Share of a micro-batch's loss in its mini-batch's loss.
 
-    dapo divides by the mini-batch's token count itself (num_items_in_batch); grpo and dr_grpo
-    average over responses, so a micro-batch counts by its rows; bnpo averages over tokens.
+    dapo divides by the mini-batch's token count itself (num_items_in_batch, or with normalize_by
+    selected the Selection's count); grpo and dr_grpo average over responses, so a micro-batch counts
+    by its rows; bnpo averages over tokens (with normalize_by selected the loss scales its part to fit).
     """
     if loss_type == "dapo":
         return 1.0
@@ -140,10 +146,11 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
     # Token counts per row, read once: the loop below then never waits on the device; the loss and its
     # metrics are summed as device tensors and read back once, at the end.
     row_tokens = mask.sum(1).tolist()
-    # Batch-wide statistics need their own no-grad pass per mini-batch; plain runs skip it, and so does
-    # a mini-batch that is one micro-batch (its loss call sees the whole mini-batch) unless Clip-Cov
-    # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
-    batch_wide = loss_fn.top_entropy_fraction < 1.0 or loss_fn.cov_mode is not None
+    # Batch-wide statistics (masks, the selected-token count) need their own no-grad pass per mini-batch;
+    # plain runs skip it, and so does a mini-batch that is one micro-batch (its loss call sees the whole
+    # mini-batch) unless Clip-Cov draws: its draw is laid out over the batch's rows, so that runs do not
+    # depend on micro_batch_tokens.
+    batch_wide = loss_fn.batch_wide
     model.train()
     for plan in passes:
         for mini in plan:
@@ -192,11 +199,84 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
     return out
 
 
+@dataclass
+class Round:
+    """One generation round: G responses to each of `prompts_per_step` prompts (a group's rows adjacent)."""
+
+    batch: rollout.Batch
+    rewards: torch.Tensor  # [P * G] on the CPU, as the reward function gave them
+    shaped: torch.Tensor  # [P * G] on the CPU, plus the overlong penalty: what the advantages read
+    failures: int  # reward calls that failed (scored 0)
+
+
+def sample_round(session: Session) -> Round:
+    """The sampler's next `prompts_per_step` prompts, their responses, rewards and shaped rewards."""
+    r, a = session.cfg.rollout, session.cfg.advantage
+    prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+    batch = session.generate(prompts)
+    rewards, failures = session.score_groups(prompts, rollout.decode(session.tokenizer, batch))
+    penalty = overlong_penalty(batch.lengths().cpu(), r.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+    return Round(batch, rewards, rewards + penalty, failures)
+
+
+@dataclass
+class Groups:
+    """What one step trains on, and every round it sampled for it."""
+
+    batch: rollout.Batch | None  # the training groups, a group's rows adjacent; None when there are none
+    shaped: torch.Tensor  # their shaped rewards
+    rounds: list[Round]
+    kept: int  # groups the filter kept over all rounds, the cut ones included
+
+
+def collect_groups(sample: Callable[[], Round], *, group_size: int, groups: int, dynamic_sampling: bool,
+                   max_rounds: int, pad_id: int) -> Groups:
+    """The step's training groups from rounds drawn with `sample`.
+
+    Without dynamic sampling: one round, every group. With it (DAPO): the informative groups (rewards
+    not all equal) of round after round, in sampling order, until `groups` are collected or `max_rounds`
+    rounds were drawn; the last round's groups past `groups` are cut. Stopped by the cap, the step
+    trains on the groups collected, possibly none.
+    """
+    wanted, allowed = groups * group_size, max_rounds if dynamic_sampling else 1
+    rounds, batches, shaped, kept = [], [], [], 0
+    while len(rounds) < allowed and sum(map(len, shaped)) < wanted:
+        current = sample()
+        rounds.append(current)
+        keep = (informative_groups(current.shaped, group_size) if dynamic_sampling
+                else torch.ones(len(current.shaped), dtype=torch.bool))
+        kept += int(keep.sum()) // group_size
+        rows = keep.nonzero().squeeze(1)[: wanted - sum(map(len, shaped))]  # rows past `groups` are cut
+        if len(rows):
+            batches.append(current.batch.rows(rows))
+            shaped.append(current.shaped[rows])
+    if not batches:
+        return Groups(None, torch.zeros(0), rounds, kept)
+    return Groups(rollout.concat(batches, pad_id), torch.cat(shaped), rounds, kept)
+
+
+def rollout_metrics(groups: Groups, group_size: int, dynamic_sampling: bool) -> dict:
+    """Reward and length metrics over every response sampled in the step's rounds, and the filter's counts."""
+    rewards = torch.cat([r.rewards for r in groups.rounds])
+    lengths = torch.cat([r.batch.lengths().cpu() for r in groups.rounds])
+    truncated = torch.cat([r.batch.truncated.cpu() for r in groups.rounds])
+    metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+               "reward/failures": sum(r.failures for r in groups.rounds),
+               "accuracy": float((rewards >= 1).float().mean()),
+               "completions/mean_length": float(lengths.float().mean()),
+               "completions/truncated": float(truncated.float().mean()),
+               "groups/kept": groups.kept * group_size / len(rewards)}
+    if dynamic_sampling:
+        metrics["dynamic_sampling/rounds"] = len(groups.rounds)
+        metrics["groups/trained"] = len(groups.shaped) // group_size
+    return metrics
+
+
 def train(cfg: Config) -> dict:
     """Runs GRPO as configured; returns the run summary (accuracies, plot paths, entropy-law fit)."""
     session = Session(cfg)
     session.prepare()
-    model, tokenizer, r = session.model, session.tokenizer, cfg.rollout
+    model, tokenizer, r, a = session.model, session.tokenizer, cfg.rollout, cfg.advantage
     loss_fn = make_loss(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
@@ -205,34 +285,21 @@ def train(cfg: Config) -> dict:
     session.restore(optimizer, scheduler)
     for step in session.steps():
         start = time.perf_counter()
-        # Rollout: G responses per prompt, the group's rows adjacent.
-        prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
-        batch = session.generate(prompts)
-        texts = rollout.decode(tokenizer, batch)
-        generated = time.perf_counter()
-        # Reward, shaped by the overlong penalty.
-        rewards, failures = session.score_groups(prompts, texts)
-        lengths = batch.lengths()
-        shaped = rewards + overlong_penalty(lengths, r.max_new_tokens, cfg.advantage.overlong_buffer,
-                                            cfg.advantage.overlong_penalty)
-        # Advantages within each group; dynamic sampling keeps the groups that carry signal.
-        advantages = group_advantages(shaped, r.group_size, normalize_std=cfg.advantage.normalize_std,
-                                      eps=cfg.advantage.eps)
-        keep = (informative_groups(shaped, r.group_size) if cfg.advantage.dynamic_sampling
-                else torch.ones(len(batch), dtype=torch.bool))
-        metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                   "reward/failures": failures, "accuracy": float((rewards >= 1).float().mean()),
-                   "completions/mean_length": float(lengths.float().mean()),
-                   "completions/truncated": float(batch.truncated.float().mean()),
-                   "groups/kept": float(keep.float().mean())}
-        # Policy update through the fused loss.
-        if keep.any():
-            rows = keep.nonzero().squeeze(1)
-            metrics.update(update(session, loss_fn, optimizer, scheduler, batch.rows(rows),
-                                  advantages[rows].to(batch.input_ids.device)))
+        # Rollout and reward: G responses per prompt, scored and shaped by the overlong penalty; dynamic
+        # sampling keeps the groups that carry signal, sampling more rounds until prompts_per_step do.
+        groups = collect_groups(lambda: sample_round(session), group_size=r.group_size,
+                                groups=r.prompts_per_step, dynamic_sampling=a.dynamic_sampling,
+                                max_rounds=a.max_generation_rounds, pad_id=tokenizer.pad_token_id)
+        sampled = time.perf_counter()
+        metrics = rollout_metrics(groups, r.group_size, a.dynamic_sampling)
+        # Advantages within each group, then the policy update through the fused loss.
+        if groups.batch is not None:
+            advantages = group_advantages(groups.shaped, r.group_size, normalize_std=a.normalize_std, eps=a.eps)
+            metrics.update(update(session, loss_fn, optimizer, scheduler, groups.batch,
+                                  advantages.to(groups.batch.input_ids.device)))
         elapsed = time.perf_counter() - start
-        metrics["tokens_per_second"] = float(batch.attention_mask.sum()) / elapsed
-        metrics["time/rollout_s"] = generated - start
+        metrics["tokens_per_second"] = sum(float(g.batch.attention_mask.sum()) for g in groups.rounds) / elapsed
+        metrics["time/rollout_s"] = sampled - start
         metrics["time/step_s"] = elapsed
         session.end_step(step, metrics, optimizer, scheduler)
     return session.finish()

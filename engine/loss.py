@@ -13,19 +13,23 @@ weight, `importance_sampling_level`; engine/objectives.py):
     loss_t = M_t w_t pg_t + beta KL_t - entropy_coef H_t
     (with kl_importance_weighted, beta ratio KL_t: TRL's use_bias_correction_kl, DeepSeek-V3.2)
 where M_t is the product of the selection masks (top-rho entropy, SPO probability, not drawn by
-Clip-Cov) and w_t the rollout importance weight given at call time (1 without). The policy-gradient
-part is aggregated over the valid tokens (`normalize_by="valid"`, TRL) or over the selected ones
-(`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply to every valid token and
-are always aggregated over the valid ones. `loss_type` picks the aggregation: grpo (mean over responses
-of each response's token mean), bnpo (local token mean), dr_grpo (token sum / (B *
-max_completion_length)), dapo (token sum / num_items_in_batch, the global count of valid tokens over
-micro-batches and ranks, else the local count) or luspo (token sum / B: each response's mean weighted
-by its length, LUSPO); cispo and vespo aggregate as dapo, sapo as grpo (TRL's pairings).
+Clip-Cov, the off-policy sequence mask) and w_t the rollout importance weight given at call time (1
+without). The policy-gradient part is aggregated over the valid tokens (`normalize_by="valid"`, TRL)
+or over the selected ones (`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply
+to every valid token and are always aggregated over the valid ones. `loss_type` picks the aggregation:
+grpo (mean over responses of each response's token mean), bnpo (local token mean), dr_grpo (token
+sum / (B * max_completion_length)), dapo (token sum / num_items_in_batch, the global count of valid
+tokens over micro-batches and ranks, else the local count) or luspo (token sum / B: each response's
+mean weighted by its length, LUSPO); cispo and vespo aggregate as dapo, sapo as grpo (TRL's
+pairings). With "selected", dapo divides the policy-gradient sum by the selected tokens of the whole
+batch on every rank, bnpo by those of the local batch, grpo each response's sum by its own selected
+tokens.
 
-The batch-wide masks (the top-entropy threshold, the covariance's centring and its top-k or random
-draw) are statistics of the whole training batch. A call computes them over its own tokens; when a
-batch is split into micro-batches for gradient accumulation, `select` computes them once over the
-whole batch from detached lp and H, and each micro-batch call takes its rows (`selection=`).
+The batch-wide statistics (the top-entropy threshold, the covariance's centring and its top-k or
+random draw, and with "selected" the count of selected tokens) belong to the whole training batch. A
+call computes them over its own tokens; when a batch is split into micro-batches for gradient
+accumulation, `select` computes them once over the whole batch from detached lp and H, and each
+micro-batch call takes its rows (`selection=`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from fusedrl import kernels
 from fusedrl.engine import objectives
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
 from fusedrl.kernels._checks import check_fraction, check_temperature
+from fusedrl.kernels._select import all_reduce
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
 from fusedrl.kernels.top_entropy_mask import check_mask
 
@@ -91,18 +96,27 @@ class Selection:
     covariance: [B, T] bool, the tokens Clip-Cov drops or KL-Cov penalises (None without cov_mode).
     cov: [B, T] float64, each token's covariance centred over the batch, 0 on padding (None without
         cov_mode); the loss reports its mean and max.
+    probability: [B, T] bool, SPO's probability mask (None without prob_mask_threshold).
+    valid_count, selected_count: 0-dim int64, the batch's valid tokens and the tokens every mask keeps,
+        on this rank; global_selected_count: selected_count summed over the process group. Made only
+        when the loss divides by them (normalize_by "selected" with dapo or bnpo), else None.
     """
 
     high_entropy: torch.Tensor | None = None
     covariance: torch.Tensor | None = None
     cov: torch.Tensor | None = None
+    probability: torch.Tensor | None = None
+    valid_count: torch.Tensor | None = None
+    selected_count: torch.Tensor | None = None
+    global_selected_count: torch.Tensor | None = None
 
     def rows(self, index, length: int | None = None) -> Selection:
         """The selection of rows `index` (anything that indexes dim 0), cut to the first `length` columns
-        (a micro-batch whose trailing all-padding columns were trimmed)."""
+        (a micro-batch whose trailing all-padding columns were trimmed); the counts stay the batch's."""
         def cut(t):
             return None if t is None else t[index][:, :length]
-        return replace(self, high_entropy=cut(self.high_entropy), covariance=cut(self.covariance), cov=cut(self.cov))
+        return replace(self, high_entropy=cut(self.high_entropy), covariance=cut(self.covariance), cov=cut(self.cov),
+                       probability=cut(self.probability))
 
 
 class FusedPolicyLoss(nn.Module):
@@ -124,7 +138,9 @@ class FusedPolicyLoss(nn.Module):
         cov_mode: None, "clip_cov" or "kl_cov" (Cui et al. 2025).
         cov_ratio, cov_lower, cov_upper: k = max(1, int(cov_ratio * N_valid)); Clip-Cov's Cov interval.
         kl_cov_coef: KL-Cov's weight on |lp - old_lp| of its selected tokens.
-        normalize_by: "valid" or "selected": the token count the policy-gradient part is divided by.
+        normalize_by: "valid" or "selected": the token count the policy-gradient part is divided by
+            (with "selected": dapo the whole batch's on every rank, bnpo the local batch's, grpo each
+            response's own).
         max_completion_length: dr_grpo's constant denominator B * max_completion_length.
         temperature: sampling temperature the logits are divided by.
     Keyword-only extras:
@@ -223,11 +239,17 @@ class FusedPolicyLoss(nn.Module):
         self.normalize_by = normalize_by
         self._check_objective(loss_type, dual_clip, cov_mode, normalize_by, importance_sampling_level)
         self.importance_sampling_level = importance_sampling_level
+        self.aggregation = AGGREGATION[loss_type]
         self.off_policy_mask_threshold = (
             None if off_policy_mask_threshold is None
             else _number("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
         )
-        self.aggregation = AGGREGATION[loss_type]
+        if self.off_policy_mask_threshold is not None and self._counts_selected:
+            raise ValueError(
+                "off_policy_mask_threshold needs normalize_by='valid' (or loss_type grpo / sapo) with "
+                f"loss_type={loss_type!r}: its selected-token count is a batch statistic, and the off-policy "
+                "mask reads each call's current log-probs"
+            )
         self.cispo_max_weight = _number("cispo_max_weight", cispo_max_weight, low=0.0, low_open=True)
         self.sapo_temperatures = (
             _number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True),
@@ -328,11 +350,6 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError("ref_logprobs must be given when beta > 0")
         if rollout_is_weights is not None:
             rollout_is_weights = objectives.check_rollout_weights(rollout_is_weights, shape)
-        if self.aggregation == "dapo" and self.normalize_by == "selected" and num_items_in_batch is not None:
-            raise ValueError(
-                "num_items_in_batch must be None with normalize_by='selected': it counts valid tokens, "
-                "and the selected tokens are only known inside the loss"
-            )
 
         lp, entropy = self._logprobs_entropy(completion_ids, valid, logits, hidden, weight, bias)
         lp = torch.where(valid, lp, 0.0)
@@ -342,8 +359,9 @@ class FusedPolicyLoss(nn.Module):
         log_ratio = lp - olp
         ratio = torch.exp(objectives.log_importance_weights(log_ratio, valid, self.importance_sampling_level))
         unclipped, clipped = self._ppo_terms(adv, ratio)
+        batch_counts = selection is not None
         if selection is None:
-            selection = self._select(lp.detach(), entropy.detach(), adv, valid, clipped > unclipped)
+            selection = self._select(lp.detach(), entropy.detach(), adv, valid, clipped > unclipped, olp)
         metrics: dict[str, torch.Tensor] = {}
         n_valid = valid.sum().clamp(min=1)
         # With one weight per response and one advantage per response, every token of a response shares
@@ -353,7 +371,6 @@ class FusedPolicyLoss(nn.Module):
         def frac(mask: torch.Tensor) -> torch.Tensor:
             return (mask & valid).sum() / n_valid
 
-        keep = valid
         if self.loss_type == "cispo":
             pg = objectives.cispo_terms(lp, ratio, adv, self.cispo_max_weight)
             capped = (ratio > self.cispo_max_weight) & (adv > 0)
@@ -374,25 +391,23 @@ class FusedPolicyLoss(nn.Module):
                 pg = torch.where(adv < 0, torch.minimum(pg, dual), pg)
         if rollout_is_weights is not None and self.loss_type != "vespo":
             pg = pg * rollout_is_weights
-        if self.cov_mode == "clip_cov":
-            keep = keep & ~selection.covariance
+        keep = self._kept(valid, selection)
         if self.cov_mode is not None:
             metrics["mask/cov"] = frac(selection.covariance)
         if self.top_entropy_fraction < 1.0:
-            keep = keep & selection.high_entropy
             metrics["mask/top_entropy"] = frac(selection.high_entropy)
         if self.prob_mask_threshold is not None:
-            unlikely = probability_mask(olp, valid, threshold=self.prob_mask_threshold)
-            keep = keep & unlikely
-            metrics["mask/probability"] = frac(unlikely)
+            metrics["mask/probability"] = frac(selection.probability)
         if self.off_policy_mask_threshold is not None:
+            # Per call, from this call's current log-probs: refused where a batch-wide selected count
+            # would need it (see __init__).
             sampled = olp if sampling_logprobs is None else sampling_logprobs.detach().float()
             near = objectives.off_policy_keep(lp.detach(), sampled, valid, adv, self.off_policy_mask_threshold)
             keep = keep & near
             metrics["mask/off_policy"] = frac(near)
 
-        counted = keep if self.normalize_by == "selected" else valid
-        pg_loss = self._aggregate(torch.where(keep, pg, 0.0), counted, num_items_in_batch)
+        pg_loss = self._aggregate_pg(torch.where(keep, pg, 0.0), keep, valid, selection, batch_counts,
+                                     num_items_in_batch)
         loss = pg_loss
         if ref_logprobs is not None:
             kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().float(), 0.0))
@@ -452,11 +467,23 @@ class FusedPolicyLoss(nn.Module):
         lp = torch.where(valid, logprobs.float(), 0.0)
         olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)
         unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
-        return self._select(lp, torch.where(valid, entropy.float(), 0.0), adv, valid, clipped > unclipped)
+        return self._select(lp, torch.where(valid, entropy.float(), 0.0), adv, valid, clipped > unclipped, olp)
 
-    def _select(self, lp, entropy, adv, valid, clipped) -> Selection:
-        """The masks from detached lp and H; `clipped` marks the tokens the PPO clip already clipped."""
-        high_entropy = covariance = cov = None
+    @property
+    def batch_wide(self) -> bool:
+        """Whether a call reads statistics of the whole batch, so that micro-batched calls need one
+        `select` over the whole batch: the top-entropy threshold, Clip-Cov / KL-Cov, or the selected
+        tokens' count of dapo and bnpo with normalize_by="selected"."""
+        return self.top_entropy_fraction < 1.0 or self.cov_mode is not None or self._counts_selected
+
+    @property
+    def _counts_selected(self) -> bool:
+        """dapo and bnpo over the selected tokens divide by a count of the whole (global / local) batch."""
+        return self.normalize_by == "selected" and self.aggregation in ("dapo", "bnpo")
+
+    def _select(self, lp, entropy, adv, valid, clipped, olp) -> Selection:
+        """The masks from detached lp, H and old lp; `clipped` marks the tokens the PPO clip already clipped."""
+        high_entropy = covariance = cov = probability = None
         if self.top_entropy_fraction < 1.0:
             high_entropy = top_entropy_mask(entropy, valid, top_fraction=self.top_entropy_fraction,
                                             process_group=self.process_group)
@@ -467,21 +494,44 @@ class FusedPolicyLoss(nn.Module):
                 exclude=clipped if self.cov_mode == "clip_cov" else None, generator=self.generator,
                 process_group=self.process_group,
             )
-        return Selection(high_entropy=high_entropy, covariance=covariance, cov=cov)
+        if self.prob_mask_threshold is not None:
+            probability = probability_mask(olp, valid, threshold=self.prob_mask_threshold)
+        selection = Selection(high_entropy=high_entropy, covariance=covariance, cov=cov, probability=probability)
+        if not self._counts_selected:
+            return selection
+        selected = self._kept(valid, selection).sum()
+        return replace(selection, valid_count=valid.sum(), selected_count=selected,
+                       global_selected_count=all_reduce(selected.clone(), self.process_group))
+
+    def _kept(self, valid: torch.Tensor, selection: Selection) -> torch.Tensor:
+        """The valid tokens whose policy-gradient term every active mask keeps (M_t)."""
+        keep = valid
+        if self.cov_mode == "clip_cov":
+            keep = keep & ~selection.covariance
+        if self.top_entropy_fraction < 1.0:
+            keep = keep & selection.high_entropy
+        if self.prob_mask_threshold is not None:
+            keep = keep & selection.probability
+        return keep
 
     def _check_selection(self, selection, shape) -> None:
         """A Selection fits this loss's options and this call's [B, T]."""
         if not isinstance(selection, Selection):
             raise ValueError(f"selection must be a Selection (from FusedPolicyLoss.select), got {type(selection).__name__}")
+        counts = self._counts_selected
         needed = {"high_entropy": self.top_entropy_fraction < 1.0, "covariance": self.cov_mode is not None,
-                  "cov": self.cov_mode is not None}
+                  "cov": self.cov_mode is not None, "probability": self.prob_mask_threshold is not None,
+                  "valid_count": counts, "selected_count": counts, "global_selected_count": counts}
         for name, need in needed.items():
             t = getattr(selection, name)
             if need != (t is not None):
                 raise ValueError(
                     f"selection.{name} must be {'given' if need else 'None'} for this loss's options "
-                    "(top_entropy_fraction, cov_mode): make the selection with this loss's select()"
+                    "(top_entropy_fraction, cov_mode, prob_mask_threshold, normalize_by, loss_type): make the "
+                    "selection with this loss's select()"
                 )
+            if t is not None and name.endswith("count"):
+                continue
             if t is not None and tuple(t.shape) != tuple(shape):
                 raise ValueError(f"selection.{name} must have shape {tuple(shape)} (this call's rows), got {tuple(t.shape)}")
 
@@ -516,6 +566,24 @@ class FusedPolicyLoss(nn.Module):
         if self.kl_estimator == "k2":
             return 0.5 * diff * diff
         return torch.exp(diff) - diff - 1.0
+
+    def _aggregate_pg(self, values, keep, valid, selection: Selection, batch_counts: bool,
+                      num_items_in_batch) -> torch.Tensor:
+        """The policy-gradient part (values zero off `keep`) reduced by loss_type and normalize_by.
+
+        batch_counts: the selection was made over a whole batch of which this call holds some rows.
+        """
+        if self.normalize_by == "valid":
+            return self._aggregate(values, valid, num_items_in_batch)
+        if self.aggregation == "dapo":
+            return values.sum() / selection.global_selected_count.clamp(min=1)
+        if self.aggregation == "bnpo" and batch_counts:
+            # A micro-batch's bnpo call is weighted by its share of the batch's valid tokens; dividing by
+            # that share of the batch's selected count makes the weighted calls sum to the batch's
+            # selected-token mean (one call on the whole batch divides by its selected count).
+            share = valid.sum().double() * selection.selected_count / selection.valid_count.clamp(min=1)
+            return values.sum() / torch.where(share > 0, share, 1.0).float()
+        return self._aggregate(values, keep, None)
 
     def _aggregate(self, values: torch.Tensor, counted: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """Reduce per-token values (zero off `counted`) to a scalar by the loss type's aggregation."""

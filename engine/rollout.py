@@ -48,17 +48,19 @@ class Batch:
 
 
 def concat(batches: list[Batch], pad_id: int) -> Batch:
-    """One batch from several with the same prompt length, right-padding the responses."""
-    prompt = batches[0].prompt_length
+    """One batch from several: prompts left-padded to the longest, responses right-padded to the longest
+    (positions follow the attention mask, so extra left padding changes no row's result)."""
+    prompt = max(b.prompt_length for b in batches)
     length = max(b.completion_ids.shape[1] for b in batches)
+    parts = [(b, prompt - b.prompt_length, length - b.completion_ids.shape[1]) for b in batches]
 
-    def pad(t, value, width):
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+    def pad(t, value, left, right):
+        return torch.nn.functional.pad(t, (left, right), value=value)
 
-    return Batch(torch.cat([pad(b.input_ids, pad_id, prompt + length) for b in batches]),
-                 torch.cat([pad(b.attention_mask, 0, prompt + length) for b in batches]), prompt,
-                 torch.cat([pad(b.completion_ids, pad_id, length) for b in batches]),
-                 torch.cat([pad(b.completion_mask, False, length) for b in batches]),
+    return Batch(torch.cat([pad(b.input_ids, pad_id, left, right) for b, left, right in parts]),
+                 torch.cat([pad(b.attention_mask, 0, left, right) for b, left, right in parts]), prompt,
+                 torch.cat([pad(b.completion_ids, pad_id, 0, right) for b, _, right in parts]),
+                 torch.cat([pad(b.completion_mask, False, 0, right) for b, _, right in parts]),
                  torch.cat([b.truncated for b in batches]))
 
 

@@ -2,9 +2,15 @@
 
 Each kernel module lists its production configurations in a module-level `COMPILE_SPECS`. For each
 spec and each target architecture, `triton.compile` builds PTX and a cubin, and the `cuobjdump`
-bundled with Triton reports registers, stack and local memory. A kernel that fails to compile, or
-that uses local memory (register spills), fails the check. CI runs it for sm_80 and sm_90 through
-tests/kernels/test_compile.py; by hand:
+bundled with Triton reports registers, stack and local memory. The check fails a kernel that
+- does not compile;
+- uses local memory or a stack frame (register spills);
+- asks for more shared memory than one block may have on that architecture (the launch would fail
+  with "out of resource: shared memory" on the first GPU that runs it);
+- is declared a tensor-core kernel (`tensor_cores=True`) but whose PTX holds no tensor-core
+  instruction for that architecture (wgmma on sm_90, mma.sync on sm_80): a tile shape or dtype change
+  that silently falls back to FMA units costs an order of magnitude in matmul throughput.
+CI runs it for sm_80 and sm_90 through tests/kernels/test_compile.py; by hand:
 
     python -m fusedrl.kernels._compile_check fusedrl.kernels.logprobs_entropy
 
@@ -25,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 ARCHS = (80, 90)
+# Most dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100 163 KiB,
+# H100 / H200 227 KiB (CUDA C programming guide, compute capabilities table).
+MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
+TENSOR_CORE_PTX = {80: "mma.sync.aligned", 90: "wgmma.mma_async"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +51,8 @@ class CompileSpec:
     # sizes and strides multiples of 16, e.g. H = 4096). The JIT specialises on these by itself at run
     # time; naming them here makes the check build the same vectorised, pipelined code.
     divisible_by_16: tuple[str, ...] = ()
+    # The kernel's tl.dot must run on tensor cores (16-bit or TF32 operands); checked in the PTX.
+    tensor_cores: bool = False
 
 
 def _cuobjdump() -> Path:
@@ -80,7 +92,26 @@ def compile_spec(spec: CompileSpec, arch: int) -> dict[str, Any]:
         )
     except Exception as exc:  # the whole point is to report any compile failure
         return {"name": spec.name, "arch": arch, "error": f"{type(exc).__name__}: {exc}"[:4000]}
-    return {"name": spec.name, "arch": arch, **_resource_usage(compiled.asm["cubin"])}
+    ptx = compiled.asm["ptx"]
+    return {"name": spec.name, "arch": arch, **_resource_usage(compiled.asm["cubin"]),
+            "dynamic_shared": int(compiled.metadata.shared),
+            "tensor_core_ops": ptx.count(TENSOR_CORE_PTX[arch]) if arch in TENSOR_CORE_PTX else -1,
+            "needs_tensor_cores": spec.tensor_cores}
+
+
+def problems(row: dict[str, Any]) -> list[str]:
+    """What is wrong with one compiled kernel (see the module docstring); empty when nothing is."""
+    if "error" in row:
+        return [f"does not compile: {row['error']}"]
+    found = []
+    if row["local"] != 0 or row["stack"] != 0:
+        found.append(f"spills: {row['local']} bytes of local memory, a {row['stack']}-byte stack")
+    limit = MAX_SHARED_BYTES.get(row["arch"])
+    if limit is not None and row["dynamic_shared"] > limit:
+        found.append(f"needs {row['dynamic_shared']} bytes of shared memory, sm_{row['arch']} allows {limit}")
+    if row["needs_tensor_cores"] and row["tensor_core_ops"] == 0:
+        found.append(f"no {TENSOR_CORE_PTX[row['arch']]} in its PTX: tl.dot fell back to FMA units")
+    return found
 
 
 def check_module(module_name: str, archs=ARCHS) -> list[dict[str, Any]]:
@@ -114,7 +145,7 @@ def main(argv: list[str]) -> int:
     else:
         for row in report:
             print(row)
-    bad = [r for r in report if "error" in r or r.get("local", 0) != 0]
+    bad = [r for r in report if problems(r)]
     return 1 if (bad and not as_json) else 0
 
 

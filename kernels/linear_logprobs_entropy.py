@@ -34,7 +34,8 @@ accumulator + 160 MiB. The forward's [N, splits] fp32 partials are freed before 
 Block sizes (H100/A100, bf16/fp16): 128 x 128 logit tiles with BLOCK_H = 64, 8 warps, 3 stages - the
 largest tile whose fp32 accumulator plus the softmax epilogue fit in registers without spilling on
 sm_80 and sm_90 (checked by tests/kernels/test_compile.py); GPU timings are not measured yet.
-fp32 inputs use exact ("ieee") fp32 dots on smaller tiles.
+fp32 inputs follow torch's fp32 matmul switch: exact ("ieee") fp32 dots on smaller tiles by default,
+TF32 tensor-core dots where the user allowed TF32 for torch.matmul (see _cuda_fp32_matmul_precision).
 """
 
 from __future__ import annotations
@@ -233,7 +234,13 @@ class _Blocks:
 GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
 TILES_PER_SPLIT = 32  # vocabulary tiles per forward work item: at N = 8192, V = 131072, 2048 items (15.5 waves)
 _GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, 8192, "ieee")  # 16-bit products are exact
-_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 4, 3, 1024, 16384, 16384, "ieee")
+# Exact fp32 products run on FMA units: small tiles; the GEMM takes 8 warps because 4 leave a stack
+# frame on sm_90 under Triton 3.6 (the GPU image's version).
+_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 8, 3, 1024, 16384, 16384, "ieee")
+# fp32 where torch.matmul may use TF32 (e.g. set_float32_matmul_precision("high")): tensor-core products (10-bit
+# mantissa, as torch.matmul then uses) on the 16-bit path's tile sizes with BLOCK_K 32, which compile
+# without spills on sm_80 / sm_90 under Triton 3.6 and 3.9; fp32's chunk budget.
+_GPU_TF32 = _Blocks(128, 128, 32, 8, 3, (128, 128, 32), 8, 3, 1024, 16384, 16384, "tf32")
 # Under the interpreter (CPU) small blocks keep the tests fast and still cross every tile, split and
 # chunk boundary at the tested shapes.
 _INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, 256, "ieee", upcast_dot=True)
@@ -242,7 +249,27 @@ _INTERPRETER = _Blocks(16, 64, 32, 4, 1, (32, 32, 32), 4, 1, 48, 512, 256, "ieee
 def _blocks(t: torch.Tensor) -> _Blocks:
     if not t.is_cuda:
         return _INTERPRETER
-    return _GPU_FP32 if t.dtype == torch.float32 else _GPU_16BIT
+    return _gpu_blocks(t.dtype, _cuda_fp32_matmul_precision())
+
+
+def _cuda_fp32_matmul_precision() -> str:
+    """"tf32" where torch.matmul may multiply fp32 CUDA tensors in TF32, else "ieee"; read the way
+    cuBLAS reads it, whichever of torch's switches the user set."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        # torch >= 2.9: the per-backend setting, which inherits torch.backends.fp32_precision and
+        # follows set_float32_matmul_precision / allow_tf32 (get_float32_matmul_precision raises
+        # once the old and new APIs are mixed).
+        return "tf32" if matmul.fp32_precision == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _gpu_blocks(dtype: torch.dtype, fp32_precision: str) -> _Blocks:
+    """fp32 follows torch's switch for fp32 matmuls, as torch.matmul (and so the torch backend) does:
+    exact fp32 products by default ("ieee"), TF32 where the user allowed it ("tf32")."""
+    if dtype != torch.float32:
+        return _GPU_16BIT
+    return _GPU_TF32 if fp32_precision == "tf32" else _GPU_FP32
 
 
 def _num_sms(device: torch.device) -> int:
@@ -543,25 +570,27 @@ def _specs() -> list[CompileSpec]:
     design shapes (H = 4096, V = 131072) are declared divisible by 16, as the JIT would specialise."""
     aligned = {"hidden_size", "vocab_size", "stride_h", "stride_w", "M", "N", "K", "stride_a", "stride_b", "stride_c"}
 
-    def spec(name, fn, signature, constexprs, warps, stages):
-        divisible = tuple(a for a, ty in signature.items() if ty.startswith("*") or a in aligned)
-        return CompileSpec(name, fn, signature, constexprs, warps, stages, divisible)
-
     specs = []
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-        cfg = _GPU_FP32 if dtype == torch.float32 else _GPU_16BIT
+    for cfg, name, label in ((_GPU_16BIT, "bf16", "bf16"), (_GPU_16BIT, "fp16", "fp16"),
+                             (_GPU_FP32, "fp32", "fp32"), (_GPU_TF32, "fp32", "tf32")):
+        on_tensor_cores = not (name == "fp32" and cfg.dot_precision == "ieee")  # exact fp32: FMA units
+
+        def spec(name, fn, signature, constexprs, warps, stages):
+            divisible = tuple(a for a, ty in signature.items() if ty.startswith("*") or a in aligned)
+            return CompileSpec(name, fn, signature, constexprs, warps, stages, divisible, on_tensor_cores)
+
         tile = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h, "GROUP_N": GROUP_N,
                 "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False, "HAS_BIAS": True}
         common = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64"}
         specs.append(spec(
-            f"forward_{name}", _forward_kernel,
+            f"forward_{label}", _forward_kernel,
             {**common, "stats_ptr": "*fp32", "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32",
              "n_splits": "i32", "tiles_per_split": "i32", "ignore_index": "i32", "stride_h": "i32", "stride_w": "i32",
              "inv_temperature": "fp32"},
             tile, cfg.num_warps, cfg.num_stages,
         ))
         specs.append(spec(
-            f"dlogits_{name}", _dlogits_kernel,
+            f"dlogits_{label}", _dlogits_kernel,
             {**common, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
              "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{name}", "dbias_ptr": "*fp32",
              "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32", "ignore_index": "i32",
@@ -570,7 +599,7 @@ def _specs() -> list[CompileSpec]:
         ))
         bm, bn, bk = cfg.gemm_block
         specs.extend(spec(
-            f"matmul_acc_{name}{'_at' if transposed else ''}", _matmul_acc_kernel,
+            f"matmul_acc_{label}{'_at' if transposed else ''}", _matmul_acc_kernel,
             {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
              "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"},
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_N, "A_TRANSPOSED": transposed,

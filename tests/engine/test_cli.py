@@ -6,6 +6,7 @@ import math
 import textwrap
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fusedrl.cli import main
@@ -21,6 +22,11 @@ def digit_reward(tmp_path, monkeypatch):
     (tmp_path / "digit_reward.py").write_text(textwrap.dedent("""
         def digits(prompts, completions, **columns):
             return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+        def half_flat(prompts, completions, a, **columns):
+            # 0 for every response to a prompt with an even first operand: about half the groups are flat.
+            return [0.0 if x % 2 == 0 else sum(ch.isdigit() for ch in c) / max(1, len(c))
+                    for x, c in zip(a, completions)]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "digit_reward:digits"
@@ -62,7 +68,13 @@ def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
     assert summary["accuracy_before_rl"] is not None and summary["accuracy_after_rl"] is not None
 
     # Micro-batches of 96 tokens force gradient accumulation; the run above exercised it.
-    assert main(_args(resumed, digit_reward, f"run.resume={full / 'checkpoint-2'}")) == 0
+    _assert_resume_repeats_step_three(full, resumed, digit_reward)
+
+
+def _assert_resume_repeats_step_three(full, resumed, reward, *extra):
+    """Resuming `full`'s run from its step-2 checkpoint repeats its step 3: metrics and weights."""
+    rows = _metrics(full / "metrics.jsonl")[1:]
+    assert main(_args(resumed, reward, *extra, f"run.resume={full / 'checkpoint-2'}")) == 0
     again = _metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == [3]
     expected = {k: v for k, v in rows[2].items() if k not in NONDETERMINISTIC}
@@ -73,6 +85,19 @@ def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
     # The step-2 weights differ from the step-3 ones: the resumed step really trained.
     before = load_file(full / "checkpoint-2" / "model.safetensors")
     assert any((before[k] != weights[k]).any() for k in weights)
+
+
+# Clip-Cov with a wide candidate interval and r = 0.2, so that its random draw drops tokens every step.
+CLIP_COV = ["loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=-10", "loss.cov_upper=10"]
+
+
+def test_clip_cov_resume_repeats_step_three(tmp_path, digit_reward):
+    """Clip-Cov draws its dropped tokens from torch's generator, whose state the checkpoint keeps."""
+    full = tmp_path / "full"
+    assert main(_args(full, digit_reward, *CLIP_COV)) == 0
+    rows = _metrics(full / "metrics.jsonl")[1:]
+    assert all(r["mask/cov"] > 0 for r in rows)
+    _assert_resume_repeats_step_three(full, tmp_path / "resumed", digit_reward, *CLIP_COV)
 
 
 def test_missing_model_path_is_a_clean_error(tmp_path, capsys):
@@ -95,3 +120,24 @@ def test_prompt_and_response_longer_than_the_context(tmp_path, capsys):
     assert code == 2
     assert ("data.max_prompt_length + rollout.max_new_tokens = 600 tokens exceeds the model's context of 512"
             in capsys.readouterr().err)
+
+
+DYNAMIC = ["advantage.dynamic_sampling=true", "advantage.max_generation_rounds=4"]
+
+
+def test_dynamic_sampling_refills_the_batch_and_resumes(tmp_path, digit_reward):
+    """About half the groups are flat: steps sample further rounds until 3 groups carry signal (or 3
+    rounds were sampled); the sampler advances by every round, and a resume repeats step 3."""
+    reward, full = "digit_reward:half_flat", tmp_path / "full"
+    assert main(_args(full, reward, *DYNAMIC)) == 0
+    rows = _metrics(full / "metrics.jsonl")[1:]
+    rounds = [r["dynamic_sampling/rounds"] for r in rows]
+    assert max(rounds) > 1 and all(1 <= n <= 4 for n in rounds)
+    for r, n in zip(rows, rounds):
+        kept = round(r["groups/kept"] * 3 * n)  # informative groups among the 3 n sampled
+        assert r["groups/trained"] == min(3, kept) and (kept >= 3 or n == 4)
+        assert math.isfinite(r["loss/policy"]) and r["grad_norm"] > 0
+    # The prompt sampler moved on by every round's 3 prompts, and a resume continues from there.
+    state = torch.load(full / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    assert state["sampler"]["position"] == 3 * sum(rounds)
+    _assert_resume_repeats_step_three(full, tmp_path / "resumed", reward, *DYNAMIC)

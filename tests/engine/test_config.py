@@ -105,6 +105,7 @@ def test_missing_file(tmp_path):
     ("data.task=poetry", "data.task", "one of arithmetic"),
     ("reward.function=whatever", "reward.function", "module:function"),
     ("reward.timeout_s=0", "reward.timeout_s", "must be > 0"),
+    ("advantage.max_generation_rounds=0", "advantage.max_generation_rounds", "must be >= 1"),
 ])
 def test_out_of_range(override, key, words):
     message = _error(None, [override])
@@ -114,6 +115,12 @@ def test_out_of_range(override, key, words):
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo", "spo_chain", "spo_tree"])
 def test_every_algorithm_loads(algorithm):
     assert load_config(None, [f"run.algorithm={algorithm}"]).run.algorithm == algorithm
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo"])
+def test_selected_normalisation_loads(loss_type):
+    cfg = load_config(None, [f"loss.loss_type={loss_type}", "loss.normalize_by=selected"])
+    assert (cfg.loss.loss_type, cfg.loss.normalize_by) == (loss_type, "selected")
 
 
 @pytest.mark.parametrize("overrides, key, words", [
@@ -131,8 +138,7 @@ def test_every_algorithm_loads(algorithm):
     (["optim.micro_batch_tokens=100"], "optim.micro_batch_tokens", "one full sequence"),
     (["model.demo.num_heads=3"], "model.demo.num_heads", "divide"),
     (["optim.mini_batches=1000"], "optim.mini_batches", "responses per step"),
-    (["loss.normalize_by=selected"], "loss.normalize_by", "bnpo or grpo"),
-    (["loss.normalize_by=selected", "loss.loss_type=dr_grpo"], "loss.normalize_by", "bnpo or grpo"),
+    (["loss.normalize_by=selected", "loss.loss_type=dr_grpo"], "loss.normalize_by", "dapo, bnpo or grpo"),
 ])
 def test_contradictions(overrides, key, words):
     message = _error(None, overrides)

@@ -203,6 +203,8 @@ def test_bfloat16_logits(backend):
 DISTRIBUTED_CASES = (
     dict(top_entropy_fraction=0.3, cov_mode="kl_cov", cov_ratio=0.1),
     dict(top_entropy_fraction=0.5, cov_mode="clip_cov", cov_ratio=0.1, cov_lower=0.0),
+    # dapo over the selected tokens divides by their count on every rank (num_items_in_batch is the KL's).
+    dict(top_entropy_fraction=0.3, prob_mask_threshold=0.8, normalize_by="selected"),
 )
 
 
@@ -428,5 +430,3 @@ def test_call_errors_name_the_argument():
         plain(ids, mask, torch.zeros(2), hidden=torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match="old_logprobs"):
         plain(ids, mask, torch.zeros(2), logits=logits, old_logprobs=torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="num_items_in_batch"):
-        FusedPolicyLoss(normalize_by="selected", backend="torch")(ids, mask, torch.zeros(2), logits=logits, num_items_in_batch=6)

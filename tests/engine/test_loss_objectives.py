@@ -36,7 +36,7 @@ CASES = {
                              sapo_temperature_neg=0.5, beta=0.1, kl_importance_weighted=True),
     "vespo": dict(loss_type="vespo"),
     "off_policy": dict(loss_type="dapo", off_policy_mask_threshold=0.1),
-    "off_policy_gspo_selected": dict(loss_type="bnpo", importance_sampling_level="sequence",
+    "off_policy_gspo_selected": dict(loss_type="grpo", importance_sampling_level="sequence",
                                      off_policy_mask_threshold=0.1, normalize_by="selected"),
     "vespo_shaped": dict(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=0.5,
                          vespo_lambda_neg=4.0),
@@ -358,6 +358,7 @@ def test_extremes_with_an_empty_response(level, low_min):
         (dict(loss_type="vespo", vespo_k_pos=-1.0), "vespo_k_pos"),
         (dict(loss_type="vespo", vespo_lambda_neg=0.0), "vespo_lambda_neg"),
         (dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold"),
+        (dict(loss_type="cispo", off_policy_mask_threshold=0.1, normalize_by="selected"), "off_policy_mask_threshold"),
     ],
 )
 def test_config_errors_name_the_argument(kwargs, name):

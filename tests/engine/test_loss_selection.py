@@ -167,3 +167,84 @@ def test_selection_errors_name_the_argument():
                 selection=Selection(high_entropy=selection.high_entropy, covariance=selection.high_entropy))
     with pytest.raises(ValueError, match="selection must be a Selection"):
         loss_fn(ids, mask, adv, logits=inputs["logits"], selection=selection.high_entropy)
+
+
+# normalize_by="selected": the policy-gradient part over the selected tokens M of the whole batch.
+SELECTED_CASES = {
+    "dapo_top_entropy": dict(loss_type="dapo", top_entropy_fraction=0.2, epsilon_high=0.28),
+    "dapo_top_entropy_probability_kl": dict(loss_type="dapo", top_entropy_fraction=0.2, prob_mask_threshold=0.8,
+                                            beta=0.1),
+    "bnpo_probability_on_policy": dict(loss_type="bnpo", prob_mask_threshold=0.8),  # SPO's setting
+    "bnpo_top_entropy_kl_entropy": dict(loss_type="bnpo", top_entropy_fraction=0.2, beta=0.1, entropy_coef=0.02),
+    "grpo_top_entropy": dict(loss_type="grpo", top_entropy_fraction=0.2),
+}
+# The batch in 1, 2 and 3 micro-batches.
+SPLITS = (([0, 1, 2, 3, 4, 5],), ([0, 3, 5], [1, 2, 4]), ([0, 3], [1, 2], [4, 5]))
+
+
+def selected_reference(cfg, logits64, ids, mask, adv, old, ref):
+    """float64 loss: dapo and bnpo sum(M pg) / sum(M) over the batch, grpo the mean over responses of
+    each one's sum(M pg) / sum(M); KL and entropy terms over the valid tokens."""
+    valid = mask.bool()
+    logp = logits64.log_softmax(-1)
+    lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    h = -(logp.exp() * logp).sum(-1)
+    olp = lp.detach() if old is None else old.double()
+    ratio = torch.exp(lp - olp)
+    a = adv.double()
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - 0.2, 1 + cfg.get("epsilon_high", 0.2)))
+    m = valid.clone()
+    if "top_entropy_fraction" in cfg:
+        m &= h.detach() >= torch.quantile(h.detach()[valid], 1 - cfg["top_entropy_fraction"])
+    if "prob_mask_threshold" in cfg:
+        m &= olp.exp() < cfg["prob_mask_threshold"]
+    assert 0 < m.sum() < valid.sum()
+    if cfg["loss_type"] == "grpo":
+        loss = ((pg * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    else:
+        loss = (pg * m).sum() / m.sum()
+    k3 = torch.exp(ref.double() - lp) - (ref.double() - lp) - 1
+    extra = cfg.get("beta", 0.0) * k3 - cfg.get("entropy_coef", 0.0) * h
+    return loss + (extra * valid).sum() / valid.sum()
+
+
+def split_gradient(cfg, split, logits, ids, mask, adv, old, ref):
+    """The logits' gradient of the batch's loss as the engine accumulates it over the micro-batches in
+    `split`: one Selection over the whole batch, each call weighted by its share (dapo 1, bnpo its valid
+    tokens, grpo its rows)."""
+    loss_fn = FusedPolicyLoss(**cfg, normalize_by="selected", backend="torch")
+    leaf = logits.clone().requires_grad_(True)
+    lp, h = current_lp_h(loss_fn, dict(logits=logits), ids, mask)
+    selection = loss_fn.select(mask, adv, entropy=h, logprobs=lp, old_logprobs=old)
+    n = int(mask.sum())
+    for rows in split:
+        r = torch.tensor(rows)
+        length = int(mask[r].sum(1).max())
+
+        def cut(t):
+            return None if t is None else t[r][:, :length]
+        loss, _ = loss_fn(cut(ids), cut(mask), cut(adv), logits=cut(leaf), old_logprobs=cut(old),
+                          ref_logprobs=cut(ref) if "beta" in cfg else None,
+                          num_items_in_batch=n if cfg["loss_type"] == "dapo" else None,
+                          selection=selection.rows(r, length))
+        share = {"dapo": 1.0, "bnpo": int(mask[r].sum()) / n, "grpo": len(rows) / B}[cfg["loss_type"]]
+        (loss * share).backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("case", list(SELECTED_CASES))
+def test_selected_normalisation_does_not_depend_on_micro_batches(case):
+    """With normalize_by="selected" the batch's gradient is the same in 1, 2 or 3 micro-batches, and is
+    the float64 gradient of sum(M pg) / sum(M) over the whole batch (per response for grpo)."""
+    cfg = SELECTED_CASES[case]
+    inputs, ids, mask, adv, old, ref = make_batch(False)
+    if case.endswith("on_policy"):
+        old = None
+    grads = [split_gradient(cfg, split, inputs["logits"], ids, mask, adv, old, ref) for split in SPLITS]
+    for got in grads[1:]:
+        torch.testing.assert_close(got, grads[0], rtol=1e-6, atol=1e-9)
+    logits64 = inputs["logits"].double().requires_grad_(True)
+    selected_reference(cfg, logits64, ids, mask, adv, old, ref).backward()
+    scale = logits64.grad.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(grads[0].double(), logits64.grad, rtol=1e-5, atol=1e-6 * scale)

@@ -42,19 +42,25 @@ PPO = ["run.algorithm=ppo", "rollout.group_size=4", "rollout.max_new_tokens=24",
 UNTIMED = ("time/", "tokens_per_second", "memory/")
 
 
-def test_ppo_two_steps_and_an_exact_resume(tmp_path, monkeypatch):
-    lines = _run(tmp_path, monkeypatch, *PPO)
+# Clip-Cov with a wide candidate interval and r = 0.2, so that its random draw drops tokens every step.
+CLIP_COV = ["loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=-10", "loss.cov_upper=10"]
+
+
+@pytest.mark.parametrize("extra", [[], CLIP_COV], ids=["plain", "clip_cov"])
+def test_ppo_two_steps_and_an_exact_resume(tmp_path, monkeypatch, extra):
+    lines = _run(tmp_path, monkeypatch, *PPO, *extra)
     for m in lines:
         for key in ("loss/policy", "loss/value", "value/clip_frac", "kl/rollout", "returns/mean"):
             assert math.isfinite(m[key]), key
+        assert m["mask/cov"] > 0 if extra else "mask/cov" not in m
     assert any(m["loss/value"] > 0 for m in lines)
     out = tmp_path / "run"
     critic = out / "checkpoint-2" / "critic"
     assert (critic / "value_head.pt").is_file() and (critic / "model.safetensors").is_file()
     assert (out / "checkpoint-2" / "reference" / "model.safetensors").is_file()
-    # Resuming at step 1 restores policy, EMA reference, critic, its optimizer and the value normaliser:
-    # step 2 repeats exactly.
-    resumed = _run(tmp_path, monkeypatch, *PPO, f"run.resume={out / 'checkpoint-1'}")
+    # Resuming at step 1 restores policy, EMA reference, critic, its optimizer, the value normaliser and
+    # the torch generator Clip-Cov draws from: step 2 repeats exactly.
+    resumed = _run(tmp_path, monkeypatch, *PPO, *extra, f"run.resume={out / 'checkpoint-1'}")
     untimed = [{k: v for k, v in m.items() if not k.startswith(UNTIMED)} for m in (lines[1], resumed[1])]
     assert untimed[0] == untimed[1]
 

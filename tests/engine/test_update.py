@@ -102,10 +102,13 @@ def test_accumulated_micro_batches_equal_one_batch(policy, loss_type):
     ["loss.loss_type=bnpo", "loss.cov_mode=kl_cov", "loss.cov_ratio=0.1", "optim.updates_per_batch=2"],
     ["loss.loss_type=dapo", "loss.cov_mode=clip_cov", "loss.cov_ratio=0.2", "loss.cov_lower=0.0",
      "loss.top_entropy_fraction=0.5", "optim.mini_batches=2"],
-], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy"])
+    ["loss.loss_type=dapo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.2"],
+    ["loss.loss_type=bnpo", "loss.normalize_by=selected", "loss.prob_mask_threshold=0.01"],
+], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy", "dapo_selected", "bnpo_selected_probability"])
 def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
-    """The top-entropy threshold and the covariance selection cover the whole mini-batch: one row per
-    micro-batch gives the same step as one micro-batch (per-call statistics would not)."""
+    """The top-entropy threshold, the covariance selection and the selected-token count (normalize_by
+    selected) cover the whole mini-batch: one row per micro-batch gives the same step as one
+    micro-batch (per-call statistics would not)."""
     (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides)
     assert any(d.abs().max() > 0 for d in step_one.values())
     for key in step_one:
@@ -117,7 +120,7 @@ def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
     for key in ("cov/max", "clip_ratio/low_min", "clip_ratio/high_max"):
         if key in m_one:
             assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7), key
-    for key in ("mask/top_entropy", "mask/cov"):
+    for key in ("mask/top_entropy", "mask/cov", "mask/probability"):
         if key in m_one:
             assert 0 < m_one[key] < 1  # the mask bites
             assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7)

@@ -67,10 +67,11 @@ def _assert_rule(name, ours, same_dtype, exact, dtype):
                     f"fp64 {exact[idx]:.8g}, tol {tol[idx]:.3g}")
 
 
-def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5)):
-    hidden, weight, bias, targets = _inputs(n, h, v, dtype, with_bias, ignored)
-    g_lp = torch.randn(n) if upstream in ("lp", "both") else None
-    g_ent = torch.randn(n) if upstream in ("entropy", "both") else None
+def _check(backend, n, h, v, dtype, with_bias, temperature, upstream, ignored=(1, 5), device="cpu"):
+    hidden, weight, bias, targets = (None if x is None else x.to(device)
+                                     for x in _inputs(n, h, v, dtype, with_bias, ignored))
+    g_lp = torch.randn(n, device=device) if upstream in ("lp", "both") else None
+    g_ent = torch.randn(n, device=device) if upstream in ("entropy", "both") else None
 
     def ours(*leaves):
         return linear_logprobs_and_entropy(leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None,
@@ -123,6 +124,36 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
 def test_triton_backend_matches_float64(case):
     _check("triton", *case)
+
+
+@pytest.mark.parametrize(
+    "switch, expected",
+    [
+        (None, "ieee"),
+        (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("medium"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+        (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), "tf32"),
+    ],
+)
+def test_reads_the_users_tf32_switch(switch, expected, monkeypatch):
+    """Each of torch's ways to allow TF32 for fp32 matmuls is seen; torch's default is exact fp32."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        if switch is not None:
+            switch()
+        assert kernel_module._cuda_fp32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_triton_tf32_path_runs_under_the_interpreter(monkeypatch):
+    """CPU twin of the fp32 GPU test: forward and backward kernels take DOT_PRECISION="tf32". (The
+    interpreter multiplies tf32 dots exactly, so this checks the plumbing; the rounding itself is
+    checked on a GPU.)"""
+    monkeypatch.setattr(kernel_module, "_INTERPRETER",
+                        dataclasses.replace(kernel_module._INTERPRETER, dot_precision="tf32"))
+    _check("triton", 19, 48, 200, torch.float32, True, 0.6, "both")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -348,6 +379,46 @@ def test_gpu_realistic_size_matches_torch_backend(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", TRITON_CASES + [
+    (300, 1024, 32003, torch.bfloat16, True, 0.7, "both"),
+    (513, 4096, 8191, torch.bfloat16, False, 1.0, "both"),
+    (129, 2048, 4099, torch.float16, True, 1.7, "entropy"),
+    (257, 512, 2053, torch.float32, True, 0.6, "both"),
+], ids=str)
+def test_gpu_compiled_kernels_match_float64(case):
+    """GPU twin of test_triton_backend_matches_float64: the same fp64 rule for the compiled kernels,
+    at the interpreter's shapes and at shapes that cross the GPU tiles (128 x 128, BLOCK_H 64)."""
+    _check("triton", *case, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_gpu_fp32_error_no_worse_than_torch_matmul_at_the_same_precision(precision):
+    """fp32 inputs: exact products by default, TF32 when torch.matmul may use it; either way the error
+    against fp64 stays within that of the two-step torch path run at the same precision (TF32 keeps
+    fp16's 10-bit mantissa, hence fp16's tolerances for it)."""
+    n, h, v = 1024, 2048, 32003
+    hidden, weight, _, targets = (None if x is None else x.cuda() for x in _inputs(n, h, v, torch.float32, False))
+    g = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+
+    def two_step(dtype):
+        return lambda a, b: _two_step(a, b, None, targets, 0.7, dtype)[:2]
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ours = _run(lambda a, b: linear_logprobs_and_entropy(a, b, targets, temperature=0.7), hidden, weight, None,
+                    targets, *g)
+        same = _run(two_step(torch.float32), hidden, weight, None, targets, *g)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    exact = _run(two_step(torch.float64), hidden.double(), weight.double(), None, targets, *g)
+    tolerances = torch.float32 if precision == "highest" else torch.float16
+    for name, a, b, e in zip(("lp", "entropy", "d hidden", "d weight"), ours, same, exact):
+        _assert_rule(name, a, b, e, tolerances)
+
+
+@pytest.mark.gpu
 def test_gpu_peak_memory_far_below_logits():
     n, h, v = 16384, 4096, 32000
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -376,3 +447,19 @@ def test_agrees_with_logits_op(backend):
                   hidden.double(), weight.double(), bias.double(), targets, *g)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, expected",
+    [
+        (torch.bfloat16, "ieee", "_GPU_16BIT"),
+        (torch.float16, "tf32", "_GPU_16BIT"),
+        (torch.float32, "ieee", "_GPU_FP32"),
+        (torch.float32, "tf32", "_GPU_TF32"),
+    ],
+)
+def test_fp32_follows_torchs_matmul_precision(dtype, precision, expected):
+    """On a GPU, fp32 inputs use exact fp32 products unless the user allowed TF32 for torch.matmul."""
+    blocks = kernel_module._gpu_blocks(dtype, precision)
+    assert blocks is getattr(kernel_module, expected)
+    assert blocks.dot_precision == {"_GPU_16BIT": "ieee", "_GPU_FP32": "ieee", "_GPU_TF32": "tf32"}[expected]
