@@ -423,19 +423,27 @@ def test_train_steps_log_what_stock_trl_logs(tmp_path, model_dir, overrides):
     """Two optimizer steps of `train()`, two updates per generation (the second clips), from the same
     seed: stock and fused trainers generate the same completions and log the same values under the
     same names, the loss, the gradient norm and every metric of the loss included."""
+    _assert_same_histories(*_train_histories(model_dir, tmp_path, overrides))
+
+
+def _train_histories(model_dir, out_dir, overrides) -> list[list[dict]]:
+    """The logged steps of two `train()` optimizer steps (one generation, two updates), stock then fused."""
     histories = []
     for cls in (GRPOTrainer, FusedGRPOTrainer):
         set_seed(0)
         trainer = cls(
             model=_load(model_dir),
             reward_funcs=_reward_length,
-            args=_config(tmp_path / cls.__name__, max_steps=2, num_iterations=2, seed=0, **overrides),
+            args=_config(f"{out_dir}/{cls.__name__}", max_steps=2, num_iterations=2, seed=0, **overrides),
             train_dataset=_dataset(),
             processing_class=tiny_tokenizer(),
         )
         trainer.train()
         histories.append([log for log in trainer.state.log_history if "loss" in log])
-    stock, fused = histories
+    return histories
+
+
+def _assert_same_histories(stock, fused):
     assert len(stock) == len(fused) == 2
     assert stock[1]["clip_ratio/region_mean"] > 0
     for stock_log, fused_log in zip(stock, fused):
