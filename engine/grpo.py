@@ -33,7 +33,7 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
-from fusedrl.engine.config import Config
+from fusedrl.engine.config import Config, loss_arguments
 from fusedrl.engine.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to_floats
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
 from fusedrl.engine.session import Session, make_scheduler
@@ -41,16 +41,7 @@ from fusedrl.engine.session import Session, make_scheduler
 
 def make_loss(cfg: Config) -> FusedPolicyLoss:
     """FusedPolicyLoss from the loss section; temperature and max length come from the rollout."""
-    c = cfg.loss
-    return FusedPolicyLoss(loss_type=c.loss_type, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
-                           dual_clip=c.dual_clip, beta=c.beta, kl_estimator=c.kl_estimator,
-                           entropy_coef=c.entropy_coef, top_entropy_fraction=c.top_entropy_fraction,
-                           prob_mask_threshold=c.prob_mask_threshold, cov_mode=c.cov_mode,
-                           cov_ratio=c.cov_ratio, cov_lower=c.cov_lower, cov_upper=c.cov_upper,
-                           kl_cov_coef=c.kl_cov_coef, normalize_by=c.normalize_by,
-                           max_completion_length=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature, backend=c.backend,
-                           kl_importance_weighted=c.kl_importance_weighted)
+    return FusedPolicyLoss(**loss_arguments(cfg))
 
 
 def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
