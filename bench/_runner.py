@@ -13,6 +13,9 @@ extra_info, also collected in RESULTS for the terminal summary and --bench-resul
 
 Ceilings are measured once per session (bench/conftest.py): copy bandwidth as 2 x bytes of a large
 tensor copy per second (read + write), and a square matmul's FLOP/s (bf16 on CUDA, fp32 on CPU).
+
+Before a row is timed, its module checks the answer with `check_against_float64` on some of its rows:
+a fast wrong answer is not a result.
 """
 
 from __future__ import annotations
@@ -67,6 +70,22 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     matmul_s = _best_seconds(lambda: a @ b, device, repeats=10 if on_gpu else 3)
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     return Ceilings(name, 2 * n_bytes / copy_s / 1e9, 2 * size**3 / matmul_s / 1e12)
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """assert_close tolerances of an implementation's lp / H against float64 on the same inputs: with
+    bf16 inputs a path may round its logits to bf16 (2^-8 relative), else fp32 sums over up to 151936
+    terms. Loose enough for any correct implementation, tight enough to catch a wrong sign, a missing
+    temperature, a mean where a per-token value was due, or a different entropy."""
+    return {"rtol": 8e-3, "atol": 2e-3} if dtype in (torch.bfloat16, torch.float16) else {"rtol": 1e-5, "atol": 1e-4}
+
+
+def check_against_float64(lp, entropy, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> None:
+    """lp (and entropy, unless None) of `targets` under `logits` (any dtype; taken in float64)."""
+    logp = logits.detach().double().log_softmax(-1)
+    torch.testing.assert_close(lp.detach().double(), logp.gather(-1, targets[:, None]).squeeze(1), **tolerance(dtype))
+    if entropy is not None:
+        torch.testing.assert_close(entropy.detach().double(), -(logp.exp() * logp).sum(-1), **tolerance(dtype))
 
 
 class _LiveTensorBytes(TorchDispatchMode):

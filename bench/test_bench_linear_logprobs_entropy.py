@@ -9,27 +9,27 @@ Paths compared, forward only and forward + backward (random upstream gradients o
   import (CUDA only). They compute the log-prob alone, so they are compared with "fused_lp", the op with
   the entropy output unused.
 
-Each result's extra_info holds the shape, TFLOP/s (model flops: 2NVH forward, 6NVH forward + backward; a
-path's own recompute is not counted) and peak memory above the inputs. Runs on CPU at reduced sizes
-without Triton in well under a minute: `pytest bench/test_bench_linear_logprobs_entropy.py -n 0`.
+Rows go through the shared runner (bench/_runner.py): time, TFLOP/s (model flops: 2NVH forward, 6NVH
+forward + backward; a path's own recompute is not counted) and its fraction of the measured matmul
+rate, peak memory above the inputs. Each path's lp (and H) are first checked against float64 on 256
+rows. Runs on CPU at reduced sizes without Triton in well under a minute:
+`pytest bench/test_bench_linear_logprobs_entropy.py -n 0`.
 """
-
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench._runner import check_against_float64, run_case
 from fusedrl.kernels import reference
 from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
 from fusedrl.kernels.logprobs_entropy import logprobs_and_entropy
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 # The issue's GPU target shape, and a CPU shape that keeps the whole module under a minute.
 N, H, V = (8192, 4096, 131072) if CUDA else (128, 64, 2048)
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 ROUNDS = 5 if CUDA else 2
+CHECKED_ROWS = 256  # rows whose answer is checked against float64 before timing
 
 
 def _two_step(hidden, weight, targets):
@@ -67,65 +67,35 @@ PATHS = {"fused": _fused, "two_step": _two_step, "two_step_op": _two_step_op, "c
          "liger": _liger, "cce": _cce}
 
 
-class _PeakBytes(TorchDispatchMode):
-    """Peak bytes of live tensors created inside the mode (CPU stand-in for CUDA's allocator stats)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t._base is None and not func._schema.is_mutable:
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, nbytes)
-        return out
-
-
-def _peak_bytes(step) -> int:
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with _PeakBytes() as mode:
-        step()
-    return mode.peak
+def check_path(fn, hidden, weight, targets, dtype) -> None:
+    """The path's lp (and H, where it computes it) against float64 logits of the same inputs."""
+    with torch.no_grad():
+        outs = fn(hidden, weight, targets)
+    check_against_float64(outs[0], outs[1] if len(outs) > 1 else None, hidden.double() @ weight.double().T,
+                          targets, dtype)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_linear_logprobs_entropy(benchmark, path, backward):
+def test_linear_logprobs_entropy(benchmark, ceilings, device, path, backward):
     if path in ("liger", "cce") and not CUDA:
-        pytest.skip(f"{path} runs on CUDA only")
+        pytest.skip(f"{path} is benchmarked on CUDA only (the CPU interpreter is not a kernel)")
     torch.manual_seed(0)
-    hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE).requires_grad_(backward)
-    weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(DTYPE).requires_grad_(backward)
-    targets = torch.randint(0, V, (N,), device=DEVICE)
+    hidden = torch.randn(N, H, device=device, dtype=DTYPE).requires_grad_(backward)
+    weight = (torch.randn(V, H, device=device) / H**0.5).to(DTYPE).requires_grad_(backward)
+    targets = torch.randint(0, V, (N,), device=device)
     fn = PATHS[path]
-    fn(hidden, weight, targets)  # import check and warm-up (compiles the kernels)
-    grads = [torch.randn(N, device=DEVICE) for _ in range(2)]
+    check_path(fn, hidden.detach()[:CHECKED_ROWS], weight.detach(), targets[:CHECKED_ROWS], DTYPE)
+    grads = [torch.randn(N, device=device) for _ in range(2)]
 
     def step():
         outs = fn(hidden, weight, targets)
         if backward:
             sum((o * g).sum() for o, g in zip(outs, grads)).backward()
             hidden.grad = weight.grad = None
-        if CUDA:
-            torch.cuda.synchronize()
 
-    peak = _peak_bytes(step)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    flops = (6 if backward else 2) * N * V * H
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE).replace("torch.", ""),
-        N=N, H=H, V=V, tflops=flops / benchmark.stats.stats.mean / 1e12, peak_extra_mib=peak / 2**20,
-    )
+    # Model flops: 2NVH forward, 6NVH forward + backward (a path's own recompute is not counted); the
+    # bytes are the inputs read once.
+    run_case(benchmark, ceilings, step, device=device, bytes_moved=(N + V) * H * hidden.element_size(),
+             flops=(6 if backward else 2) * N * V * H, rounds=ROUNDS, op="linear_logprobs_and_entropy",
+             impl=path, mode="fwd_bwd" if backward else "fwd", shape=f"N={N} H={H} V={V} {str(DTYPE).removeprefix('torch.')}")

@@ -9,7 +9,7 @@ Implementations:
 bytes_moved is the minimum the op must move: the forward reads the logits once (and writes 8
 bytes of output a row); forward + backward also reads them again and writes the gradient once.
 The GPU goal is >= 90% of copy bandwidth for the forward at N = 8192, V = 151,936 bf16 and >= 80%
-for forward + backward.
+for forward + backward. Each implementation's lp and H are first checked against float64 on 512 rows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench._runner import run_case
+from bench._runner import check_against_float64, run_case
 from fusedrl.kernels import logprobs_and_entropy
 
 GPU_SHAPES = [(8192, 151936), (32768, 32000)]
@@ -56,6 +56,8 @@ def test_logprobs_entropy(benchmark, ceilings, device, on_gpu, impl, mode, shape
     logits = torch.randn(n_rows, vocab, device=device, dtype=dtype)
     targets = torch.randint(0, vocab, (n_rows,), device=device)
     fn = IMPLS[impl]
+    with torch.no_grad():
+        check_against_float64(*fn(logits[:512], targets[:512]), logits[:512], targets[:512], dtype)
     element = logits.element_size()
     if mode == "fwd":
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench._runner import run_case
+from bench._runner import check_against_float64, run_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -27,12 +27,6 @@ LOGITS_SHAPES = [(8192, 151936), (32768, 32000)] if DEVICE == "cuda" else [(64, 
 LINEAR_SHAPES = [(8192, 4096, 131072)] if DEVICE == "cuda" else [(128, 64, 2048)]
 MODES = ["fwd", "fwd_bwd"]
 ROUNDS = 10 if DEVICE == "cuda" else 3
-# Peers' outputs against float64 on the same inputs: a peer may return bf16 (2^-8 relative rounding),
-# else fp32 sums over up to 151936 terms. Loose enough for any correct peer, tight enough to catch a
-# wrong sign, a missing temperature or a different entropy.
-TOLERANCE = {"rtol": 8e-3, "atol": 2e-3} if DTYPE == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-4}
-
-
 def _trl_fused(logits, targets):
     from trl.trainer.utils import selective_log_softmax_and_entropy
 
@@ -57,16 +51,8 @@ def _liger(logits, targets):
 LOGITS_IMPLS = {"trl": _trl_fused, "trl-pair": _trl_pair, "liger": _liger}
 
 
-def _reference(logits: torch.Tensor, targets: torch.Tensor):
-    logp = logits.double().log_softmax(-1)
-    return logp.gather(-1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
-
-
 def _check(lp, entropy, logits, targets):
-    ref_lp, ref_entropy = _reference(logits, targets)
-    torch.testing.assert_close(lp.double(), ref_lp, **TOLERANCE)
-    if entropy is not None:
-        torch.testing.assert_close(entropy.double(), ref_entropy, **TOLERANCE)
+    check_against_float64(lp, entropy, logits, targets, DTYPE)
 
 
 def _call(fn, mode, inputs):

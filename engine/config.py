@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 ALGORITHMS = ("grpo", "ppo", "spo_chain", "spo_tree")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# FusedPolicyLoss's (engine/loss.py), listed here so that loading a config does not import the kernels.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 class UsageError(ValueError):
@@ -162,7 +163,7 @@ class AdvantageConfig:
 @dataclass
 class LossConfig:
     loss_type: str = "dapo"
-    """Aggregation: grpo, bnpo, dr_grpo or dapo (ALGORITHMS.md section 4)."""
+    """PPO clip aggregated as grpo, bnpo, dr_grpo, dapo (ALGORITHMS.md section 4) or luspo; or cispo, sapo, vespo."""
     epsilon_low: float = 0.2
     """Lower PPO clip range."""
     epsilon_high: float = 0.28
@@ -193,6 +194,24 @@ class LossConfig:
     """KL-Cov coefficient."""
     normalize_by: str = "valid"
     """Divide the policy-gradient part by all valid tokens (valid) or by the selected ones (selected)."""
+    importance_sampling_level: str = "token"
+    """Importance ratio per token, per response (sequence: GSPO) or sequence_token (GSPO-token)."""
+    cispo_max_weight: float = 5.0
+    """CISPO's cap on the importance weight (loss_type cispo)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for positive advantages (loss_type sapo)."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for other advantages (loss_type sapo)."""
+    vespo_k_pos: float = 2.0
+    """VESPO's Gamma-weight exponent k for A >= 0 (loss_type vespo)."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO's Gamma-weight rate lambda for A >= 0 (loss_type vespo)."""
+    vespo_k_neg: float = 3.0
+    """VESPO's k for A < 0 (loss_type vespo)."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO's lambda for A < 0 (loss_type vespo)."""
+    off_policy_mask_threshold: Optional[float] = None
+    """DeepSeek-V3.2's off-policy sequence mask: drop A < 0 responses drifted past this mean log-ratio (null: off)."""
     backend: str = "auto"
     """Fused-op backend: auto (Triton on CUDA, plain PyTorch elsewhere), triton or torch."""
 
@@ -421,6 +440,7 @@ def validate(cfg: Config) -> None:
         _fail("loss.normalize_by", "'selected' needs loss.loss_type dapo, bnpo or grpo; dr_grpo divides by "
                                    "a constant (rollout.max_new_tokens per response)")
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
+    _check_loss(cfg)
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0)
     for key in ("adam_beta1", "adam_beta2"):
@@ -445,6 +465,25 @@ def validate(cfg: Config) -> None:
         _validate_ppo(cfg)
     if run.algorithm in ("spo_chain", "spo_tree"):
         _validate_spo(cfg)
+
+
+def loss_arguments(cfg: Config) -> dict:
+    """FusedPolicyLoss's arguments: the loss section's fields (named as the loss names them), the
+    rollout's temperature and max_new_tokens (dr_grpo's constant denominator)."""
+    return {**dataclasses.asdict(cfg.loss), "max_completion_length": cfg.rollout.max_new_tokens,
+            "temperature": cfg.rollout.temperature}
+
+
+def _check_loss(cfg: Config) -> None:
+    """The loss section as FusedPolicyLoss judges it: its ranges and the combinations it refuses
+    (a sequence-level ratio with cov_mode, say). Its ValueError names the argument, which is the key."""
+    from fusedrl.engine.loss import FusedPolicyLoss
+
+    try:
+        FusedPolicyLoss(**loss_arguments(cfg))
+    except ValueError as error:
+        name = str(error).split()[0]
+        _fail(f"loss.{name}" if name in {f.name for f in dataclasses.fields(LossConfig)} else "loss", str(error))
 
 
 def _validate_ppo(cfg: Config) -> None:

@@ -33,8 +33,8 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
-from fusedrl.engine.config import Config
-from fusedrl.engine.loss import FusedPolicyLoss, Selection, metrics_to_floats
+from fusedrl.engine.config import Config, loss_arguments
+from fusedrl.engine.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to_floats
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
 from fusedrl.engine.optim import MasterWeightAdamW
 from fusedrl.engine.session import Session, make_scheduler
@@ -42,16 +42,7 @@ from fusedrl.engine.session import Session, make_scheduler
 
 def make_loss(cfg: Config) -> FusedPolicyLoss:
     """FusedPolicyLoss from the loss section; temperature and max length come from the rollout."""
-    c = cfg.loss
-    return FusedPolicyLoss(loss_type=c.loss_type, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
-                           dual_clip=c.dual_clip, beta=c.beta, kl_estimator=c.kl_estimator,
-                           entropy_coef=c.entropy_coef, top_entropy_fraction=c.top_entropy_fraction,
-                           prob_mask_threshold=c.prob_mask_threshold, cov_mode=c.cov_mode,
-                           cov_ratio=c.cov_ratio, cov_lower=c.cov_lower, cov_upper=c.cov_upper,
-                           kl_cov_coef=c.kl_cov_coef, normalize_by=c.normalize_by,
-                           max_completion_length=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature, backend=c.backend,
-                           kl_importance_weighted=c.kl_importance_weighted)
+    return FusedPolicyLoss(**loss_arguments(cfg))
 
 
 def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
@@ -145,7 +136,7 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
     ref_lp = ref_logprobs
     if ref_lp is None and session.reference is not None:
         ref_lp = per_token(session.reference, batch, passes[0], temperature, backend)
-    sums, tokens_seen, losses, grad_norms = {}, 0, [], []
+    sums, extremes, tokens_seen, losses, grad_norms = {}, {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
     # Token counts per row, read once: the loop below then never waits on the device; the loss and its
     # metrics are summed as device tensors and read back once, at the end.
@@ -184,14 +175,17 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
                 step_loss = step_loss + loss.detach().double() * share
                 tokens_seen += valid
                 for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value.double() * valid
+                    if key in EXTREME_METRICS:
+                        extremes[key] = EXTREME_METRICS[key](extremes.get(key, value.double()), value.double())
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value.double() * valid
             if optim.max_grad_norm > 0:
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm).double())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-    totals = {key: value / max(1, tokens_seen) for key, value in sums.items()}
+    totals = {key: value / max(1, tokens_seen) for key, value in sums.items()} | extremes
     totals["loss/policy"] = sum(losses) / len(losses)
     if grad_norms:
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)

@@ -76,7 +76,9 @@ class MetricLogger:
             self.progress.update(self.task, completed=step, description=summary)
 
     def print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        # soft_wrap: a long line (a path, a summary) is printed whole, never broken at the console width
+        # (80 columns when the output is not a terminal, as in CI logs), so that it can be copied.
+        self.console.print(message, highlight=False, soft_wrap=True)
 
     def history(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -4,21 +4,26 @@ One module for every policy-gradient loss of the engine. The per-token log-prob 
 from one fused pass over the vocabulary, from logits or straight from hidden states and the output
 embedding (so no [B, T, V] tensor need exist); the token masks read detached copies of them.
 
-Per valid token t, with ratio = exp(lp - olp):
+Per valid token t, with the importance weight ratio = exp(lp - olp) (or GSPO's sequence-level
+weight, `importance_sampling_level`; engine/objectives.py):
     pg_t   = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))        (PPO clip)
     pg_t   = min(pg_t, -A c)  where A < 0                                     (dual clip, optional)
     pg_t   = -A ratio + kl_cov_coef |lp - olp| [t in KL-Cov]                 (cov_mode="kl_cov": no clip)
-    loss_t = M_t pg_t + beta KL_t - entropy_coef H_t
+    pg_t   = CISPO's, SAPO's or VESPO's term instead (loss_type cispo, sapo, vespo; engine/objectives.py)
+    loss_t = M_t w_t pg_t + beta KL_t - entropy_coef H_t
     (with kl_importance_weighted, beta ratio KL_t: TRL's use_bias_correction_kl, DeepSeek-V3.2)
 where M_t is the product of the selection masks (top-rho entropy, SPO probability, not drawn by
-Clip-Cov). The policy-gradient part is aggregated over the valid tokens (`normalize_by="valid"`, TRL)
+Clip-Cov, the off-policy sequence mask) and w_t the rollout importance weight given at call time (1
+without). The policy-gradient part is aggregated over the valid tokens (`normalize_by="valid"`, TRL)
 or over the selected ones (`"selected"`, the 80/20 paper's v2 and SPO); the KL and entropy parts apply
 to every valid token and are always aggregated over the valid ones. `loss_type` picks the aggregation:
 grpo (mean over responses of each response's token mean), bnpo (local token mean), dr_grpo (token
-sum / (B * max_completion_length)) or dapo (token sum / num_items_in_batch, the global count of valid
-tokens over micro-batches and ranks, else the local count). With "selected", dapo divides the
-policy-gradient sum by the selected tokens of the whole batch on every rank, bnpo by those of the
-local batch, grpo each response's sum by its own selected tokens.
+sum / (B * max_completion_length)), dapo (token sum / num_items_in_batch, the global count of valid
+tokens over micro-batches and ranks, else the local count) or luspo (token sum / B: each response's
+mean weighted by its length, LUSPO); cispo and vespo aggregate as dapo, sapo as grpo (TRL's
+pairings). With "selected", dapo divides the policy-gradient sum by the selected tokens of the whole
+batch on every rank, bnpo by those of the local batch, grpo each response's sum by its own selected
+tokens.
 
 The batch-wide statistics (the top-entropy threshold, the covariance's centring and its top-k or
 random draw, and with "selected" the count of selected tokens) belong to the whole training batch. A
@@ -36,13 +41,18 @@ import torch
 from torch import nn
 
 from fusedrl import kernels
+from fusedrl.engine import objectives
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
 from fusedrl.kernels._checks import check_fraction, check_same_device, check_temperature
 from fusedrl.kernels._select import all_reduce
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
 from fusedrl.kernels.top_entropy_mask import check_mask
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+# The loss types built on the PPO clip; the others replace it with their own term (engine/objectives.py).
+CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# How each loss type reduces its per-token terms (`_aggregate`).
+AGGREGATION = {**{name: name for name in CLIP_LOSS_TYPES}, "cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 COV_MODES = (None, "clip_cov", "kl_cov")
 NORMALIZERS = ("valid", "selected")
@@ -63,6 +73,11 @@ def _number(name: str, value, *, low: float | None = None, low_open: bool = Fals
 def _choice(name: str, value, options: tuple) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+# Metrics that are extremes, not means: how two micro-batches' values combine (NaN = none; fmin and
+# fmax skip it).
+EXTREME_METRICS = {"clip_ratio/low_min": torch.fmin, "clip_ratio/high_max": torch.fmax, "cov/max": torch.fmax}
 
 
 def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -108,9 +123,12 @@ class FusedPolicyLoss(nn.Module):
     """Policy-gradient loss on fused per-token log-probs and entropies.
 
     Constructor arguments (all validated here; a bad one raises ValueError naming it):
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" (aggregation, see the module docstring).
-        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
-        dual_clip: c > 1 bounds the loss of tokens with A < 0 by -A c; None disables it.
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "luspo" (the PPO clip, aggregated as named)
+            or "cispo" | "sapo" | "vespo" (their own terms); see the module docstring.
+        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high] (the clip loss
+            types; cispo, sapo and vespo have no PPO clip and ignore them).
+        dual_clip: c > 1 bounds the loss of tokens with A < 0 by -A c; None disables it. (TRL's `delta`,
+            INTELLECT-2's two-sided clip, is this c when delta > 1 + epsilon_high.)
         beta: weight of the KL to the reference policy (needs ref_logprobs at call time when > 0).
         kl_estimator: "k1" (lp - rlp), "k2" ((lp - rlp)^2 / 2) or "k3" (exp(rlp - lp) - (rlp - lp) - 1).
         entropy_coef: weight of the entropy bonus -entropy_coef * H (with gradient).
@@ -131,6 +149,24 @@ class FusedPolicyLoss(nn.Module):
         generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
         backend: passed to the fused ops ("auto", "triton" or "torch").
         ignore_index: the id the fused ops skip; padded positions are set to it before the pass.
+        importance_sampling_level: "token" (exp(lp - olp) per token), "sequence" (GSPO: the exponent
+            averaged over each response's valid tokens, for all of them; the gradient reaches every
+            token through the mean) or "sequence_token" (GSPO-token: the sequence weight in value, each
+            token's own gradient, so that token masks restrict it). See engine/objectives.py. The clip,
+            CISPO's truncation, SAPO's gate and the bias-corrected KL then read the sequence weight;
+            top-entropy and probability masks still pick tokens (with "sequence" a masked token's
+            share of the response's term goes, but its gradient through the other tokens' terms
+            stays). Not with cov_mode (Clip-Cov and KL-Cov act on single tokens' ratios) or vespo
+            (which weighs whole responses itself).
+        cispo_max_weight: CISPO's cap on the importance weight, min(ratio, cap) (ScaleRL's eps_max,
+            TRL's epsilon_high under loss_type="cispo"; 5.0 as ScaleRL recommends).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A <= 0
+            (1.0 and 1.05, the paper's and TRL's defaults).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma weight
+            W^k exp(lambda (1 - W)) for A >= 0 and A < 0 (2, 3, 3, 2: the paper's and TRL's defaults).
+        off_policy_mask_threshold: delta >= 0 of DeepSeek-V3.2's off-policy sequence mask: a response
+            with A < 0 whose mean of (sampling lp - lp) exceeds delta loses its policy-gradient terms
+            (sampling lp: the call's sampling_logprobs, else old_logprobs); None disables it.
         kl_importance_weighted: multiply each token's KL estimate by its importance ratio
             exp(lp - old_lp), gradient included (so it changes the KL gradient even on-policy, where
             the ratio is 1), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): with k3 the gradient
@@ -163,6 +199,15 @@ class FusedPolicyLoss(nn.Module):
         backend: str = "auto",
         ignore_index: int = -100,
         kl_importance_weighted: bool = False,
+        importance_sampling_level: str = "token",
+        cispo_max_weight: float = 5.0,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        off_policy_mask_threshold: float | None = None,
     ):
         super().__init__()
         _choice("loss_type", loss_type, LOSS_TYPES)
@@ -192,6 +237,29 @@ class FusedPolicyLoss(nn.Module):
         if cov_mode == "kl_cov" and dual_clip is not None:
             raise ValueError("dual_clip must be None with cov_mode='kl_cov': KL-Cov drops the PPO clip")
         self.normalize_by = normalize_by
+        self._check_objective(loss_type, dual_clip, cov_mode, normalize_by, importance_sampling_level)
+        self.importance_sampling_level = importance_sampling_level
+        self.aggregation = AGGREGATION[loss_type]
+        self.off_policy_mask_threshold = (
+            None if off_policy_mask_threshold is None
+            else _number("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
+        )
+        if self.off_policy_mask_threshold is not None and self._counts_selected:
+            raise ValueError(
+                "off_policy_mask_threshold needs normalize_by='valid' (or loss_type grpo / sapo) with "
+                f"loss_type={loss_type!r}: its selected-token count is a batch statistic, and the off-policy "
+                "mask reads each call's current log-probs"
+            )
+        self.cispo_max_weight = _number("cispo_max_weight", cispo_max_weight, low=0.0, low_open=True)
+        self.sapo_temperatures = (
+            _number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True),
+            _number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True),
+        )
+        self.vespo_k = (_number("vespo_k_pos", vespo_k_pos, low=0.0), _number("vespo_k_neg", vespo_k_neg, low=0.0))
+        self.vespo_lambda = (
+            _number("vespo_lambda_pos", vespo_lambda_pos, low=0.0, low_open=True),
+            _number("vespo_lambda_neg", vespo_lambda_neg, low=0.0, low_open=True),
+        )
         if loss_type == "dr_grpo":
             if not isinstance(max_completion_length, int) or max_completion_length < 1:
                 raise ValueError(
@@ -210,6 +278,25 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError(f"kl_importance_weighted must be a bool, got {kl_importance_weighted!r}")
         self.kl_importance_weighted = kl_importance_weighted
 
+    @staticmethod
+    def _check_objective(loss_type, dual_clip, cov_mode, normalize_by, level) -> None:
+        """The combinations of loss type, importance-sampling level and masks that have a meaning."""
+        _choice("importance_sampling_level", level, objectives.IMPORTANCE_SAMPLING_LEVELS)
+        if loss_type not in CLIP_LOSS_TYPES:
+            for name, value in (("dual_clip", dual_clip), ("cov_mode", cov_mode)):
+                if value is not None:
+                    raise ValueError(f"{name} must be None with loss_type={loss_type!r}, which has no PPO clip to build on")
+        if cov_mode is not None and level != "token":
+            raise ValueError(
+                "importance_sampling_level must be 'token' with cov_mode: Clip-Cov and KL-Cov act on single tokens' ratios"
+            )
+        if loss_type == "vespo" and level != "token":
+            raise ValueError(
+                "importance_sampling_level must be 'token' with loss_type='vespo', which weighs whole responses itself"
+            )
+        if loss_type == "luspo" and normalize_by == "selected":
+            raise ValueError("normalize_by must be 'valid' for loss_type='luspo', whose denominator is the number of responses")
+
     def forward(
         self,
         completion_ids: torch.Tensor,
@@ -224,6 +311,8 @@ class FusedPolicyLoss(nn.Module):
         ref_logprobs: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         selection: Selection | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
+        sampling_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss and a dict of detached 0-dim metric tensors (see metrics_to_floats).
 
@@ -232,23 +321,39 @@ class FusedPolicyLoss(nn.Module):
         (and bias [V]). old_logprobs / ref_logprobs [B, T]; old_logprobs=None means on-policy.
         selection: these rows of a Selection that `select` made over the whole batch
         (`Selection.rows`); without it the batch-wide masks come from this call's tokens alone.
+        rollout_is_weights [B] or [B, T]: constant weights of each token's policy-gradient term, the
+        correction from the sampling engine's policy to the trainer's (TRL's vLLM
+        importance_sampling_ratio, verl's rollout_is_weights); vespo folds them into its weight instead.
+        sampling_logprobs [B, T]: the sampling engine's log-probs, for off_policy_mask_threshold
+        (default: old_logprobs); NaN where the sampler gave none.
         Gradients flow to logits, or to hidden, weight and bias.
+
+        Metrics: entropy/mean, loss/pg, mask/*, kl (with ref_logprobs), and the loss type's clip
+        statistics: clip_ratio/low_mean, high_mean, region_mean (shares of valid tokens; of responses
+        when the weight is per response, a sequence level with advantages [B]) and clip_ratio/low_min,
+        high_max (the least and most clipped response's share, NaN without one) for the PPO clip;
+        clip_ratio/cispo_mean (weight above the cap with A > 0) for cispo; vespo/phi_mean for vespo.
         """
         if not isinstance(completion_ids, torch.Tensor) or completion_ids.dim() != 2:
             raise ValueError(f"completion_ids must be a [B, T] tensor, got {getattr(completion_ids, 'shape', completion_ids)!r}")
         shape = completion_ids.shape
         valid = check_mask("completion_mask", completion_mask, shape)
         adv = broadcast_advantages(advantages, shape).detach().float()
-        check_same_device(completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
-                          logits=logits, hidden=hidden, weight=weight, bias=bias, old_logprobs=old_logprobs,
-                          ref_logprobs=ref_logprobs)
-        for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if sampling_logprobs is not None and self.off_policy_mask_threshold is None:
+            raise ValueError("sampling_logprobs is read only with off_policy_mask_threshold set")
+        for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("sampling_logprobs", sampling_logprobs)):
             if t is not None and tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
         if selection is not None:
             self._check_selection(selection, shape)
         if self.beta > 0 and ref_logprobs is None:
             raise ValueError("ref_logprobs must be given when beta > 0")
+        if rollout_is_weights is not None:
+            rollout_is_weights = objectives.check_rollout_weights(rollout_is_weights, shape)
+        check_same_device(completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
+                          logits=logits, hidden=hidden, weight=weight, bias=bias, old_logprobs=old_logprobs,
+                          ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights,
+                          sampling_logprobs=sampling_logprobs)
 
         lp, entropy = self._logprobs_entropy(completion_ids, valid, logits, hidden, weight, bias)
         lp = torch.where(valid, lp, 0.0)
@@ -256,18 +361,31 @@ class FusedPolicyLoss(nn.Module):
         olp = lp.detach() if old_logprobs is None else torch.where(valid, old_logprobs.detach().float(), 0.0)
 
         log_ratio = lp - olp
-        ratio = torch.exp(log_ratio)
+        ratio = torch.exp(objectives.log_importance_weights(log_ratio, valid, self.importance_sampling_level))
         unclipped, clipped = self._ppo_terms(adv, ratio)
         batch_counts = selection is not None
         if selection is None:
             selection = self._select(lp.detach(), entropy.detach(), adv, valid, clipped > unclipped, olp)
         metrics: dict[str, torch.Tensor] = {}
         n_valid = valid.sum().clamp(min=1)
+        # With one weight per response and one advantage per response, every token of a response shares
+        # its clip decision: the clip statistics then count responses (as TRL logs them).
+        per_response = self.importance_sampling_level != "token" and advantages.dim() == 1
 
         def frac(mask: torch.Tensor) -> torch.Tensor:
             return (mask & valid).sum() / n_valid
 
-        if self.cov_mode == "kl_cov":
+        if self.loss_type == "cispo":
+            pg = objectives.cispo_terms(lp, ratio, adv, self.cispo_max_weight)
+            capped = (ratio > self.cispo_max_weight) & (adv > 0)
+            metrics["clip_ratio/cispo_mean"] = objectives.share(capped, valid, per_response)
+        elif self.loss_type == "sapo":
+            pg = objectives.sapo_terms(ratio, adv, *self.sapo_temperatures)
+        elif self.loss_type == "vespo":
+            phi = objectives.vespo_weights(log_ratio, valid, adv, self.vespo_k, self.vespo_lambda, rollout_is_weights)
+            pg = -phi * adv * lp
+            metrics["vespo/phi_mean"] = phi[:, 0].mean() if advantages.dim() == 1 else (phi * valid).sum() / n_valid
+        elif self.cov_mode == "kl_cov":
             pg = unclipped + self.kl_cov_coef * log_ratio.abs() * selection.covariance
         else:
             pg = torch.maximum(unclipped, clipped)
@@ -275,6 +393,8 @@ class FusedPolicyLoss(nn.Module):
                 dual = -adv * self.dual_clip
                 metrics["clip_ratio/dual_mean"] = frac((adv < 0) & (dual < pg))
                 pg = torch.where(adv < 0, torch.minimum(pg, dual), pg)
+        if rollout_is_weights is not None and self.loss_type != "vespo":
+            pg = pg * rollout_is_weights
         keep = self._kept(valid, selection)
         if self.cov_mode is not None:
             metrics["mask/cov"] = frac(selection.covariance)
@@ -282,6 +402,13 @@ class FusedPolicyLoss(nn.Module):
             metrics["mask/top_entropy"] = frac(selection.high_entropy)
         if self.prob_mask_threshold is not None:
             metrics["mask/probability"] = frac(selection.probability)
+        if self.off_policy_mask_threshold is not None:
+            # Per call, from this call's current log-probs: refused where a batch-wide selected count
+            # would need it (see __init__).
+            sampled = olp if sampling_logprobs is None else sampling_logprobs.detach().float()
+            near = objectives.off_policy_keep(lp.detach(), sampled, valid, adv, self.off_policy_mask_threshold)
+            keep = keep & near
+            metrics["mask/off_policy"] = frac(near)
 
         pg_loss = self._aggregate_pg(torch.where(keep, pg, 0.0), keep, valid, selection, batch_counts,
                                      num_items_in_batch)
@@ -302,11 +429,8 @@ class FusedPolicyLoss(nn.Module):
 
         metrics["loss/pg"] = pg_loss.detach()
         metrics["entropy/mean"] = entropy.detach().sum() / n_valid
-        low = (ratio < 1.0 - self.epsilon_low) & (adv < 0)
-        high = (ratio > 1.0 + self.epsilon_high) & (adv > 0)
-        metrics["clip_ratio/low_mean"] = frac(low)
-        metrics["clip_ratio/high_mean"] = frac(high)
-        metrics["clip_ratio/region_mean"] = frac(low | high)
+        if self.loss_type in CLIP_LOSS_TYPES:
+            metrics.update(objectives.clip_metrics(ratio, adv, valid, self.epsilon_low, self.epsilon_high, per_response))
         metrics["mask/selected"] = frac(keep)
         if self.cov_mode is not None:
             cov = torch.where(valid, selection.cov, 0.0)
@@ -361,7 +485,7 @@ class FusedPolicyLoss(nn.Module):
     @property
     def _counts_selected(self) -> bool:
         """dapo and bnpo over the selected tokens divide by a count of the whole (global / local) batch."""
-        return self.normalize_by == "selected" and self.loss_type in ("dapo", "bnpo")
+        return self.normalize_by == "selected" and self.aggregation in ("dapo", "bnpo")
 
     def _select(self, lp, entropy, adv, valid, clipped, olp) -> Selection:
         """The masks from detached lp, H and old lp; `clipped` marks the tokens the PPO clip already clipped."""
@@ -457,9 +581,9 @@ class FusedPolicyLoss(nn.Module):
         """
         if self.normalize_by == "valid":
             return self._aggregate(values, valid, num_items_in_batch)
-        if self.loss_type == "dapo":
+        if self.aggregation == "dapo":
             return values.sum() / selection.global_selected_count.clamp(min=1)
-        if self.loss_type == "bnpo" and batch_counts:
+        if self.aggregation == "bnpo" and batch_counts:
             # A micro-batch's bnpo call is weighted by its share of the batch's valid tokens; dividing by
             # that share of the batch's selected count makes the weighted calls sum to the batch's
             # selected-token mean (one call on the whole batch divides by its selected count).
@@ -468,12 +592,14 @@ class FusedPolicyLoss(nn.Module):
         return self._aggregate(values, keep, None)
 
     def _aggregate(self, values: torch.Tensor, counted: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Reduce per-token values (zero off `counted`) to a scalar by loss_type."""
-        if self.loss_type == "grpo":
+        """Reduce per-token values (zero off `counted`) to a scalar by the loss type's aggregation."""
+        if self.aggregation == "grpo":
             per_response = values.sum(-1) / counted.sum(-1).clamp(min=1)
             return per_response.mean()
-        if self.loss_type == "dr_grpo":
+        if self.aggregation == "dr_grpo":
             return values.sum() / (values.shape[0] * self.max_completion_length)
-        if self.loss_type == "dapo" and num_items_in_batch is not None:
+        if self.aggregation == "luspo":
+            return values.sum() / values.shape[0]
+        if self.aggregation == "dapo" and num_items_in_batch is not None:
             return values.sum() / num_items_in_batch
         return values.sum() / counted.sum().clamp(min=1)

@@ -65,7 +65,7 @@ def check_targets(targets: torch.Tensor, leading_shape: torch.Size, vocab_size: 
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")

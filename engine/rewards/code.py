@@ -125,7 +125,8 @@ class CodeExecutionReward:
         mode: "fraction" (share of passed cases) or "all" (1.0 only if every case passes).
         tests_column: the dataset column holding each row's list of test cases.
         memory_bytes, max_processes, max_output_bytes: the sandbox Limits of each program.
-        allow_unisolated_execution_UNSAFE: see Sandbox; never needed where the process is root.
+        allow_unisolated_execution_UNSAFE: see Sandbox; never needed as root, nor as another user
+            where unprivileged user namespaces are available.
 
     Raises SandboxUnavailableError at construction when isolation cannot be set up.
     After each call, `last_results` holds one SampleResult per response; `stats()` returns the

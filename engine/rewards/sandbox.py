@@ -5,16 +5,25 @@ Each program gets its own process tree (see sandbox_child.py for the launcher) w
 - no network: a fresh network namespace whose only interface, loopback, is down;
 - a fresh pid namespace: the program cannot see or signal host processes, and when its namespace's
   init exits (the program finished, or the launcher was killed) the kernel kills every process left;
-- a fresh mount namespace with an empty, size-capped tmpfs over /tmp, /var/tmp, /run/lock, /dev/shm
-  and /dev/mqueue; the program runs in /tmp/work there, so its files vanish with the namespace;
-- an unprivileged uid (one per pool slot, `first_uid + slot`) with no-new-privileges: no writes to
-  host files, no signals to host processes, and RLIMIT_NPROC applies (root ignores it), which
-  contains fork bombs;
+- a minimal, read-only file system: a fresh mount namespace pivoted into a new root that holds
+  read-only binds of /usr (and /bin, /lib... where they are directories), the interpreter's install
+  prefix and /etc/ld.so.cache, the /dev nodes null, zero, random and urandom, a fresh /proc, and one
+  writable, size-capped tmpfs at /tmp/work where the program runs. The host's root is detached: the
+  caller's files, /home, /root, the rest of /etc and the repository do not exist for the program,
+  and nothing of the host's is writable;
+- no new privileges, no capabilities, and a seccomp filter that refuses the kernel keyring calls;
 - limits on CPU time, address space, file size and process count, a clean environment, and a
   wall-clock timeout after which the caller kills the launcher's whole process group;
 - stdout and stderr read incrementally and capped: past `max_output_bytes` the run is killed.
 
-Isolation needs root (CAP_SYS_ADMIN for the namespaces and mounts, CAP_SETUID for the uid change).
+Two modes, chosen by who runs it. As root, the program runs as an unprivileged uid of its own
+(`first_uid + slot`), so RLIMIT_NPROC (which root ignores) counts exactly its processes. As any other
+user ("rootless"), the launcher first creates a user namespace mapping the caller's uid to
+`first_uid + slot`, which needs unprivileged user namespaces and Linux 5.14+: since 5.14 the kernel
+counts RLIMIT_NPROC per user namespace, and every run has its own, so the process limit binds each
+run's processes alone although all of them are the caller's uid on the host. The program cannot
+nest another user namespace.
+
 It fails closed: `Sandbox()` runs a probe program and raises SandboxUnavailableError, saying why,
 when isolation cannot be set up; a run whose isolation fails is reported as "refused" and no user
 code runs. The only way around that is `allow_unisolated_execution_UNSAFE=True`, which keeps the
@@ -25,6 +34,7 @@ import json
 import math
 import os
 import queue
+import re
 import selectors
 import shutil
 import signal
@@ -59,11 +69,34 @@ def _world_executable(path: str) -> bool:
 
 
 def default_python() -> str:
-    """This interpreter if the sandbox uid can run it (it cannot under a 0700 home), else a system python3."""
+    """This interpreter if the program's uid can run it, else a system python3.
+
+    Rootless, the program keeps the caller's uid on the host, so it can; as root it runs as another
+    uid, which cannot run an interpreter under a 0700 home.
+    """
+    if os.geteuid() != 0:
+        return os.path.realpath(sys.executable)
     for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
         if _world_executable(candidate):
             return os.path.realpath(candidate)
     return os.path.realpath(sys.executable)
+
+
+_NEEDS = {
+    False: "As root, isolation needs CAP_SYS_ADMIN and CAP_SETUID (a container may drop them).",
+    True: "As a non-root user, isolation needs unprivileged user namespaces (sysctls user.max_user_namespaces "
+    "> 0, and where they exist kernel.unprivileged_userns_clone = 1 and "
+    "kernel.apparmor_restrict_unprivileged_userns = 0) and Linux 5.14+.",
+}
+
+
+def _rootless_unsupported() -> str:
+    """Why this kernel cannot contain a fork bomb in rootless mode; empty when it can."""
+    release = os.uname().release
+    version = re.match(r"(\d+)\.(\d+)", release)
+    if version and (int(version[1]), int(version[2])) >= (5, 14):
+        return ""
+    return f"Linux {release} counts RLIMIT_NPROC per host uid, not per user namespace as 5.14+ does"
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -79,13 +112,13 @@ class Limits:
     memory_bytes: int = 512 * 2**20
     """Address-space limit (RLIMIT_AS) of each process."""
     max_processes: int = 16
-    """Processes and threads the sandbox uid may have at once (RLIMIT_NPROC)."""
+    """Processes and threads the program may have at once (RLIMIT_NPROC; rootless, per user namespace)."""
     max_output_bytes: int = 2**20
     """Cap on each of stdout and stderr; a program that writes more is killed."""
     max_file_bytes: int = 16 * 2**20
     """Largest file the program may write (RLIMIT_FSIZE)."""
     tmpfs_bytes: int = 64 * 2**20
-    """Size of each tmpfs, the working directory's included."""
+    """Size of the program's writable working directory, /tmp/work (a tmpfs)."""
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -115,14 +148,19 @@ class Sandbox:
 
     Args:
         limits: the resource limits of every run.
-        python: interpreter for the programs; default: `default_python()`. Programs run with -I
-            (no PYTHON* variables, no user site-packages, not even the script's own directory).
-        first_uid: programs run as uid `first_uid + slot` (slot < 64); these uids must own no files
-            and run no other processes, since RLIMIT_NPROC counts all processes of a uid. The default
-            derives a block of 64 uids from the process id, so two trainers on one host (or two
-            test workers) do not share uids.
+        python: interpreter for the programs (and the launcher); default: `default_python()`. Its
+            install prefix is bound read-only into the program's view. Programs run with -I (no
+            PYTHON* variables, no user site-packages, not even the script's own directory).
+        first_uid: programs run as uid `first_uid + slot` (slot < 64). As root these are host uids,
+            which must own no files and run no other processes, since RLIMIT_NPROC counts all
+            processes of a uid; the default derives a block of 64 uids from the process id, so two
+            trainers on one host (or two test workers) do not share uids. Rootless, it is the uid
+            inside each run's user namespace, the caller's uid on the host.
         allow_unisolated_execution_UNSAFE: run programs without namespaces or the uid change when
             isolation is unavailable. Untrusted code then runs with the caller's privileges.
+
+    Attributes `rootless` (the mode: not root, so a user namespace per run) and `isolated` (False
+    only after the unsafe fallback) say how programs run.
     """
 
     def __init__(
@@ -143,13 +181,13 @@ class Sandbox:
         self.python = os.path.realpath(python or default_python())
         self.first_uid = first_uid
         self.isolated = True
-        why = self._probe()
+        self.rootless = os.geteuid() != 0
+        why = (_rootless_unsupported() if self.rootless else "") or self._probe()
         if why:
             if not allow_unisolated_execution_UNSAFE:
                 raise SandboxUnavailableError(
-                    f"program isolation is unavailable: {why}. No code was run. Isolation needs root "
-                    "(namespaces, mounts, setuid). To run untrusted code WITHOUT isolation anyway, pass "
-                    "allow_unisolated_execution_UNSAFE=True."
+                    f"program isolation is unavailable: {why}. No code was run. {_NEEDS[self.rootless]} "
+                    "To run untrusted code WITHOUT isolation anyway, pass allow_unisolated_execution_UNSAFE=True."
                 )
             warnings.warn(
                 f"UNSAFE: sandbox isolation unavailable ({why}); untrusted programs will run with this "
@@ -186,6 +224,8 @@ class Sandbox:
         status_r, status_w = os.pipe()
         cfg = {
             "isolate": self.isolated,
+            "rootless": self.rootless,
+            "root": workdir,
             "program_path": program,
             "program_name": os.path.basename(program),
             "python": self.python,
@@ -196,7 +236,8 @@ class Sandbox:
             "cpu_s": math.ceil(self.limits.timeout_s) + 1,
             "memory_bytes": self.limits.memory_bytes,
             "file_bytes": self.limits.max_file_bytes,
-            "processes": self.limits.max_processes,
+            # Rootless, the run's user namespace also holds the launcher and its init at this count.
+            "processes": self.limits.max_processes + (2 if self.rootless and self.isolated else 0),
             "tmpfs_bytes": self.limits.tmpfs_bytes,
         }
         try:

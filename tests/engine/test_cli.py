@@ -141,3 +141,18 @@ def test_dynamic_sampling_refills_the_batch_and_resumes(tmp_path, digit_reward):
     state = torch.load(full / "checkpoint-3" / "trainer_state.pt", weights_only=True)
     assert state["sampler"]["position"] == 3 * sum(rounds)
     _assert_resume_repeats_step_three(full, tmp_path / "resumed", reward, *DYNAMIC)
+
+
+@pytest.mark.parametrize("objective", [
+    ["loss.loss_type=dapo", "loss.importance_sampling_level=sequence"],  # GSPO
+    ["loss.loss_type=cispo"],
+    ["loss.loss_type=sapo", "loss.importance_sampling_level=sequence_token"],
+])
+def test_other_objectives_train_from_the_command_line(tmp_path, digit_reward, objective):
+    """The loss types and importance-sampling levels beyond the PPO clip run through the engine's update
+    (two updates per rollout, so the ratios leave 1) and log finite losses."""
+    assert main(_args(tmp_path, digit_reward, "run.steps=2", "optim.updates_per_batch=2", *objective)) == 0
+    rows = _metrics(tmp_path / "metrics.jsonl")[1:]  # after the step-0 evaluation
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss/policy"]) and r["grad_norm"] > 0, r

@@ -10,7 +10,6 @@ import textwrap
 import pytest
 
 from fusedrl.engine.rewards.code import CaseResult, CodeExecutionReward, extract_code, outputs_match
-from fusedrl.engine.rewards.sandbox_child import WORLD_WRITABLE
 
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-5, 5) == 0"}]
@@ -132,16 +131,12 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
             f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=0.5).sendall(b'hi')\nprint('ok')",
             "Network is unreachable",
         ),
-        "write outside": (
-            f"open({escape!r}, 'w').write('x')\nopen({str(target / 'pwned')!r}, 'w').write('x')\nprint('ok')",
+        "write outside": (  # /tmp exists, read-only, in the program's root; the test's directory does not
+            f"open({str(target / 'pwned')!r}, 'a')\nopen({escape!r}, 'w').write('x')\nprint('ok')",
             "No such file",
         ),
-        # A checkout under a world-writable directory (CI may clone into /tmp) is hidden by its tmpfs;
-        # anywhere else the file system's permissions refuse the sandbox's unprivileged uid.
-        "write into the repository": (
-            f"open({repo_file!r}, 'w').write('x')\nprint('ok')",
-            "No such file" if repo_file.startswith(tuple(d + "/" for d in WORLD_WRITABLE)) else "PermissionError",
-        ),
+        "write to /tmp": (f"open({escape!r}, 'w').write('x')\nprint('ok')", "Read-only file system"),
+        "write into the repository": (f"open({repo_file!r}, 'w').write('x')\nprint('ok')", "No such file"),
         "parent environment": (
             textwrap.dedent(
                 """
@@ -182,7 +177,7 @@ def test_adversarial_programs_are_contained(reward, tmp_path, monkeypatch):
         assert [pid for pid in _descendants(me) if "sandbox_child.py" in _cmdline(pid)] == []
         assert all(_processes_of_uid(reward.pool.sandbox.first_uid + k) == [] for k in range(reward.pool.workers))
         counts = reward.stats()
-        assert (counts["code/timed_out"], counts["code/crashed"], counts["code/failed"]) == (3.0, 7.0, 1.0)
+        assert (counts["code/timed_out"], counts["code/crashed"], counts["code/failed"]) == (3.0, 8.0, 1.0)
         # The trainer is unharmed and the pool still works.
         assert reward([""], ["print(input())"], tests=[[{"input": "fine\n", "output": "fine\n"}]]) == [1.0]
     finally:

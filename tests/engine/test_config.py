@@ -94,7 +94,11 @@ def test_missing_file(tmp_path):
     ("data.eval_fraction=0", "data.eval_fraction", "(0, 1]"),
     ("optim.lr=-1", "optim.lr", "must be > 0"),
     ("optim.adam_beta2=1", "optim.adam_beta2", "[0, 1)"),
-    ("loss.loss_type=ppo", "loss.loss_type", "one of grpo, bnpo, dr_grpo, dapo"),
+    ("loss.loss_type=ppo", "loss.loss_type", "one of grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo"),
+    ("loss.importance_sampling_level=response", "loss.importance_sampling_level", "sequence_token"),
+    ("loss.cispo_max_weight=0", "loss.cispo_max_weight", "cispo_max_weight"),
+    ("loss.sapo_temperature_neg=-1", "loss.sapo_temperature_neg", "sapo_temperature_neg"),
+    ("loss.off_policy_mask_threshold=-0.1", "loss.off_policy_mask_threshold", "off_policy_mask_threshold"),
     ("loss.kl_estimator=k4", "loss.kl_estimator", "one of k1, k2, k3"),
     ("loss.cov_mode=cov", "loss.cov_mode", "one of clip_cov, kl_cov"),
     ("loss.epsilon_low=1.0", "loss.epsilon_low", "must be < 1"),
@@ -123,6 +127,19 @@ def test_selected_normalisation_loads(loss_type):
     assert (cfg.loss.loss_type, cfg.loss.normalize_by) == (loss_type, "selected")
 
 
+def test_every_loss_field_reaches_the_loss():
+    """The loss section is FusedPolicyLoss's arguments by name: a value set in the config is the loss's."""
+    from fusedrl.engine.grpo import make_loss
+
+    cfg = load_config(None, ["loss.loss_type=sapo", "loss.importance_sampling_level=sequence_token",
+                             "loss.sapo_temperature_pos=0.7", "loss.sapo_temperature_neg=1.3",
+                             "loss.off_policy_mask_threshold=0.5", "rollout.temperature=0.9"])
+    loss = make_loss(cfg)
+    assert (loss.loss_type, loss.importance_sampling_level) == ("sapo", "sequence_token")
+    assert loss.sapo_temperatures == (0.7, 1.3)
+    assert (loss.off_policy_mask_threshold, loss.temperature) == (0.5, 0.9)
+
+
 @pytest.mark.parametrize("overrides, key, words", [
     (["rollout.group_size=1"], "advantage.normalize_std", "group of 1"),
     (["rollout.group_size=1", "advantage.normalize_std=false", "advantage.dynamic_sampling=true"],
@@ -139,6 +156,11 @@ def test_selected_normalisation_loads(loss_type):
     (["model.demo.num_heads=3"], "model.demo.num_heads", "divide"),
     (["optim.mini_batches=1000"], "optim.mini_batches", "responses per step"),
     (["loss.normalize_by=selected", "loss.loss_type=dr_grpo"], "loss.normalize_by", "dapo, bnpo or grpo"),
+    # Refused by FusedPolicyLoss itself, named by the config:
+    (["loss.importance_sampling_level=sequence", "loss.cov_mode=kl_cov"], "loss.importance_sampling_level",
+     "single tokens' ratios"),
+    (["loss.loss_type=cispo", "loss.dual_clip=3"], "loss.dual_clip", "no PPO clip"),
+    (["loss.loss_type=luspo", "loss.normalize_by=selected"], "loss.normalize_by", "number of responses"),
 ])
 def test_contradictions(overrides, key, words):
     message = _error(None, overrides)

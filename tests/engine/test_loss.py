@@ -140,6 +140,27 @@ def aggregate(cfg, x, counted, num_items):
     return x.sum() / counted.sum().clamp(min=1)
 
 
+def float64_leaves(inputs):
+    """float64 copies of the inputs that require grad, and the logits they give (hidden @ weight^T + bias)."""
+    leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    if "hidden" in leaves:
+        return leaves, leaves["hidden"] @ leaves["weight"].T + leaves["bias"]
+    return leaves, leaves["logits"]
+
+
+def assert_matches_float64(loss, expected, leaves, ref_leaves):
+    """The loss, and the gradient of every leaf (on any device), equal the float64 reference's on the CPU
+    (run backward first)."""
+    torch.testing.assert_close(loss.detach().double().cpu(), expected.detach(), rtol=2e-6, atol=2e-6)
+    for name, leaf in leaves.items():
+        want = ref_leaves[name].grad
+        scale = want.abs().max().item()
+        assert scale > 0, f"reference gradient of {name} is all zero: the case tests nothing"
+        torch.testing.assert_close(
+            leaf.grad.double().cpu(), want, rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -165,25 +186,14 @@ def check_against_float64(case, path, backend, device):
     moved = [t.to(device) for t in (ids, mask, adv, old, ref)]
     loss, metrics = loss_fn(*moved[:3], **leaves, old_logprobs=moved[3], ref_logprobs=moved[4], **call)
     loss.backward()
-    loss, metrics, grads = loss.cpu(), {k: v.cpu() for k, v in metrics.items()}, {k: v.grad.cpu() for k, v in leaves.items()}
+    metrics = {k: v.cpu() for k, v in metrics.items()}
 
-    ref_leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
-    if path == "hidden":
-        logits64 = ref_leaves["hidden"] @ ref_leaves["weight"].T + ref_leaves["bias"]
-    else:
-        logits64 = ref_leaves["logits"]
+    ref_leaves, logits64 = float64_leaves(inputs)
     expected, _, h, keep = reference_loss(cfg, logits64, ids, mask, adv, old, ref, call.get("num_items_in_batch"))
     expected.backward()
 
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
-    for name, grad in grads.items():
-        want = ref_leaves[name].grad
-        scale = want.abs().max().item()
-        assert scale > 0, f"reference gradient of {name} is all zero: the case tests nothing"
-        torch.testing.assert_close(
-            grad.double(), want, rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=lambda m, name=name: f"{name}: {m}"
-        )
+    assert_matches_float64(loss, expected, leaves, ref_leaves)
     valid = mask.bool()
     assert metrics["mask/selected"].item() == pytest.approx(keep.sum().item() / valid.sum().item())
     assert metrics["entropy/mean"].item() == pytest.approx(h[valid].mean().item(), rel=1e-5)
@@ -364,11 +374,13 @@ def test_metrics_names_values_and_floats():
     assert set(metrics) == {
         "loss/pg", "entropy/mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
         "mask/top_entropy", "mask/probability", "mask/cov", "mask/selected", "cov/mean", "cov/max",
+        "clip_ratio/low_min", "clip_ratio/high_max",
     }
     floats = metrics_to_floats(metrics)
     assert all(isinstance(v, float) for v in floats.values())
     assert floats["clip_ratio/high_mean"] == 0.25 and floats["clip_ratio/low_mean"] == 0.0
     assert floats["clip_ratio/region_mean"] == 0.25
+    assert floats["clip_ratio/high_max"] == 0.25 and floats["clip_ratio/low_min"] == 0.0  # the one response
     assert floats["entropy/mean"] == pytest.approx(math.log(2))
     assert floats["mask/top_entropy"] == 1.0  # all entropies tie at ln 2: all are >= tau
     assert floats["mask/probability"] == 0.75  # exp(old) = 1/3, 1, 1/2, 1/2

@@ -116,6 +116,10 @@ def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
     assert m_many["loss/policy"] == pytest.approx(m_one["loss/policy"], rel=1e-4, abs=1e-7)
     assert m_many["cov/mean" if "cov/mean" in m_one else "entropy/mean"] == pytest.approx(
         m_one["cov/mean" if "cov/mean" in m_one else "entropy/mean"], rel=1e-5, abs=1e-7)
+    # Extremes combine as extremes across micro-batches, not as token-weighted means.
+    for key in ("cov/max", "clip_ratio/low_min", "clip_ratio/high_max"):
+        if key in m_one:
+            assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7), key
     for key in ("mask/top_entropy", "mask/cov", "mask/probability"):
         if key in m_one:
             assert 0 < m_one[key] < 1  # the mask bites

@@ -15,7 +15,7 @@ import pytest
 import torch
 from _tiny import tiny_model, tiny_tokenizer
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from fusedrl.integrations.trl import FusedGRPOTrainer
@@ -79,18 +79,29 @@ def _trainer(cls, model, tmp_path, **overrides):
     return trainer
 
 
-def _batch(trainer: GRPOTrainer, vocab_size: int, with_ref: bool) -> dict:
-    """A prepared batch as TRL's generation step builds it: left-padded prompts, right-padded completions."""
+def _batch(
+    trainer: GRPOTrainer,
+    vocab_size: int,
+    with_ref: bool,
+    lengths=(6, 3, 5, 2),
+    noise: float = 0.4,
+    advantages=(1.2, -0.7, 0.4, -0.9),
+) -> dict:
+    """A prepared batch as TRL's generation step builds it: left-padded prompts, right-padded completions.
+
+    A length of 0 is a completion that `mask_truncated_completions` removed; `noise` is the scale of the
+    old log-probs' distance from the current ones.
+    """
     g = torch.Generator().manual_seed(1234)
     prompt_ids = torch.randint(2, vocab_size, (BATCH, PROMPT_LEN), generator=g)
     prompt_mask = torch.ones(BATCH, PROMPT_LEN, dtype=torch.long)
     prompt_mask[1, :2] = 0
     prompt_ids[1, :2] = 0
     completion_ids = torch.randint(2, vocab_size, (BATCH, COMPLETION_LEN), generator=g)
-    lengths = torch.tensor([6, 3, 5, 2])
+    lengths = torch.tensor(lengths)
     completion_mask = (torch.arange(COMPLETION_LEN) < lengths[:, None]).long()
     completion_ids[completion_mask == 0] = 0
-    advantages = torch.tensor([1.2, -0.7, 0.4, -0.9])
+    advantages = torch.tensor(advantages)
 
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
@@ -99,14 +110,14 @@ def _batch(trainer: GRPOTrainer, vocab_size: int, with_ref: bool) -> dict:
             trainer, trainer.model, input_ids, attention_mask, COMPLETION_LEN
         )
     # Old and reference log-probs away from the current policy: ratios reach both clip edges.
-    noise = torch.randn(current.shape, generator=g)
+    perturbation = torch.randn(current.shape, generator=g)
     inputs = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
         "advantages": advantages,
-        "old_per_token_logps": (current + 0.4 * noise) * completion_mask,
+        "old_per_token_logps": (current + noise * perturbation) * completion_mask,
         "num_items_in_batch": completion_mask.sum() * 2,  # the generation batch spans 2 micro-batches
     }
     if with_ref:
@@ -141,31 +152,149 @@ CASES = [
     ),
     pytest.param(dict(loss_type="bnpo", beta=0.05), id="bnpo-beta"),
     pytest.param(dict(loss_type="dr_grpo", beta=0.05, use_bias_correction_kl=False), id="dr_grpo-beta-unweighted"),
+    # INTELLECT-2's two-sided clip: delta caps the A < 0 tokens' ratio.
+    pytest.param(dict(loss_type="dapo", delta=1.5), id="dapo-delta"),
+    # GSPO: one importance weight per response (TRL recommends grpo; dapo weighs responses by length).
+    pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence"), id="gspo"),
+    pytest.param(dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.05), id="gspo-dapo-beta"),
+    pytest.param(
+        dict(loss_type="grpo", importance_sampling_level="sequence", top_entropy_quantile=0.2), id="gspo-top20"
+    ),
+    pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.5), id="gspo-delta"),
+    pytest.param(dict(loss_type="luspo", importance_sampling_level="sequence"), id="luspo"),
+    # CISPO's cap (TRL's epsilon_high) inside the ratios' range, so that some weights are truncated.
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.3), id="cispo"),
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.3, importance_sampling_level="sequence"), id="cispo-sequence"),
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.3, beta=0.05, top_entropy_quantile=0.2), id="cispo-beta-top20"),
+    pytest.param(dict(loss_type="sapo"), id="sapo"),
+    pytest.param(
+        dict(loss_type="sapo", sapo_temperature_pos=2.0, importance_sampling_level="sequence"), id="sapo-sequence"
+    ),
+    pytest.param(dict(loss_type="sapo", beta=0.05, top_entropy_quantile=0.2), id="sapo-beta-top20"),
+    pytest.param(dict(loss_type="vespo"), id="vespo"),
+    pytest.param(dict(loss_type="vespo", vespo_k_neg=1.5, beta=0.05), id="vespo-beta"),
+    # DeepSeek-V3.2's off-policy sequence mask: of the two A < 0 responses, the one whose old log-probs
+    # sit 0.2 above the current ones on average is dropped, the other kept.
+    pytest.param(dict(loss_type="dapo", off_policy_mask_threshold=0.1), id="dapo-off-policy-mask"),
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.3, off_policy_mask_threshold=0.1), id="cispo-off-policy-mask"),
 ]
+# The sequence-level weight averages the per-token noise away; this one gives response weights of
+# about 1.6, 2.1, 1.0, 0.5 (advantages +, -, +, -): a high clip, a low clip and a ratio above delta.
+SEQUENCE_NOISE = -1.5
 
 
 @pytest.mark.parametrize("overrides", CASES)
 def test_loss_and_gradients_match_stock_trl(tmp_path, model_dir, overrides):
     stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
     fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
-    inputs = _batch(stock, len(tiny_tokenizer()), with_ref="beta" in overrides)
+    noise = SEQUENCE_NOISE if overrides.get("importance_sampling_level") == "sequence" else 0.4
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref="beta" in overrides, noise=noise)
 
     stock_loss, stock_grads, stock_metrics = _loss_and_grads(stock, inputs)
     fused_loss, fused_grads, fused_metrics = _loss_and_grads(fused, inputs)
+    _assert_same(stock_loss, stock_grads, stock_metrics, fused_loss, fused_grads, fused_metrics)
+    assert len(stock_grads) == len(list(stock.model.parameters()))
+    # The batch is built to reach each loss type's clipped branches: the comparison covers them.
+    if "clip_ratio/low_mean" in stock_metrics:
+        assert stock_metrics["clip_ratio/low_mean"] > 0 and stock_metrics["clip_ratio/high_mean"] > 0
+    if "delta" in overrides:
+        assert _ratio_exceeds(stock, inputs, overrides["delta"], overrides.get("importance_sampling_level", "token"))
+    if overrides["loss_type"] == "cispo":
+        assert 0 < stock_metrics["cispo_clip_ratio"] < 1
+    if "off_policy_mask_threshold" in overrides:
+        unmasked = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "unmasked",
+                            **{k: v for k, v in overrides.items() if k != "off_policy_mask_threshold"})
+        assert abs(_loss_and_grads(unmasked, inputs)[0].item() - fused_loss.item()) > 1e-4
 
+
+def _assert_same(stock_loss, stock_grads, stock_metrics, fused_loss, fused_grads, fused_metrics):
+    """Loss, every parameter gradient and every logged metric (names and values) agree."""
     torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=1e-7)
     assert stock_grads.keys() == fused_grads.keys()
-    assert len(stock_grads) == len(list(stock.model.parameters()))
     for name, grad in stock_grads.items():
         torch.testing.assert_close(
             fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
         )
-    # The batch is built to clip on both sides: the comparison covers the clipped branches.
-    assert stock_metrics["clip_ratio/low_mean"] > 0 and stock_metrics["clip_ratio/high_mean"] > 0
-    for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert fused_metrics[name] == pytest.approx(stock_metrics[name], rel=1e-5, abs=1e-7), name
-    if "beta" in overrides:
-        assert fused_metrics["kl"] == pytest.approx(stock_metrics["kl"], rel=1e-5)
+    assert fused_metrics.keys() == stock_metrics.keys()
+    for name, value in stock_metrics.items():
+        assert fused_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), name
+
+
+def _ratio_exceeds(trainer, inputs, delta, level) -> bool:
+    """Some token with A < 0 has its importance weight above delta: the two-sided clip bites."""
+    mask = inputs["completion_mask"].bool()
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        current, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, input_ids, attention_mask, COMPLETION_LEN
+        )
+    log_ratio = torch.where(mask, current - inputs["old_per_token_logps"], 0.0)
+    if level == "sequence":
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)).expand_as(log_ratio)
+    negative = (inputs["advantages"] < 0)[:, None] & mask
+    return bool((log_ratio.exp()[negative] > delta).any())
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_metrics_with_empty_completions_match_stock_trl(tmp_path, model_dir, level):
+    """Two completions without a valid token (as `mask_truncated_completions` leaves them), the other
+    two clipped low: TRL's token-level extremes skip the empty responses, its sequence-level statistics
+    count them as unclipped responses; the fused trainer logs the same."""
+    overrides = dict(loss_type="grpo", importance_sampling_level=level)
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
+    inputs = _batch(
+        stock, len(tiny_tokenizer()), False, lengths=(6, 3, 0, 0), noise=1.5, advantages=(-1.2, -0.7, 0.4, -0.9)
+    )
+    stock_results = _loss_and_grads(stock, inputs)
+    _assert_same(*stock_results, *_loss_and_grads(fused, inputs))
+    metrics = stock_results[2]
+    if level == "token":
+        assert metrics["clip_ratio/low_min"] > 0  # over the two non-empty responses
+    else:
+        assert metrics["clip_ratio/low_mean"] == 0.5 and metrics["clip_ratio/low_min"] == 0.0  # 2 of 4 rows
+
+
+VLLM_CASES = [
+    pytest.param(dict(loss_type="dapo"), "token", id="dapo-token"),
+    # The sampler's log-probs below put the second response (A < 0) 0.1 above the current ones: dropped.
+    pytest.param(dict(loss_type="grpo", off_policy_mask_threshold=0.05), "token", id="grpo-off-policy-mask"),
+    pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence"), "sequence", id="gspo-sequence"),
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.3), "sequence", id="cispo-sequence"),
+    pytest.param(dict(loss_type="sapo", beta=0.05), "token", id="sapo-token"),
+    pytest.param(dict(loss_type="vespo"), "token", id="vespo-token"),
+]
+
+
+@pytest.mark.parametrize("overrides, weight_level", VLLM_CASES)
+def test_vllm_importance_sampling_correction_matches_stock_trl(tmp_path, model_dir, overrides, weight_level):
+    """TRL's correction for vLLM's sampling mismatch, as its generation step hands it to the loss:
+    `importance_sampling_ratio` [B, T] (token_* modes) or [B, 1] (sequence_* modes), truncated or with
+    masked-out zeros. vLLM itself is not installed here: both trainers are switched to it after
+    construction, so that only the loss's use of the ratios is compared."""
+    stock = _trainer(GRPOTrainer, _load(model_dir), tmp_path / "stock", **overrides)
+    fused = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "fused", **overrides)
+    noise = SEQUENCE_NOISE if overrides.get("importance_sampling_level") == "sequence" else 0.4
+    inputs = _batch(stock, len(tiny_tokenizer()), with_ref="beta" in overrides, noise=noise)
+    g = torch.Generator().manual_seed(7)
+    shape = (BATCH, COMPLETION_LEN if weight_level == "token" else 1)
+    ratio = torch.empty(shape).uniform_(0.5, 1.5, generator=g)
+    ratio[1, 0] = 0.0  # a ratio a *_mask mode removed
+    if weight_level == "token":  # TRL's ratio is exp(0) = 1 on padding
+        ratio = torch.where(inputs["completion_mask"].bool(), ratio, 1.0)
+    inputs["importance_sampling_ratio"] = ratio
+    # vLLM's own log-probs, which the off-policy mask reads instead of the old ones; one it could not give.
+    sampling = inputs["old_per_token_logps"] + 0.3 * torch.randn(inputs["old_per_token_logps"].shape, generator=g)
+    sampling[2, 0] = torch.nan
+    inputs["sampling_per_token_logps"] = sampling
+    results = []
+    for trainer in (stock, fused):
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        results.append(_loss_and_grads(trainer, inputs))
+    _assert_same(*results[0], *results[1])
+    without = _trainer(FusedGRPOTrainer, _load(model_dir), tmp_path / "without", **overrides)
+    assert abs(_loss_and_grads(without, inputs)[0].item() - results[1][0].item()) > 1e-4
 
 
 @pytest.mark.parametrize(
@@ -283,12 +412,53 @@ def test_two_step_train_runs_and_logs_trl_metrics(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="dapo", top_entropy_quantile=0.2),
+        dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.05),
+    ],
+    ids=["dapo-top20", "gspo-beta"],
+)
+def test_train_steps_log_what_stock_trl_logs(tmp_path, model_dir, overrides):
+    """Two optimizer steps of `train()`, two updates per generation (the second clips), from the same
+    seed: stock and fused trainers generate the same completions and log the same values under the
+    same names, the loss, the gradient norm and every metric of the loss included."""
+    _assert_same_histories(*_train_histories(model_dir, tmp_path, overrides))
+
+
+def _train_histories(model_dir, out_dir, overrides) -> list[list[dict]]:
+    """The logged steps of two `train()` optimizer steps (one generation, two updates), stock then fused."""
+    histories = []
+    for cls in (GRPOTrainer, FusedGRPOTrainer):
+        set_seed(0)
+        trainer = cls(
+            model=_load(model_dir),
+            reward_funcs=_reward_length,
+            args=_config(f"{out_dir}/{cls.__name__}", max_steps=2, num_iterations=2, seed=0, **overrides),
+            train_dataset=_dataset(),
+            processing_class=tiny_tokenizer(),
+        )
+        trainer.train()
+        histories.append([log for log in trainer.state.log_history if "loss" in log])
+    return histories
+
+
+def _assert_same_histories(stock, fused):
+    assert len(stock) == len(fused) == 2
+    assert stock[1]["clip_ratio/region_mean"] > 0
+    for stock_log, fused_log in zip(stock, fused):
+        assert fused_log.keys() == stock_log.keys()
+        for name, value in stock_log.items():
+            if name != "step_time":
+                assert fused_log[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize(
     "overrides, option",
     [
-        (dict(loss_type="cispo"), "loss_type"),
-        (dict(importance_sampling_level="sequence", loss_type="grpo"), "importance_sampling_level"),
         (dict(entropy_coef=0.01), "entropy_coef"),
-        (dict(delta=2.0), "delta"),
+            (dict(delta=1.2), "delta"),  # below 1 + epsilon_high = 1.28
+        (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(tmp_path, model_dir, overrides, option):
