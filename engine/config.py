@@ -79,7 +79,7 @@ class ModelConfig:
     reference: Optional[str] = None
     """Frozen reference model for the KL term: null, "policy" (a copy of the initial policy) or a path."""
     dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16 (16-bit ones are stepped through fp32 master copies)."""
+    """Parameter dtype: float32 or bfloat16 (stepped through fp32 master copies); float16 is refused (no loss scaling)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward to save memory."""
     demo: DemoModelConfig = field(default_factory=DemoModelConfig)
@@ -368,7 +368,11 @@ def validate(cfg: Config) -> None:
     _choice("run.device", run.device, ("auto", "cpu", "cuda"))
     _at_least("run.num_threads", run.num_threads, 0)
     _at_least("run.save_every", run.save_every, 0)
-    _choice("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
+    if model.dtype == "float16":
+        # fp16's range underflows small gradients without loss scaling, which the engine does not do.
+        _fail("model.dtype", "float16 training needs loss scaling, which the engine does not do; "
+                             "use bfloat16 (same memory, fp32's range) or float32")
+    _choice("model.dtype", model.dtype, ("float32", "bfloat16"))
     for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         _at_least(f"model.demo.{name}", getattr(model.demo, name), 1)
     if model.demo.hidden_size % model.demo.num_heads:

@@ -1,4 +1,4 @@
-"""AdamW that keeps fp32 master weights for 16-bit parameters (model.dtype bfloat16 / float16).
+"""AdamW that keeps fp32 master weights for 16-bit parameters (model.dtype bfloat16).
 
 A bf16 weight has 8 significant bits: between 2^-6 and 2^-5 (a typical 0.02) its neighbours are
 2^-13 = 1.2e-4 apart, so an AdamW step of lr ~ 1e-6 (RL's usual rate; Adam's steps are about lr in

@@ -110,6 +110,8 @@ def test_missing_file(tmp_path):
     ("reward.function=whatever", "reward.function", "module:function"),
     ("reward.timeout_s=0", "reward.timeout_s", "must be > 0"),
     ("advantage.max_generation_rounds=0", "advantage.max_generation_rounds", "must be >= 1"),
+    ("model.dtype=float16", "model.dtype", "loss scaling"),
+    ("model.dtype=float64", "model.dtype", "one of float32, bfloat16"),
 ])
 def test_out_of_range(override, key, words):
     message = _error(None, [override])
