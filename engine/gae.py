@@ -101,7 +101,9 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     """Generalised advantage estimation (Schulman et al. 2016) over masked response tokens.
 
     delta_t = r_t + gamma * V_{t+1} - V_t, with V_{t+1} = 0 after the last valid token;
-    A_t = delta_t + gamma * lam * A_{t+1}. A reverse scan over T, vectorised over the batch.
+    A_t = delta_t + gamma * lam * A_{t+1}, i.e. A_t = sum over k >= t of (gamma lam)^(k - t) delta_k:
+    a reverse cumulative sum when gamma * lam = 1, else log2(T) doubling steps, vectorised over the
+    batch and the tokens (a loop over T launched tens of thousands of small kernels per long-CoT step).
     Returns (advantages, returns = advantages + values), both [B, T] float32, 0 on padding.
     """
     _check_pair("rewards", rewards, mask)
@@ -111,17 +113,26 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     m = mask.to(torch.float32)
     r = rewards.to(torch.float32) * m
     v = values.to(torch.float32) * m
-    T = r.shape[1]
-    advantages = torch.zeros_like(r)
-    next_value = torch.zeros_like(r[:, 0])
-    next_adv = torch.zeros_like(r[:, 0])
-    for t in reversed(range(T)):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        # m[:, t] zeroes padding, so a padded step passes V = 0 and A = 0 back to the last valid token.
-        next_adv = (delta + gamma * lam * next_adv) * m[:, t]
-        advantages[:, t] = next_adv
-        next_value = v[:, t]
+    # V(s_{t+1}): the next column, 0 past the last valid token (padding holds 0) and past the end.
+    next_v = torch.nn.functional.pad(v[:, 1:], (0, 1))
+    delta = (r + gamma * next_v - v) * m
+    # Padding has delta = 0 and only padding follows it, so its advantage comes out 0.
+    advantages = discounted_reverse_sum(delta, gamma * lam)
     return advantages, (advantages + v) * m
+
+
+def discounted_reverse_sum(x: torch.Tensor, c: float) -> torch.Tensor:
+    """y_t = sum over k >= t of c^(k - t) x_k along the last axis, for 0 <= c <= 1.
+
+    The recurrence y_t = x_t + c y_{t+1} is a linear scan: after the step with shift s, each entry holds
+    the sum over its next 2s entries, so ceil(log2 T) steps finish it (Hillis-Steele)."""
+    if c == 1.0:
+        return x.flip(-1).cumsum(-1).flip(-1)
+    y, shift, factor = x.flip(-1), 1, c
+    while shift < y.shape[-1]:
+        y = y + factor * torch.nn.functional.pad(y[..., :-shift], (shift, 0))
+        shift, factor = 2 * shift, factor * factor
+    return y.flip(-1)
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

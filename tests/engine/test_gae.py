@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantages, masked_mean,
+from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, discounted_reverse_sum, gae_advantages, masked_mean,
                                 masked_whiten, token_rewards)
 
 PAD = 99.0  # junk in padded slots: a result that reads padding shows it
@@ -49,6 +49,19 @@ def test_gae_matches_explicit_sum_of_discounted_deltas():
         for t in range(n):
             expected[i, t] = sum((gamma * lam) ** k * delta[t + k] for k in range(n - t))
     torch.testing.assert_close(adv, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.5, 0.99, 1.0])
+def test_discounted_reverse_sum_matches_the_recurrence_over_long_rows(c):
+    """The doubling scan against y_t = x_t + c y_{t+1} run step by step in float64, at a length that
+    is no power of two (1000: ten doubling steps, the last one partial)."""
+    x = torch.randn(3, 1000, dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    running = torch.zeros(3, dtype=torch.float64)
+    for t in reversed(range(1000)):
+        running = x[:, t] + c * running
+        expected[:, t] = running
+    torch.testing.assert_close(discounted_reverse_sum(x, c), expected, rtol=1e-10, atol=1e-9)
 
 
 def test_token_rewards_clip_and_kl_in_reward():
