@@ -36,7 +36,7 @@ from fusedrl.engine.advantages import group_advantages, informative_groups, over
 from fusedrl.engine.config import Config, loss_arguments
 from fusedrl.engine.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to_floats
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.optim import MasterWeightAdamW, accumulate_gradients, clip_gradients
 from fusedrl.engine.session import Session, make_scheduler
 
 
@@ -172,6 +172,7 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
                 valid = sum(row_tokens[i] for i in rows.tolist())
                 share = _weight(cfg.loss.loss_type, len(rows), valid, mini_rows, mini_tokens)
                 (loss * share).backward()
+                accumulate_gradients(optimizer)  # 16-bit gradients summed in fp32 (engine/optim.py)
                 step_loss = step_loss + loss.detach().double() * share
                 tokens_seen += valid
                 for key, value in metrics.items():
@@ -180,7 +181,7 @@ def update(session: Session, loss_fn, optimizer, scheduler, batch: rollout.Batch
                     else:
                         sums[key] = sums.get(key, 0.0) + value.double() * valid
             if optim.max_grad_norm > 0:
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm).double())
+                grad_norms.append(clip_gradients(optimizer, optim.max_grad_norm).double())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

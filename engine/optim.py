@@ -6,9 +6,15 @@ size) rounds back to the same weight, and so does the decoupled weight decay: a 
 place does not learn. The remedy of mixed-precision training (Micikevicius et al. 2018): the optimizer
 steps an fp32 copy of each 16-bit parameter with its gradient in fp32, and writes the rounded copy
 back into the model, whose forward and backward stay in 16 bits. fp32 parameters are stepped as they
-are. The cost is 4 bytes per 16-bit parameter for the copy, and 4 more for its fp32 gradient during
-the step. The copies are part of the state dict, so that a resumed run continues from them rather than
+are. The copies are part of the state dict, so that a resumed run continues from them rather than
 from the rounded weights.
+
+Gradients accumulate in fp32 too: a loop over micro-batches calls `accumulate()` after each backward,
+which adds the 16-bit gradients into the copies' fp32 gradients and frees them (bf16's 8 bits would
+drop the small addends of a long accumulation: at 64 micro-batches each new one is added to a sum
+64 times its size). `clip_gradients` then clips those fp32 gradients. The cost is 4 bytes per 16-bit
+parameter for the copy and 4 for its fp32 gradient (the 2-byte 16-bit gradient lives only between a
+backward and the next `accumulate`).
 """
 
 from __future__ import annotations
@@ -26,14 +32,27 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().__init__([masters.get(id(p), p) for p in params], **kwargs)
 
     @torch.no_grad()
+    def accumulate(self) -> None:
+        """Adds the 16-bit parameters' gradients into their fp32 copies' gradients and frees them."""
+        for p, master in self._pairs:
+            if p.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+
+    @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("closure is not supported: compute the loss and its backward before step()")
-        for p, master in self._pairs:
-            master.grad = None if p.grad is None else p.grad.float()
+        self.accumulate()
         super().step()
         for p, master in self._pairs:
             p.copy_(master)
+            # The step uses the summed gradient up: a model.zero_grad() (which cannot see the copies)
+            # then leaves nothing behind, as it would for fp32 parameters.
             master.grad = None
         return None
 
@@ -61,3 +80,17 @@ class MasterWeightAdamW(torch.optim.AdamW):
             master.copy_(value)
             p.copy_(master)
 
+
+
+def accumulate_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """After each micro-batch's backward: MasterWeightAdamW sums 16-bit gradients into fp32; any other
+    optimizer (over fp32 parameters, such as the tests' SGD) keeps accumulating in `.grad` as usual."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        optimizer.accumulate()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the gradients the optimizer will step (fp32 ones for
+    MasterWeightAdamW's 16-bit parameters); returns the total norm before clipping."""
+    accumulate_gradients(optimizer)
+    return torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)

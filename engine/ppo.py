@@ -31,7 +31,7 @@ from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantag
 from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
 from fusedrl.engine.loss import metrics_to_floats
 from fusedrl.engine.model import DTYPES
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.optim import MasterWeightAdamW, accumulate_gradients, clip_gradients
 from fusedrl.engine.reference import ema_update_, master_copies
 from fusedrl.engine.session import Session, make_scheduler
 
@@ -92,10 +92,11 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
                                                      sub.completion_mask, value_clip=cfg.ppo.value_clip)
                 share = sum(row_tokens[i] for i in rows.tolist()) / mini_tokens
                 (loss * share).backward()
+                accumulate_gradients(optimizer)
                 step_loss = step_loss + loss.detach().double() * share
                 step_clip = step_clip + clip_frac.double() * share
             if optim.max_grad_norm > 0:
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.max_grad_norm).double())
+                grad_norms.append(clip_gradients(optimizer, optim.max_grad_norm).double())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)

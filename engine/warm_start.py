@@ -13,7 +13,7 @@ import torch
 
 from fusedrl.engine.config import WarmStartConfig
 from fusedrl.engine.model import completion_hidden, output_projection
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.optim import MasterWeightAdamW, clip_gradients
 from fusedrl.engine.rollout import Batch, make_batch
 from fusedrl.kernels import linear_logprobs_and_entropy
 
@@ -44,7 +44,7 @@ def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -
             ~batch.completion_mask, -100), bias=bias)
         loss = -(lp * batch.completion_mask).sum() / batch.completion_mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(optimizer, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.optim import MasterWeightAdamW, accumulate_gradients, clip_gradients
 
 OPTIONS = dict(lr=1e-6, weight_decay=0.01, betas=(0.9, 0.95))
 
@@ -107,3 +107,47 @@ def test_zero_grad_and_bad_state():
     state["master_weights"] = state["master_weights"][:1]
     with pytest.raises(ValueError, match="master weights"):
         MasterWeightAdamW(_model(torch.bfloat16).parameters(), **OPTIONS).load_state_dict(state)
+
+
+def test_micro_batch_gradients_accumulate_in_fp32_and_clip_there():
+    """Four micro-batches' bf16 gradients summed by accumulate_gradients equal their fp32 sum exactly
+    (bf16 .grad accumulation rounds each partial sum to 8 bits); clip_gradients clips and reports the
+    norm of that fp32 sum, as torch's clip_grad_norm_ on fp32 copies does."""
+    model = _model(torch.bfloat16)
+    optimizer = MasterWeightAdamW(model.parameters(), **OPTIONS)
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
+    for seed in range(4):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        (model(x).float().square().sum() * (1 + 100 * seed)).backward()  # addends of growing size
+        for e, p in zip(expected, model.parameters()):
+            e += p.grad.float()
+        accumulate_gradients(optimizer)
+        assert all(p.grad is None for p in model.parameters())
+    masters = optimizer.param_groups[0]["params"]
+    assert all(torch.equal(m.grad, e) for m, e in zip(masters, expected))
+    reference = [e.clone().requires_grad_() for e in expected]
+    for r, e in zip(reference, expected):
+        r.grad = e.clone()
+    want = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    assert torch.equal(clip_gradients(optimizer, 1.0), want)
+    assert all(torch.equal(m.grad, r.grad) for m, r in zip(masters, reference))
+    # What bf16 accumulation in .grad would have given differs from the fp32 sum.
+    in_place = _model(torch.bfloat16)
+    for seed in range(4):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        (in_place(x).float().square().sum() * (1 + 100 * seed)).backward()
+    assert any(not torch.equal(p.grad.float(), e) for p, e in zip(in_place.parameters(), expected))
+    optimizer.step()
+    assert all(m.grad is None for m in masters)  # used up by the step
+
+
+def test_plain_optimizers_pass_through():
+    """accumulate_gradients leaves another optimizer's fp32 gradients in .grad; clip_gradients clips them."""
+    model = _model(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    _backward(model, 0)
+    grads = [p.grad.clone() for p in model.parameters()]
+    accumulate_gradients(optimizer)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    torch.testing.assert_close(clip_gradients(optimizer, 1e9), norm)
