@@ -11,8 +11,8 @@
 # (the lent GPU machines return what lands there). Exit status: the test suite's.
 #
 # Set-up, one of two ways:
-# - online: scripts/bootstrap.sh makes .venv (the CUDA build of torch) and adds the GPU peers
-#   Liger-Kernel and cut-cross-entropy;
+# - online: scripts/bootstrap.sh makes .venv (the CUDA build of torch; Liger-Kernel comes with the
+#   bench extra) and adds the GPU-only peer cut-cross-entropy;
 # - offline, when .wheelhouse/ exists (made by scripts/wheelhouse.sh on a machine with an index and
 #   carried along): the machine's own python3, which already holds CUDA torch and Triton, gets the
 #   carried wheels and fusedrl itself, with no network.
@@ -35,8 +35,8 @@ if [ -d .wheelhouse ]; then
 else
     bash scripts/bootstrap.sh || exit 1
     PY=.venv/bin/python
-    "$PY" -m pip install "${PIP_QUIET[@]}" liger-kernel cut-cross-entropy \
-        || echo "run_gpu: Liger-Kernel / cut-cross-entropy did not install; their rows will skip"
+    "$PY" -m pip install "${PIP_QUIET[@]}" cut-cross-entropy \
+        || echo "run_gpu: cut-cross-entropy did not install; its rows will skip"
 fi
 
 work=$(mktemp -d)
