@@ -1,6 +1,6 @@
 """What every training loop shares: set-up from the config, evaluation, logging, checkpoints, the end.
 
-A loop (grpo.py; PPO and SPO later) builds a Session, makes its optimizer, calls `restore`, then for
+A loop (grpo.py, ppo.py, spo.py) builds a Session, makes its optimizer, calls `restore`, then for
 each step in `steps()` does its own rollout / reward / update and hands its metrics to `end_step`,
 which adds held-out evaluation, peak memory and checkpoints. `finish` evaluates, plots and summarises.
 """
@@ -19,9 +19,10 @@ from omegaconf import OmegaConf
 from transformers.utils import logging as hf_logging
 
 from fusedrl.engine import checkpoint, rollout
-from fusedrl.engine.config import Config, UsageError
+from fusedrl.engine.config import Config
+from fusedrl.engine.errors import UsageError
 from fusedrl.engine.data import PromptSampler, load_splits, load_task
-from fusedrl.engine.logging import MetricLogger, peak_memory_bytes
+from fusedrl.engine.metrics_log import MetricLogger, peak_memory_bytes
 from fusedrl.engine.model import load_policy, load_reference
 from fusedrl.engine.plots import write_plots
 from fusedrl.engine.rewards import load_reward, score

@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from fusedrl.engine.config import UsageError, load_config
+    from fusedrl.engine.config import load_config
+    from fusedrl.engine.errors import UsageError
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -312,7 +312,7 @@ def logprobs_and_entropy(
     and H are nan, as torch.log_softmax gives. nan or +inf in a non-ignored row makes that row's
     outputs and gradient nan; other rows are unaffected. An empty batch (N = 0) returns empty outputs.
 
-    Memory: the forward keeps the per-row log-sum-exp and entropy (8 bytes per row) for the backward;
+    Memory: the forward keeps 12 bytes per row for the backward (the row max, log S and H, fp32);
     neither backend allocates an fp32 [N, V] tensor, and the backward allocates at most the gradient.
 
     Raises:

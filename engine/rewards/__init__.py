@@ -25,7 +25,7 @@ import signal
 import threading
 from typing import Callable
 
-from fusedrl.engine.config import UsageError
+from fusedrl.engine.errors import UsageError
 
 RewardFn = Callable[..., list]
 

@@ -52,7 +52,8 @@ except ImportError as err:  # pragma: no cover - exercised only where trl is abs
         "`pip install 'fusedrl[trl]'` or `pip install trl`."
     ) from err
 
-from fusedrl.engine.loss import CLIP_LOSS_TYPES, LOSS_TYPES, FusedPolicyLoss
+from fusedrl.loss import FusedPolicyLoss
+from fusedrl.loss.options import CLIP_LOSS_TYPES, LOSS_TYPES
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 __all__ = ["FusedGRPOTrainer"]

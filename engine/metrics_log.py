@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fusedrl.engine.config import RunConfig, UsageError
+from fusedrl.engine.config import RunConfig
+from fusedrl.engine.errors import UsageError
 
 
 def peak_memory_bytes(device: torch.device) -> int:

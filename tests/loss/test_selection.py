@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fusedrl import FusedPolicyLoss
-from fusedrl.engine.loss import Selection
+from fusedrl.loss import Selection
 from fusedrl.kernels import linear_logprobs_and_entropy, logprobs_and_entropy
 
 B, T, V, HID = 6, 9, 37, 16
@@ -137,7 +137,7 @@ def test_selection_masks_are_the_whole_batch_statistics():
     top = torch.zeros(valid.sum().item(), dtype=torch.bool)
     top[cov.topk(k).indices] = True
     assert torch.equal(selection.covariance[valid], top) and not selection.covariance[~valid].any()
-    torch.testing.assert_close(selection.cov[valid], cov)
+    torch.testing.assert_close(selection.covariance_values[valid], cov)
     part = selection.rows(torch.tensor([4, 1]), 3)
     assert torch.equal(part.high_entropy, selection.high_entropy[[4, 1], :3])
     assert torch.equal(part.covariance, selection.covariance[[4, 1], :3])
