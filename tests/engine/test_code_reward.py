@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from fusedrl.engine.rewards.code import CaseResult, CodeExecutionReward, extract_code, outputs_match
+from fusedrl.engine.rewards.program_tests import CaseResult, CodeExecutionReward, extract_code, outputs_match
 
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-5, 5) == 0"}]
