@@ -137,8 +137,8 @@ def plan_assert(text: str) -> AssertPlan:
     calls = ", ".join(f"({call})" for call in cutter.calls)
     harness = (  # after the program, in its namespace: the calls, then their values on one line
         f"\n\n\n{_ENCODER}\n\nimport json as _fusedrl_json, sys as _fusedrl_sys\n"
-        f"_fusedrl_sys.__stdout__.write('\\n' + {MARKER!r} + _fusedrl_json.dumps([_fusedrl_encode(v) for v in [{calls}]])"
-        " + '\\n')\n"
+        f"_fusedrl_values = _fusedrl_json.dumps([_fusedrl_encode(v) for v in [{calls}]])\n"
+        f"_fusedrl_sys.__stdout__.write('\\n' + {MARKER!r} + _fusedrl_values + '\\n')\n"
     )
     return AssertPlan(
         text=text,

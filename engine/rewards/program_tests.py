@@ -68,7 +68,18 @@ class SampleResult:
     """Empty when every case passed; otherwise the first reason a case did not pass."""
 
 
+def _is_text(text: str) -> bool:
+    """False for a string holding a lone surrogate, which no UTF-8 file or pipe can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_case(case) -> None:
+    if isinstance(case, dict) and any(isinstance(v, str) and not _is_text(v) for v in case.values()):
+        raise ValueError(f"a test case holds a lone surrogate, not valid text: {repr(case)[:200]}")
     if isinstance(case, dict) and set(case) == {"input", "output"}:
         if isinstance(case["input"], str) and isinstance(case["output"], str):
             return
@@ -193,9 +204,7 @@ class CodeExecutionReward:
         program = extract_code(completion)
         if program is None:
             return SampleResult(0.0, (), NO_CODE)
-        try:
-            program.encode("utf-8")
-        except UnicodeEncodeError:  # a decoder can emit lone surrogates; no file can hold them as UTF-8
+        if not _is_text(program):  # a decoder can emit lone surrogates
             return SampleResult(0.0, (), NOT_TEXT)
         results = []
         for case in cases:

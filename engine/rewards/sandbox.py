@@ -240,7 +240,9 @@ class Sandbox:
                 self.cgroups.remove(cgroup)
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _launch(self, program: str, workdir: str, stdin: bytes, uid: int, start: float, cgroup: str | None) -> RunResult:
+    def _launch(
+        self, program: str, workdir: str, stdin: bytes, uid: int, start: float, cgroup: str | None
+    ) -> RunResult:
         status_r, status_w = os.pipe()
         cfg = {
             "isolate": self.isolated,

@@ -42,7 +42,8 @@ def test_anything_else_is_opaque_and_fails():
 def test_calls_into_the_program_are_cut_whole():
     cases = {
         "assert add(3, 4) == 7": ("(add(3, 4))", "assert _fusedrl_values[0] == 7"),
-        "assert Solution().solve([1, 2])[0] != 'x'": ("(Solution().solve([1, 2])[0])", "assert _fusedrl_values[0] != 'x'"),
+        "assert Solution().solve([1, 2])[0] != 'x'": (
+            "(Solution().solve([1, 2])[0])", "assert _fusedrl_values[0] != 'x'"),
         "assert sorted(f(x), key=len) == []": ("(f(x))", "assert sorted(_fusedrl_values[0], key=len) == []"),
         "assert abs(f(3) - 2.5) < 1e-6": ("(f(3))", "assert abs(_fusedrl_values[0] - 2.5) < 1e-06"),
         "assert (g(1) + 2).real == 3": ("(g(1))", "assert (_fusedrl_values[0] + 2).real == 3"),

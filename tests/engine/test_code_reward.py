@@ -107,8 +107,9 @@ def add(a, b):
     return a - b
 SOURCE = open(sys.argv[0]).read().splitlines()
 def tracer(frame, event, arg):
-    if event == "line" and frame.f_code.co_name == "<module>" and SOURCE[frame.f_lineno - 1].lstrip().startswith("assert"):
-        frame.f_lineno += 3  # past `except AssertionError: raise SystemExit(86)` to the success print
+    if event == "line" and frame.f_code.co_name == "<module>":
+        if SOURCE[frame.f_lineno - 1].lstrip().startswith("assert"):
+            frame.f_lineno += 3  # past `except AssertionError: raise SystemExit(86)` to the success print
     return tracer
 sys._getframe().f_trace = tracer
 sys.settrace(tracer)
@@ -143,7 +144,8 @@ def test_asserts_the_parent_cannot_check_alone_go_to_a_judge(reward):
     tests = [[{"assert": "assert math.isclose(area(2), 12.566, rel_tol=1e-3)"},
               {"assert": "assert sorted(evens(6)) == [0, 2, 4]\nassert len(evens(3)) == 2"},
               {"assert": "assert abs(area(1) - 3.1416) < 1e-3"}]]
-    right = "import math\ndef area(r):\n    return math.pi * r * r\ndef evens(n):\n    return {i for i in range(0, n, 2)}"
+    right = "import math\ndef area(r):\n    return math.pi * r * r\n"
+    right += "def evens(n):\n    return {i for i in range(0, n, 2)}"
     wrong = "def area(r):\n    return 3 * r * r\ndef evens(n):\n    return [i for i in range(n) if i % 2]"
     anything = GAMED_ASSERTS["__eq__ always true"].replace("def add(a, b)", "def area(r)") + "evens = area"
     assert reward([""] * 3, [right, wrong, anything], tests=tests * 3) == [1.0, 0.0, 0.0]
@@ -276,6 +278,8 @@ def test_bad_test_columns_are_rejected_before_running(reward):
         reward([""], ["print(1)"], tests=[[]])
     with pytest.raises(ValueError, match="each test case"):
         reward([""], ["print(1)"], tests=[[{"input": "1"}]])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        reward([""], ["print(1)"], tests=[[{"input": "\udc80", "output": ""}]])
     with pytest.raises(ValueError, match="assert statements only"):
         reward([""], ["print(1)"], tests=[[{"assert": "x = add(1, 2)\nassert x == 3"}]])
     with pytest.raises(ValueError, match="GeneratorExp outside a call"):
