@@ -163,7 +163,7 @@ class AdvantageConfig:
 @dataclass
 class LossConfig:
     loss_type: str = "dapo"
-    """PPO clip aggregated as grpo, bnpo, dr_grpo, dapo (ALGORITHMS.md section 4) or luspo; or cispo, sapo, vespo."""
+    """PPO clip aggregated as grpo, bnpo, dr_grpo, dapo (docs/algorithms.md section 4) or luspo; or cispo, sapo, vespo."""
     epsilon_low: float = 0.2
     """Lower PPO clip range."""
     epsilon_high: float = 0.28

@@ -1,4 +1,4 @@
-"""The fused policy loss: PPO / GRPO / DAPO with entropy-aware token selection (ALGORITHMS.md 2 to 5).
+"""The fused policy loss: PPO / GRPO / DAPO with entropy-aware token selection (docs/algorithms.md 2 to 5).
 
 One module for every policy-gradient loss of the engine. The per-token log-prob lp and entropy H come
 from one fused pass over the vocabulary, from logits or straight from hidden states and the output

@@ -2,7 +2,7 @@
 
 FusedPolicyLoss (engine/loss.py) reads these; each function is a formula of a published method, with
 TRL 1.16's GRPOTrainer as the reference implementation that tests/integrations/test_trl.py compares
-against. Notation as in ALGORITHMS.md: lp the current log-prob of the sampled token, olp the
+against. Notation as in docs/algorithms.md: lp the current log-prob of the sampled token, olp the
 rollout-time one, A the advantage, valid the response tokens.
 
 Importance weight w of each token (`importance_sampling_level`):

@@ -1,6 +1,6 @@
 """End-of-run plots: reward and entropy against step, and the entropy law R = -a exp(H) + b.
 
-Cui et al. (ALGORITHMS.md section 3) found validation reward R and policy entropy H related by
+Cui et al. (docs/algorithms.md section 3) found validation reward R and policy entropy H related by
 R = -a exp(H) + b over training, so the reward at zero entropy, b - a, is the run's predicted ceiling.
 The fit is linear least squares in exp(H) over the steps' (entropy/mean, reward/mean) pairs.
 """

@@ -1,4 +1,4 @@
-"""PPO with a critic, the way Xu et al. 2024 made it beat DPO (ALGORITHMS.md section 4).
+"""PPO with a critic, the way Xu et al. 2024 made it beat DPO (docs/algorithms.md section 4).
 
 Each step samples `prompts_per_step` x `group_size` responses and scores them. A no-grad pass gives the
 rollout policy's log-probs, the reference's log-probs and the critic's values for every response token.

@@ -1,4 +1,4 @@
-"""SPO: segment-level advantages from Monte-Carlo values (Guo et al. 2025, ALGORITHMS.md section 5).
+"""SPO: segment-level advantages from Monte-Carlo values (Guo et al. 2025, docs/algorithms.md section 5).
 
 No critic: a state's value is the mean reward of continuations sampled from it, and a segment's
 advantage is the change of value across it (the maths is in segments.py, the sampling in spo_rollout.py).

@@ -11,6 +11,13 @@ reference.py holds the plain-PyTorch version of every op: the CPU backend, the t
 companion and the benchmarks' baseline.
 """
 
+if __name__ != "fusedrl.kernels":
+    # Imported as a bare `kernels` from the repository root: let Hugging Face's `kernels` (or nothing)
+    # answer instead. The rest of this file then only binds names in a module nobody holds.
+    from fusedrl._checkout import stand_aside
+
+    stand_aside(__name__, __file__)
+
 import importlib
 
 _OPS = {

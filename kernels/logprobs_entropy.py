@@ -1,7 +1,7 @@
 """Per-token log-prob and entropy from logits, fused: lp = log softmax(x / T)[y], H = -sum p log p.
 
 The forward reads each logits row once, streaming over the vocabulary with an online max, sum of
-exponentials and sum of p * log p in fp32 (ALGORITHMS.md section 1), and keeps only per-row state
+exponentials and sum of p * log p in fp32 (docs/algorithms.md section 1), and keeps only per-row state
 for the backward: the row max and log S (lse = max / T + log S) and H, 12 bytes a row. The
 backward reads the row once more, recomputes p tile by tile and writes
 d logits = (g_lp (onehot(y) - p) - g_H p (log p + H)) / T once, in the logits' dtype, optionally

@@ -12,7 +12,7 @@ Test cases come in the `tests` column, one list per row; each case is one of
 Every case runs as its own program in the sandbox (fusedrl.engine.rewards.sandbox), so one case's
 crash or timeout cannot affect another. The reward of a response is the fraction of its cases that
 pass (mode "fraction") or 1 only if all pass (mode "all", which stops at the first case that does
-not pass). Xu et al. 2024 (docs/algorithms.md) trained PPO on APPS with exactly this signal.
+not pass). Xu et al. 2024 (docs/algorithms.md section 4) trained PPO on APPS with exactly this signal.
 """
 
 import re

@@ -1,4 +1,4 @@
-"""FusedPolicyLoss against a float64 implementation of ALGORITHMS.md sections 2 to 5 written here.
+"""FusedPolicyLoss against a float64 implementation of docs/algorithms.md sections 2 to 5 written here.
 
 The reference recomputes lp and H with log_softmax in float64 from the same logits (or from hidden @
 weight^T + bias), builds every mask from its own definition (torch.quantile for the entropy threshold,

@@ -1,7 +1,7 @@
 """Batch-wide selection across micro-batches: FusedPolicyLoss.select and the `selection=` keyword.
 
 The top-entropy threshold and the covariance statistics belong to the whole training batch
-(ALGORITHMS.md sections 2 and 3). Splitting a batch into micro-batches for gradient accumulation must
+(docs/algorithms.md sections 2 and 3). Splitting a batch into micro-batches for gradient accumulation must
 not change them: with a Selection made once over the batch, the micro-batches' weighted losses and
 their gradients add up to those of one call on the whole batch. Without it each call computes its own
 statistics, and the sum differs (the per-micro-batch bug the Selection removes).
