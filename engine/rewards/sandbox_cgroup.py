@@ -74,8 +74,8 @@ def _writable(directory: str) -> bool:
 def _parent(mountinfo: str, self_cgroup: str) -> tuple[int, str] | None:
     """(version, the directory that run cgroups are created in), or None where there is none."""
     mounts, paths = _mounts(mountinfo), _own_paths(self_cgroup)
-    if "v1" in mounts and "v1" in paths:  # the memory controller lives on one hierarchy only
-        own = _directory(*mounts["v1"], paths["v1"])
+    if "v1" in mounts:  # the memory controller lives on one hierarchy only: then v2 has none
+        own = _directory(*mounts["v1"], paths["v1"]) if "v1" in paths else None
         return (1, own) if own and _writable(own) else None
     if "v2" not in mounts or "v2" not in paths:
         return None
