@@ -18,8 +18,8 @@ code object or its source. Now the assert never enters the program's sandbox:
    of one call with a literal (`==`, `!=`, `is`, `is not`, or the call's truth); otherwise by the
    judge program (plain_values.py run in a sandbox of its own, where no code of the candidate's runs).
 
-Statements other than assert, and lambdas, comprehensions or `:=` outside the cut calls, are
-refused with a ValueError before anything runs.
+Statements other than assert, lambdas, comprehensions or `:=` outside the cut calls, and an assert
+that calls nothing of the program's, are refused with a ValueError before anything runs.
 """
 
 import ast
@@ -112,7 +112,8 @@ def _local_check(test: ast.expr) -> tuple | None:
     for call, other in ((test.left, test.comparators[0]), (test.comparators[0], test.left)):
         is_call = isinstance(call, ast.Subscript) and isinstance(call.value, ast.Name) and call.value.id == _VALUES
         ok, literal = _literal(other)
-        if is_call and ok and (isinstance(test.ops[0], (ast.Eq, ast.NotEq)) or literal in (None, True, False)):
+        singleton = any(literal is constant for constant in (None, True, False))
+        if is_call and ok and (isinstance(test.ops[0], (ast.Eq, ast.NotEq)) or singleton):
             return (call.slice.value, _COMPARE[type(test.ops[0])], literal)
     return None
 
@@ -133,12 +134,14 @@ def plan_assert(text: str) -> AssertPlan:
             tests.append(cutter.visit(statement.test))
         except ValueError as exc:
             raise ValueError(f"{exc}: {text[:200]!r}") from None
+    if not cutter.calls:  # `assert max(3, 4) == 4` tests a builtin, and would pass any program
+        raise ValueError(f"an assert case must call something the program defines: {text[:200]!r}")
     local = [_local_check(test) for test in tests]
     calls = ", ".join(f"({call})" for call in cutter.calls)
     harness = (  # after the program, in its namespace: the calls, then their values on one line
         f"\n\n\n{_ENCODER}\n\nimport json as _fusedrl_json, sys as _fusedrl_sys\n"
-        f"_fusedrl_values = _fusedrl_json.dumps([_fusedrl_encode(v) for v in [{calls}]])\n"
-        f"_fusedrl_sys.__stdout__.write('\\n' + {MARKER!r} + _fusedrl_values + '\\n')\n"
+        f"_fusedrl_line = _fusedrl_json.dumps([_fusedrl_encode(v) for v in [{calls}]])\n"
+        f"_fusedrl_sys.__stdout__.write('\\n' + {MARKER!r} + _fusedrl_line + '\\n')\n"
     )
     return AssertPlan(
         text=text,

@@ -54,6 +54,7 @@ def test_calls_into_the_program_are_cut_whole():
         assert f"[{calls}]" in plan.harness and plan.checks == (check,), text
     assert plan_assert("assert add(3, 4) == 7").local == ((0, operator.eq, 7),)
     assert plan_assert("assert abs(f(3) - 2.5) < 1e-6").local is None  # needs the judge
+    assert plan_assert("assert f(1) is 1").local is None  # `is` compares with None, True, False only here
 
 
 def test_local_checks_on_hand_worked_values():

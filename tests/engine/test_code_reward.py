@@ -282,6 +282,8 @@ def test_bad_test_columns_are_rejected_before_running(reward):
         reward([""], ["print(1)"], tests=[[{"input": "\udc80", "output": ""}]])
     with pytest.raises(ValueError, match="assert statements only"):
         reward([""], ["print(1)"], tests=[[{"assert": "x = add(1, 2)\nassert x == 3"}]])
+    with pytest.raises(ValueError, match="call something the program defines"):
+        reward([""], ["print(1)"], tests=[[{"assert": "assert max(3, 4) == 4"}]])
     with pytest.raises(ValueError, match="GeneratorExp outside a call"):
         reward([""], ["print(1)"], tests=[[{"assert": "assert all(add(i, 0) == i for i in range(3))"}]])
     with pytest.raises(ValueError, match="mode"):
