@@ -51,6 +51,7 @@ import triton.language as tl
 from fusedrl.kernels import reference
 from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
+from fusedrl.kernels._vocab_parallel import all_reduce_fp32, check_vocab_slices, combine_lse_slices
 
 
 @triton.jit
@@ -96,6 +97,7 @@ def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V] (if HAS_BIAS), [N] int64
     stats_ptr,  # [4, N, n_splits] fp32: running max m, sum exp(z - m), sum exp(z - m) (z - m), target logit
     n_rows, hidden_size, vocab_size, n_splits, tiles_per_split, ignore_index,
+    vocab_start,  # vocabulary id of weight row 0 (a vocabulary-parallel slice; else 0)
     stride_h, stride_w,
     inv_temperature,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -127,7 +129,7 @@ def _forward_kernel(
         e = tl.exp(zc)
         t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * zc, 0.0), 1)  # p = 0 adds 0, not 0 * -inf
         s = alpha * s + tl.sum(e, 1)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        zy += tl.sum(tl.where(cols[None, :] + vocab_start == y[:, None], z, 0.0), 1)
         m = m_new
     out = stats_ptr + rows * n_splits + split
     plane = tl.cast(n_rows, tl.int64) * n_splits  # N * splits passes 2^31 at a few million rows
@@ -287,8 +289,9 @@ def _vocab_splits(n_row_blocks: int, n_tiles: int, n_sm: int) -> tuple[int, int]
     return triton.cdiv(n_tiles, tiles), tiles
 
 
-def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
-    """lp, H and lse for [N, H] hidden, [V, H] weight and [N] int64 targets (all fp32, [N])."""
+def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int, vocab_start: int = 0):
+    """lp, H and lse for [N, H] hidden, [V, H] weight and [N] int64 targets (all fp32, [N]); with
+    vocab_start > 0 of a vocabulary slice, whose rows with a target elsewhere get a meaningless lp."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     cfg = _blocks(hidden)
@@ -300,7 +303,7 @@ def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index
     stats = torch.empty(4, n_rows, splits, dtype=torch.float32, device=hidden.device)  # each slot written once
     _forward_kernel[(n_row_blocks * splits,)](
         hidden, weight, weight if bias is None else bias, targets, stats,
-        n_rows, hidden_size, vocab_size, splits, tiles, ignore_index,
+        n_rows, hidden_size, vocab_size, splits, tiles, ignore_index, vocab_start,
         hidden.stride(0), weight.stride(0),
         inv_temperature,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -388,6 +391,9 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
     order = _loop_order(n_rows, vocab_size, hidden_size, hidden.dtype, needs, cfg)
     rows, cols = _chunks(order, n_rows, vocab_size, cfg)
     in_place = hidden.dtype == torch.float32  # fp32 gradients are their own accumulators
+    # With a process group the ranks' partial hidden gradients are summed in fp32, then rounded once.
+    hidden_grad_dtype = hidden.dtype if options.process_group is None else torch.float32
+    in_place_h = hidden_grad_dtype == torch.float32
     workspace = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
     dbias_blocks = (torch.empty(triton.cdiv(rows, cfg.block_n) * cols, dtype=torch.float32, device=hidden.device)
                     if need_b else None)
@@ -402,7 +408,7 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
             hidden[r0:r1], weight[c0:c1], weight if bias is None else bias[c0:c1], targets[r0:r1],
             lse[r0:r1], entropy[r0:r1], grad_lp[r0:r1], grad_entropy[r0:r1],
             dz, grad_lp if dbias_blocks is None else dbias_blocks,  # an fp32 stand-in: never touched
-            r1 - r0, hidden_size, c1 - c0, c0, options.ignore_index,
+            r1 - r0, hidden_size, c1 - c0, c0 + options.vocab_start, options.ignore_index,
             hidden.stride(0), weight.stride(0),
             options.inv_temperature,
             HAS_BIAS=bias is not None, BIAS_GRAD=need_b,
@@ -427,18 +433,18 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
         # gradient needs all rows, so it accumulates in fp32 [V, H] and is converted once at the end.
         dw = fp32_zeros(vocab_size, hidden_size) if need_w else None
         if need_h:
-            grad_hidden = torch.empty_like(hidden)
-            dh_chunk = None if in_place else fp32_zeros(rows, hidden_size)
+            grad_hidden = torch.empty(hidden.shape, dtype=hidden_grad_dtype, device=hidden.device)
+            dh_chunk = None if in_place_h else fp32_zeros(rows, hidden_size)
         for r0 in range(0, n_rows, rows):
             r1 = min(n_rows, r0 + rows)
             dh = None
             if need_h:
-                dh = grad_hidden[r0:r1] if in_place else dh_chunk[: r1 - r0]
+                dh = grad_hidden[r0:r1] if in_place_h else dh_chunk[: r1 - r0]
                 dh.zero_()
             for c0 in range(0, vocab_size, cols):
                 c1 = min(vocab_size, c0 + cols)
                 step(r0, r1, c0, c1, dh, None if dw is None else dw[c0:c1])
-            if need_h and not in_place:
+            if need_h and not in_place_h:
                 grad_hidden[r0:r1] = dh
         if need_w:
             grad_weight = dw.to(weight.dtype)  # a no-op for fp32; else the fp32 buffer dies on return
@@ -461,7 +467,9 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
             if need_w and not in_place:
                 grad_weight[c0:c1] = dw
         if need_h:
-            grad_hidden = dh.to(hidden.dtype)
+            grad_hidden = dh.to(hidden_grad_dtype)
+    if options.process_group is not None:
+        grad_hidden = all_reduce_fp32(grad_hidden, hidden.dtype, options.process_group)
     return grad_hidden, grad_weight, None if db is None else db.to(bias.dtype)
 
 
@@ -469,6 +477,8 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
 class _Options:
     inv_temperature: float
     ignore_index: int
+    process_group: object = None  # vocabulary parallelism: the ranks that hold the other slices
+    vocab_start: int = 0  # vocabulary id of this rank's first weight row
 
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
@@ -476,7 +486,11 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, options: _Options):
         with device_guard(hidden):
             logprobs, entropy, lse = _forward(hidden, weight, bias, targets, options.inv_temperature,
-                                              options.ignore_index)
+                                              options.ignore_index, options.vocab_start)
+        if options.process_group is not None:
+            valid = targets != options.ignore_index
+            logprobs, entropy, lse = combine_lse_slices(logprobs, entropy, lse, targets, valid, options.vocab_start,
+                                                        weight.shape[0], options.process_group)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.options = options
         return logprobs, entropy
@@ -502,6 +516,8 @@ def linear_logprobs_and_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of `targets` and entropy under softmax((hidden @ weight.T + bias) / temperature).
 
@@ -514,6 +530,13 @@ def linear_logprobs_and_entropy(
         ignore_index: rows whose target equals it get lp = H = 0 and add nothing to any gradient.
         backend: "triton" (fused kernels; CUDA, or the interpreter with TRITON_INTERPRET=1), "torch"
             (chunked plain PyTorch, fusedrl.kernels.reference), or "auto" (triton on CUDA, else torch).
+        process_group: vocabulary parallelism (a torch.distributed group, or None): each rank passes the
+            same hidden states and targets (global ids) and its slice weight[V_r, H] (and bias[V_r]) of
+            the output embedding, starting at id `vocab_start`; the slices, in rank order, must tile
+            [0, V). lp and H are those of the full softmax on every rank. The hidden gradient is the
+            full one on every rank (the op sums the ranks' parts in fp32: do not all-reduce it again);
+            weight and bias get their slice's gradient. See docs/linear_logprobs_and_entropy.md.
+        vocab_start: the vocabulary id of this rank's first weight row; 0 without a process_group.
 
     Returns:
         (logprobs, entropy), float32, of the leading shape. Differentiable with respect to hidden, weight
@@ -543,7 +566,8 @@ def linear_logprobs_and_entropy(
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    check_targets(targets, hidden.shape[:-1], vocab_size, ignore_index)
+    check_targets(targets, hidden.shape[:-1], check_vocab_slices(vocab_start, vocab_size, process_group),
+                  ignore_index)
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -551,7 +575,8 @@ def linear_logprobs_and_entropy(
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
         return reference.linear_logprobs_and_entropy_torch(
-            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            process_group=process_group, vocab_start=vocab_start,
         )
 
     leading = hidden.shape[:-1]
@@ -562,7 +587,8 @@ def linear_logprobs_and_entropy(
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    options = _Options(inv_temperature=1.0 / temperature, ignore_index=int(ignore_index))
+    options = _Options(inv_temperature=1.0 / temperature, ignore_index=int(ignore_index),
+                       process_group=process_group, vocab_start=int(vocab_start))
     targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
     logprobs, entropy = _LinearLogprobsEntropy.apply(hidden_2d, weight, bias, targets_1d, options)
     return logprobs.view(leading), entropy.view(leading)
@@ -588,7 +614,8 @@ def _specs() -> list[CompileSpec]:
         specs.append(spec(
             f"forward_{label}", _forward_kernel,
             {**common, "stats_ptr": "*fp32", "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32",
-             "n_splits": "i32", "tiles_per_split": "i32", "ignore_index": "i32", "stride_h": "i32", "stride_w": "i32",
+             "n_splits": "i32", "tiles_per_split": "i32", "ignore_index": "i32", "vocab_start": "i32",
+             "stride_h": "i32", "stride_w": "i32",
              "inv_temperature": "fp32"},
             tile, cfg.num_warps, cfg.num_stages,
         ))

@@ -37,14 +37,15 @@ from torch.autograd.function import once_differentiable
 from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
 from fusedrl.kernels._rows import RowLayout, row_layout, rows_are_disjoint
+from fusedrl.kernels._vocab_parallel import check_vocab_slices, combine_slices, owner_mask
 from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
 
 
-@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index", "vocab_start"])
 def _forward_kernel(
     logits_ptr, targets_ptr, lp_ptr, entropy_ptr, max_ptr, log_sum_ptr,
     n_rows, vocab, inner_rows, stride_outer, stride_inner,  # row r at (r // inner) * so + (r % inner) * si
-    inv_temperature, ignore_index,
+    inv_temperature, ignore_index, vocab_start,  # vocab_start: id of column 0 (a vocabulary-parallel slice)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,20 +86,22 @@ def _forward_kernel(
     s_row = tl.sum(s, axis=1)
     log_s = tl.log(s_row)  # an all -inf row has no distribution: S = 0, and lp, H are nan
     entropy = log_s - tl.sum(t, axis=1) / s_row
-    x_target = tl.load(row_ptr + targets, mask=active, other=0.0).to(tl.float32)
+    local = targets - vocab_start
+    has_target = active & (local >= 0) & (local < vocab)  # always, without vocabulary parallelism
+    x_target = tl.load(row_ptr + local, mask=has_target, other=0.0).to(tl.float32)
     lp = (x_target - m) * inv_temperature - log_s
-    tl.store(lp_ptr + rows, tl.where(active, lp, 0.0), mask=in_rows)
+    tl.store(lp_ptr + rows, tl.where(has_target, lp, 0.0), mask=in_rows)
     tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_rows)
     # lse = max / T + log S, kept as its two parts for the same precision in the backward.
     tl.store(max_ptr + rows, m, mask=in_rows)
     tl.store(log_sum_ptr + rows, log_s, mask=in_rows)
 
 
-@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index", "vocab_start"])
 def _backward_kernel(
     logits_ptr, grad_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,
     n_rows, vocab, inner_rows, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
-    inv_temperature, ignore_index,
+    inv_temperature, ignore_index, vocab_start,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,  # which outputs carry a gradient
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -121,6 +124,7 @@ def _backward_kernel(
     inner = (rows.to(tl.int32) % inner_rows).to(tl.int64)
     in_ptr = logits_ptr + outer * stride_outer + inner * stride_inner
     out_ptr = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+    local = targets - vocab_start  # matches no column when the target is on another rank's slice
     cols = tl.arange(0, BLOCK_V)
     for start in tl.range(0, vocab, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
@@ -130,7 +134,7 @@ def _backward_kernel(
         p = tl.exp(logp)
         d = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         if HAS_GRAD_LP:
-            d += tl.where(offs[None, :] == targets[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
+            d += tl.where(offs[None, :] == local[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
         if HAS_GRAD_ENTROPY:
             # log p = -inf means p = 0: the term is 0, never 0 * -inf.
             d -= g_h[:, None] * tl.where(logp == float("-inf"), 0.0, p * (logp + entropy[:, None]))
@@ -175,7 +179,7 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, opt
         _forward_kernel[_grid(n_rows, block_n)](
             logits, targets, lp, entropy, row_max, log_sum,
             n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
-            1.0 / options.temperature, options.ignore_index,
+            1.0 / options.temperature, options.ignore_index, options.vocab_start,
             BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
         )  # fmt: skip
     return lp, entropy, row_max, log_sum
@@ -206,7 +210,7 @@ def _backward(
             logits, grad, targets, row_max, log_sum, entropy,
             grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
             layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
-            1.0 / options.temperature, options.ignore_index,
+            1.0 / options.temperature, options.ignore_index, options.vocab_start,
             HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
             BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
         )  # fmt: skip
@@ -219,6 +223,13 @@ class _LogprobsEntropy(torch.autograd.Function):
         layout = row_layout(logits)
         flat_targets = targets.reshape(-1).long().contiguous()  # the kernels index it densely
         lp, entropy, row_max, log_sum = _forward(logits, flat_targets, layout, options)
+        if options.process_group is not None:
+            valid = flat_targets != options.ignore_index
+            owner = owner_mask(flat_targets, options.vocab_start, logits.shape[-1]) & valid
+            row_max, log_sum, entropy, lp = combine_slices(
+                row_max, log_sum, entropy, lp, owner, 1.0 / options.temperature, options.process_group
+            )
+            lp, entropy = torch.where(valid, lp, 0.0), torch.where(valid, entropy, 0.0)
         ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
         ctx.layout, ctx.options = layout, options
         ctx.set_materialize_grads(False)
@@ -240,7 +251,9 @@ BACKENDS = ("auto", "triton", "torch")
 _INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
-def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_backward) -> LogprobsEntropyOptions:
+def _check_inputs(
+    logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start
+) -> LogprobsEntropyOptions:
     check_float("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
@@ -264,8 +277,15 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
         n_rows = logits[..., 0].numel()
         if n_rows >= 2**31:
             raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {n_rows}")
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)  # reads the targets: last
-    return LogprobsEntropyOptions(temperature=temperature, ignore_index=ignore_index, inplace_backward=inplace_backward)
+    vocab = check_vocab_slices(vocab_start, logits.shape[-1], process_group)
+    check_targets(targets, logits.shape[:-1], vocab, ignore_index)  # reads the targets: last
+    return LogprobsEntropyOptions(
+        temperature=temperature,
+        ignore_index=ignore_index,
+        inplace_backward=inplace_backward,
+        process_group=process_group,
+        vocab_start=int(vocab_start),
+    )
 
 
 def _resolve_backend(backend: str, logits: torch.Tensor) -> str:
@@ -282,6 +302,8 @@ def logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of the targets and full-vocabulary entropy, at temperature T.
 
@@ -302,6 +324,13 @@ def logprobs_and_entropy(
         inplace_backward: allow the backward to write the gradient into the logits' own storage
             (saves an [N, V] allocation; the logits' values are destroyed, so only use it when
             nothing else needs them afterwards). Ignored when rows share memory (e.g. expanded logits).
+        process_group: vocabulary parallelism (a torch.distributed group, or None). Each rank passes
+            its slice logits[..., V_r] of the vocabulary, which starts at id `vocab_start`; the slices
+            of the ranks, in rank order, must tile [0, V). targets hold global ids, the same on every
+            rank. lp and H are those of the full softmax, the same on every rank (three all-reduces of
+            [N] floats); the gradient is that of the rank's own slice, and needs the same upstream
+            gradients on every rank (docs/logprobs_and_entropy.md, "Vocabulary parallelism").
+        vocab_start: the global id of this rank's first column; 0 without a process_group.
 
     Returns:
         (lp, H): two float32 tensors of the leading shape, both differentiable with respect to
@@ -320,7 +349,9 @@ def logprobs_and_entropy(
         last dimension, target ids outside [0, V) other than ignore_index, a temperature that is not
         a finite number > 0, or an unknown backend.
     """
-    options = _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_backward)
+    options = _check_inputs(
+        logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start
+    )
     if row_layout(logits) is None:
         logits = logits.contiguous()
     if _resolve_backend(backend, logits) == "torch":
@@ -344,7 +375,8 @@ def _spec(fn, name, dtype, vocab, **flags) -> CompileSpec:
     signature |= {"n_rows": "i32", "vocab": "i32", "inner_rows": "i32", "stride_outer": "i64", "stride_inner": "i64"}
     if fn is _backward_kernel:
         signature |= {"grad_stride_outer": "i64", "grad_stride_inner": "i64"}
-    signature |= {"inv_temperature": "fp32", "ignore_index": "i32"} | {k: "constexpr" for k in constexprs}
+    signature |= {"inv_temperature": "fp32", "ignore_index": "i32", "vocab_start": "i32"}
+    signature |= {k: "constexpr" for k in constexprs}
     multiples_of_v = ("vocab", "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner")
     aligned_rows = vocab % 16 == 0
     divisible = tuple(a for a, ty in signature.items() if ty.startswith("*") or (aligned_rows and a in multiples_of_v))

@@ -14,6 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fusedrl.kernels._rows import row_layout, rows_are_disjoint
+from fusedrl.kernels._vocab_parallel import all_reduce_fp32, combine_lse_slices, combine_slices, owner_mask
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,16 +48,19 @@ def _linear_logit_chunk(hidden, weight, bias, inv_temperature):
     return z.mul_(inv_temperature)
 
 
-def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index):
-    """lp, H and lse, [N] fp32, by an online reduction over vocabulary chunks (see the Triton kernel)."""
+def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index, vocab_start):
+    """lp, H and lse, [N] fp32, by an online reduction over vocabulary chunks (see the Triton kernel).
+    With vocab_start > 0 the weight is a slice of the vocabulary from that id on; rows whose target
+    lies outside it get a meaningless lp, which the caller masks."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     rows, cols = _linear_chunks(n_rows, vocab_size)
     lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(lse)
     target_logit = torch.zeros_like(lse)
+    local_targets = targets - vocab_start
     for r0 in range(0, n_rows, rows):
         r1 = min(n_rows, r0 + rows)
-        y = targets[r0:r1]
+        y = local_targets[r0:r1]
         m = torch.full((r1 - r0,), float("-inf"), device=hidden.device)
         s = torch.zeros_like(m)
         t = torch.zeros_like(m)
@@ -85,7 +89,7 @@ def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index
 
 def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, ctx_options, needs):
     """Recomputes each logit chunk and accumulates all three gradients in fp32."""
-    inv_temperature, ignore_index = ctx_options
+    inv_temperature, ignore_index, vocab_start, group = ctx_options
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     rows, cols = _linear_chunks(n_rows, vocab_size)
@@ -93,12 +97,15 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
     grad_lp = torch.where(valid, grad_lp.float(), 0.0)  # ignored rows contribute nothing
     grad_entropy = torch.where(valid, grad_entropy.float(), 0.0)
     need_h, need_w, need_b = needs
-    grad_hidden = torch.empty_like(hidden) if need_h else None
+    # With a process group the ranks' partial hidden gradients are summed in fp32, then rounded once.
+    hidden_grad_dtype = hidden.dtype if group is None else torch.float32
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden_grad_dtype, device=hidden.device) if need_h else None
+    local_targets = targets - vocab_start
     dw = torch.zeros(vocab_size, hidden_size, dtype=torch.float32, device=hidden.device) if need_w else None
     db = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_b else None
     for r0 in range(0, n_rows, rows):
         r1 = min(n_rows, r0 + rows)
-        h, y = hidden[r0:r1], targets[r0:r1]
+        h, y = hidden[r0:r1], local_targets[r0:r1]
         g_lp, g_ent = grad_lp[r0:r1, None], grad_entropy[r0:r1, None]
         lse_c, ent_c = lse[r0:r1, None], entropy[r0:r1, None]
         dh = torch.zeros(r1 - r0, hidden_size, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -121,6 +128,8 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
                 dw[c0:c1] += _mm_fp32(dz_low.t(), h)
         if need_h:
             grad_hidden[r0:r1] = dh
+    if group is not None:
+        grad_hidden = all_reduce_fp32(grad_hidden, hidden.dtype, group)
     return (
         grad_hidden,
         None if dw is None else dw.to(weight.dtype),
@@ -130,10 +139,15 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index):
-        logprobs, entropy, lse = _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index)
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, vocab_start, group):
+        logprobs, entropy, lse = _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index,
+                                                 vocab_start)
+        if group is not None:
+            valid = targets != ignore_index
+            logprobs, entropy, lse = combine_lse_slices(logprobs, entropy, lse, targets, valid, vocab_start,
+                                                        weight.shape[0], group)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.chunk_options = (inv_temperature, ignore_index)
+        ctx.chunk_options = (inv_temperature, ignore_index, vocab_start, group)
         return logprobs, entropy
 
     @staticmethod
@@ -142,10 +156,11 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         grads = _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy,
                                  ctx.chunk_options, needs)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
-def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
+def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                                      process_group=None, vocab_start=0):
     """The "torch" backend of fusedrl.kernels.linear_logprobs_and_entropy (which validates the inputs).
 
     Chunks over tokens and vocabulary (LINEAR_CHUNK_ELEMENTS / LINEAR_CHUNK_COLS) with an online
@@ -157,7 +172,8 @@ def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, tem
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     targets_1d = targets.reshape(-1).to(torch.int64)
     logprobs, entropy = _LinearLogprobsEntropy.apply(
-        hidden_2d, weight, bias, targets_1d, 1.0 / float(temperature), int(ignore_index)
+        hidden_2d, weight, bias, targets_1d, 1.0 / float(temperature), int(ignore_index), int(vocab_start),
+        process_group,
     )
     return logprobs.view(leading), entropy.view(leading)
 
@@ -184,6 +200,8 @@ class LogprobsEntropyOptions:
     ignore_index: int = -100
     inplace_backward: bool = False  # the backward may write the gradient into the logits' storage
     chunk_bytes: int = LOGITS_CHUNK_BYTES  # torch backend only
+    process_group: object = None  # vocabulary parallelism: the ranks that hold the other slices
+    vocab_start: int = 0  # global id of this rank's first column
 
 
 def _row_chunks(logits: torch.Tensor, chunk_bytes: int):
@@ -224,7 +242,14 @@ def _chunk_logp(chunk: torch.Tensor, temperature: float, row_max=None, log_sum=N
     return z.sub_(log_sum[:, None]), row_max, log_sum
 
 
+def _local_targets(targets, ignored, vocab_start, local_vocab):
+    """Target columns on this rank's slice, clamped into it (rows whose target is elsewhere or
+    ignored read some column, and are masked afterwards)."""
+    return (targets - vocab_start).masked_fill(ignored, 0).clamp(0, local_vocab - 1)
+
+
 def _chunk_forward(chunk, safe_targets, temperature):
+    """lp (of the clamped local target: the caller masks rows whose target is elsewhere), H, max, log S."""
     logp, row_max, log_sum = _chunk_logp(chunk, temperature)
     lp = logp.gather(1, safe_targets[:, None]).squeeze(1)
     # -inf logits have p = 0: their p log p is 0, never 0 * -inf (= nan).
@@ -233,8 +258,9 @@ def _chunk_forward(chunk, safe_targets, temperature):
     return lp, entropy, row_max, log_sum
 
 
-def _chunk_grad(chunk, safe_targets, ignored, row_max, log_sum, entropy, g_lp, g_h, temperature):
-    """dx = g_lp onehot - p (g_lp + g_H (log p + H)) for one chunk, g_* already divided by T."""
+def _chunk_grad(chunk, safe_targets, ignored, row_max, log_sum, entropy, g_lp, g_h, g_onehot, temperature):
+    """dx = g_onehot onehot - p (g_lp + g_H (log p + H)) for one chunk, g_* already divided by T;
+    g_onehot is g_lp on rows whose target is on this slice, else 0."""
     logp, _, _ = _chunk_logp(chunk, temperature, row_max, log_sum)
     neg_inf = torch.isneginf(logp)
     p = logp.exp()
@@ -248,7 +274,7 @@ def _chunk_grad(chunk, safe_targets, ignored, row_max, log_sum, entropy, g_lp, g
     # Where log p = -inf, p = 0 and the term is 0, never 0 * -inf.
     d = weight.mul_(p).masked_fill_(neg_inf, 0.0).neg_()
     if g_lp is not None:
-        d.scatter_add_(1, safe_targets[:, None], g_lp[:, None])
+        d.scatter_add_(1, safe_targets[:, None], g_onehot[:, None])
     # Ignored rows get an exact zero row, even where their logits hold nan or inf.
     return d.masked_fill_(ignored[:, None], 0.0)
 
@@ -257,12 +283,18 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, options: LogprobsEntropyOptions):
         flat_targets = targets.reshape(-1).long()
         ignored = flat_targets == options.ignore_index
-        safe_targets = flat_targets.masked_fill(ignored, 0)
+        safe_targets = _local_targets(flat_targets, ignored, options.vocab_start, logits.shape[-1])
         lp = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
         entropy, row_max, log_sum = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
         for rows, chunk in _row_chunks(logits, options.chunk_bytes):
             lp[rows], entropy[rows], row_max[rows], log_sum[rows] = _chunk_forward(
                 chunk, safe_targets[rows], options.temperature
+            )
+        owner = owner_mask(flat_targets, options.vocab_start, logits.shape[-1]) & ~ignored
+        lp.masked_fill_(~owner, 0.0)
+        if options.process_group is not None:
+            row_max, log_sum, entropy, lp = combine_slices(
+                row_max, log_sum, entropy, lp, owner, 1.0 / options.temperature, options.process_group
             )
         lp.masked_fill_(ignored, 0.0)
         entropy.masked_fill_(ignored, 0.0)
@@ -279,10 +311,13 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
         if grad_lp is None and grad_entropy is None:
             return None, None, None
         ignored = flat_targets == options.ignore_index
-        safe_targets = flat_targets.masked_fill(ignored, 0)
+        safe_targets = _local_targets(flat_targets, ignored, options.vocab_start, logits.shape[-1])
         keep = (~ignored).float().div_(options.temperature)
         g_lp = grad_lp.reshape(-1).float() * keep if grad_lp is not None else None
         g_h = grad_entropy.reshape(-1).float() * keep if grad_entropy is not None else None
+        # The one-hot term only where the target is on this rank's slice.
+        owner = owner_mask(flat_targets, options.vocab_start, logits.shape[-1])
+        g_onehot = None if g_lp is None else torch.where(owner, g_lp, 0.0)
         in_place = options.inplace_backward and rows_are_disjoint(logits)
         grad = logits if in_place else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         flat_grad = None if in_place else grad.view(-1, grad.shape[-1])
@@ -296,6 +331,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
                 entropy[rows],
                 None if g_lp is None else g_lp[rows],
                 None if g_h is None else g_h[rows],
+                None if g_onehot is None else g_onehot[rows],
                 options.temperature,
             )
             out = chunk if in_place else flat_grad[rows]
