@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
+from fusedrl.kernels._kept_set import logits_threshold, target_kept
 from fusedrl.kernels._rows import row_layout, rows_are_disjoint
 from fusedrl.kernels._vocab_parallel import all_reduce_fp32, combine_lse_slices, combine_slices, owner_mask
 
@@ -202,6 +203,8 @@ class LogprobsEntropyOptions:
     chunk_bytes: int = LOGITS_CHUNK_BYTES  # torch backend only
     process_group: object = None  # vocabulary parallelism: the ranks that hold the other slices
     vocab_start: int = 0  # global id of this rank's first column
+    top_k: int | None = None  # the sampler's kept set (kernels/_kept_set.py); None where it keeps every token
+    top_p: float | None = None
 
 
 def _row_chunks(logits: torch.Tensor, chunk_bytes: int):
@@ -228,12 +231,14 @@ def _row_chunks(logits: torch.Tensor, chunk_bytes: int):
                 yield slice(o * layout.inner + i, o * layout.inner + i + view.shape[0]), view
 
 
-def _chunk_logp(chunk: torch.Tensor, temperature: float, row_max=None, log_sum=None):
+def _chunk_logp(chunk: torch.Tensor, temperature: float, tau, row_max=None, log_sum=None):
     """fp32 log-probabilities [r, V] of one chunk as (x - max) / T - log S, and the row max and
     log S (computed when not given). Subtracting the max before dividing by T keeps log p exact
-    near the max, which peaked rows need."""
+    near the max, which peaked rows need. Logits below the kept-set threshold tau (if any) are -inf."""
     # A contiguous fp32 copy (never the input itself, which the in-place ops below would change).
     x = chunk.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(-1, chunk.shape[-1])
+    if tau is not None:
+        x.masked_fill_(x < tau[:, None], float("-inf"))
     if row_max is None:
         row_max = x.amax(dim=-1)  # all -inf: the row has no distribution and gives nan
     z = x.sub_(row_max[:, None]).div_(temperature)
@@ -248,9 +253,9 @@ def _local_targets(targets, ignored, vocab_start, local_vocab):
     return (targets - vocab_start).masked_fill(ignored, 0).clamp(0, local_vocab - 1)
 
 
-def _chunk_forward(chunk, safe_targets, temperature):
+def _chunk_forward(chunk, safe_targets, temperature, tau):
     """lp (of the clamped local target: the caller masks rows whose target is elsewhere), H, max, log S."""
-    logp, row_max, log_sum = _chunk_logp(chunk, temperature)
+    logp, row_max, log_sum = _chunk_logp(chunk, temperature, tau)
     lp = logp.gather(1, safe_targets[:, None]).squeeze(1)
     # -inf logits have p = 0: their p log p is 0, never 0 * -inf (= nan).
     neg_inf = torch.isneginf(logp)
@@ -258,10 +263,10 @@ def _chunk_forward(chunk, safe_targets, temperature):
     return lp, entropy, row_max, log_sum
 
 
-def _chunk_grad(chunk, safe_targets, ignored, row_max, log_sum, entropy, g_lp, g_h, g_onehot, temperature):
+def _chunk_grad(chunk, safe_targets, ignored, row_max, log_sum, entropy, g_lp, g_h, g_onehot, temperature, tau):
     """dx = g_onehot onehot - p (g_lp + g_H (log p + H)) for one chunk, g_* already divided by T;
-    g_onehot is g_lp on rows whose target is on this slice, else 0."""
-    logp, _, _ = _chunk_logp(chunk, temperature, row_max, log_sum)
+    g_onehot is g_lp on rows whose target is on this slice and in the kept set, else 0."""
+    logp, _, _ = _chunk_logp(chunk, temperature, tau, row_max, log_sum)
     neg_inf = torch.isneginf(logp)
     p = logp.exp()
     weight = logp  # reuse the buffer: two fp32 chunks at most
@@ -286,9 +291,11 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
         safe_targets = _local_targets(flat_targets, ignored, options.vocab_start, logits.shape[-1])
         lp = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
         entropy, row_max, log_sum = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
+        tau = logits_threshold(logits, options.top_k, options.top_p, options.temperature, options.chunk_bytes,
+                               options.process_group)
         for rows, chunk in _row_chunks(logits, options.chunk_bytes):
             lp[rows], entropy[rows], row_max[rows], log_sum[rows] = _chunk_forward(
-                chunk, safe_targets[rows], options.temperature
+                chunk, safe_targets[rows], options.temperature, None if tau is None else tau[rows]
             )
         owner = owner_mask(flat_targets, options.vocab_start, logits.shape[-1]) & ~ignored
         lp.masked_fill_(~owner, 0.0)
@@ -298,7 +305,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
             )
         lp.masked_fill_(ignored, 0.0)
         entropy.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
+        ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy, tau)
         ctx.options = options
         ctx.set_materialize_grads(False)
         return lp.view(targets.shape), entropy.view(targets.shape)
@@ -306,7 +313,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        logits, flat_targets, row_max, log_sum, entropy = ctx.saved_tensors
+        logits, flat_targets, row_max, log_sum, entropy, tau = ctx.saved_tensors
         options: LogprobsEntropyOptions = ctx.options
         if grad_lp is None and grad_entropy is None:
             return None, None, None
@@ -317,6 +324,8 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
         g_h = grad_entropy.reshape(-1).float() * keep if grad_entropy is not None else None
         # The one-hot term only where the target is on this rank's slice.
         owner = owner_mask(flat_targets, options.vocab_start, logits.shape[-1])
+        if tau is not None:  # ...and only where the target is in the kept set (lp = -inf otherwise)
+            owner &= target_kept(logits, safe_targets, tau)
         g_onehot = None if g_lp is None else torch.where(owner, g_lp, 0.0)
         in_place = options.inplace_backward and rows_are_disjoint(logits)
         grad = logits if in_place else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -333,6 +342,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
                 None if g_h is None else g_h[rows],
                 None if g_onehot is None else g_onehot[rows],
                 options.temperature,
+                None if tau is None else tau[rows],
             )
             out = chunk if in_place else flat_grad[rows]
             out.copy_(d.view(out.shape))

@@ -22,13 +22,13 @@ LOGITS_SLICES = {2: [0, 15, 37], 3: [0, 5, 20, 37]}
 LINEAR_SLICES = {2: [0, 70, 150], 3: [0, 37, 100, 150]}
 
 
-def _logits_job(x, targets, g_lp, g_h, start, end, backend, *, process_group):
+def _logits_job(x, targets, g_lp, g_h, start, end, backend, *, process_group, **kept):
     """(lp, H, d logits of [start, end)) with vocabulary parallelism, then the same single-process."""
     out = []
     for logits, group, vocab_start in ((x[:, start:end], process_group, start), (x, None, 0)):
         leaf = logits.detach().clone().requires_grad_()
         lp, h = logprobs_and_entropy(leaf, targets, temperature=TEMPERATURE, backend=backend,
-                                     process_group=group, vocab_start=vocab_start)
+                                     process_group=group, vocab_start=vocab_start, **kept)
         (grad,) = torch.autograd.grad((lp * g_lp).sum() + (h * g_h).sum(), leaf)
         out.append((lp.detach(), h.detach(), grad if group is not None else grad[:, start:end]))
     return out
@@ -112,6 +112,26 @@ def test_vocab_parallel_equals_one_process(world_size):
                 _assert_close(f"{backend} {dtype} rank {rank} {name}", got, want, dtype)
             lp, h = parallel[0], parallel[1]
             assert torch.isfinite(lp).all() and torch.isfinite(h).all()
+
+
+def test_kept_set_across_ranks():
+    """top_k / top_p with the vocabulary split: the threshold search all-reduces its histograms, so
+    the kept set, lp, H and gradients are those of one process (rows with lp = -inf included)."""
+    bounds = LOGITS_SLICES[3]
+    jobs, cases = [], [("torch", torch.float32, 7, 0.8), ("triton", torch.bfloat16, None, 0.6),
+                       ("triton", torch.float32, 3, None)]
+    for backend, dtype, top_k, top_p in cases:
+        x, targets = _logits_inputs(dtype, bounds)
+        g_lp, g_h = torch.randn(24), torch.randn(24)
+        args = [(x, targets, g_lp, g_h, bounds[r], bounds[r + 1], backend) for r in range(3)]
+        jobs.append((_logits_job, args, {"top_k": top_k, "top_p": top_p}))
+    for (backend, dtype, *_), per_rank in zip(cases, run_ranks(3, jobs)):
+        some_outside = False
+        for rank, (parallel, single) in enumerate(per_rank):
+            for name, got, want in zip(("lp", "H", "d logits"), parallel, single):
+                _assert_close(f"{backend} {dtype} rank {rank} {name}", got, want, dtype)
+            some_outside |= bool((parallel[0] == float("-inf")).any())
+        assert some_outside, "no target fell outside the kept set: the case proves less than it should"
 
 
 def test_all_ranks_agree_and_ignored_rows_are_zero():
