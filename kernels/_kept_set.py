@@ -34,7 +34,7 @@ import torch.distributed as dist
 from fusedrl.kernels._rows import row_layout
 from fusedrl.kernels._select import all_reduce, float_keys, key_to_float
 
-_MASS_ONE = float(2**40)  # fixed-point unit: int64 sums of up to 2^23 tokens of mass <= 1 cannot overflow
+MASS_UNIT = float(2**40)  # fixed-point unit: int64 sums of up to 2^23 tokens of mass <= 1 cannot overflow
 _DIGITS = ((22, 10), (11, 11), (0, 11))  # (shift, bits) of the three passes, top digit first
 _ALL = 2**32 - 1
 
@@ -69,60 +69,81 @@ def effective(top_k: int | None, top_p: float | None, vocab: int) -> tuple[int |
 BLOCK_ROWS = 256
 
 
-def kept_threshold(pieces, n_rows: int, top_k, top_p, scale: float, device, group=None):
-    """tau [N] fp32: the lowest kept logit of each row, in the units of the pieces' values, for
-    effective() settings (at least one not None).
+def kept_threshold(source, n_rows: int, top_k, top_p, device, group=None, block_rows: int = BLOCK_ROWS):
+    """tau [N] fp32: the lowest kept logit of each row, in the units of the source's logits, for
+    effective() settings (at least one not None). `source` gives this rank's row maxima and
+    histograms (PieceHistograms, or a kernel's); `block_rows` must be the same on every rank."""
+    tau = torch.empty(n_rows, dtype=torch.float32, device=device)
+    for r0 in range(0, n_rows, block_rows):
+        r1 = min(n_rows, r0 + block_rows)
+        top = all_reduce(source.row_max(r0, r1), group, dist.ReduceOp.MAX)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # all -inf (or nan) rows: no mass anywhere
+        block = _Search(source, r0, r1, top, device, group)
+        tau_k = block.kth_largest(top_k) if top_k is not None else None
+        tau_p = block.mass_threshold(top_p, tau_k) if top_p is not None else None
+        tau[r0:r1] = tau_k if tau_p is None else tau_p if tau_k is None else torch.maximum(tau_k, tau_p)
+    return tau
+
+
+def descending_keys(z: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32), ascending as the fp32 values of z descend (the largest has key 0)."""
+    return _ALL - (float_keys(z) + 2**31)
+
+
+def mass_units(z: torch.Tensor, top: torch.Tensor, scale: float) -> torch.Tensor:
+    """exp((z - top) * scale) in int64 units of 2^-40, rounded down (top: the row max, [rows, 1])."""
+    return torch.exp((z - top) * scale).mul_(MASS_UNIT).long()
+
+
+class PieceHistograms:
+    """Row maxima and histograms for kept_threshold from pieces of rows, in plain PyTorch.
 
     pieces(r0, r1) yields (a, b, z): fp32 z [b - a, c] covering rows [a, b) of [r0, r1) and some of
     the row's columns; together the pieces of a block cover every column of this rank's slice once.
     The probability of z is proportional to exp(z * scale).
     """
-    tau = torch.empty(n_rows, dtype=torch.float32, device=device)
-    k, p = top_k, top_p
-    for r0 in range(0, n_rows, BLOCK_ROWS):
-        r1 = min(n_rows, r0 + BLOCK_ROWS)
-        top = torch.full((r1 - r0,), float("-inf"), device=device)
-        for a, b, z in pieces(r0, r1):
+
+    def __init__(self, pieces, scale: float, device):
+        self.pieces, self.scale, self.device = pieces, scale, device
+
+    def row_max(self, r0, r1):
+        top = torch.full((r1 - r0,), float("-inf"), device=self.device)
+        for a, b, z in self.pieces(r0, r1):
             top[a - r0 : b - r0] = torch.maximum(top[a - r0 : b - r0], z.amax(1))
-        top = all_reduce(top, group, dist.ReduceOp.MAX)
-        top = torch.where(torch.isfinite(top), top, 0.0)  # all -inf (or nan) rows: no mass anywhere
-        block = _Search(pieces, r0, r1, top, scale, device, group)
-        tau_k = block.kth_largest(k) if k is not None else None
-        tau_p = block.mass_threshold(p, tau_k) if p is not None else None
-        tau[r0:r1] = tau_k if tau_p is None else tau_p if tau_k is None else torch.maximum(tau_k, tau_p)
-    return tau
+        return top
+
+    def histograms(self, r0, r1, prefix, shift, bits, floor, top, with_mass):
+        """Per-row count (and fixed-point mass) of the running tokens in each bucket of the digit at
+        `shift`; running: the key's bits above shift + bits equal prefix, and z >= floor (if given)."""
+        n, bins = r1 - r0, 1 << bits
+        counts = torch.zeros(n * (bins + 1), dtype=torch.int64, device=self.device)
+        masses = torch.zeros_like(counts) if with_mass else None
+        for a, b, z in self.pieces(r0, r1):
+            rows = slice(a - r0, b - r0)
+            key = descending_keys(z)
+            running = (key >> (shift + bits)) == prefix[rows, None]
+            if floor is not None:
+                running &= z >= floor[rows, None]
+            digit = ((key >> shift) & (bins - 1)).masked_fill_(~running, bins)  # the extra bin is never read
+            index = digit + torch.arange(a - r0, b - r0, device=self.device)[:, None] * (bins + 1)
+            counts.scatter_add_(0, index.reshape(-1), running.reshape(-1).long())
+            if with_mass:
+                mass = mass_units(z, top[rows, None], self.scale).masked_fill_(~running, 0)
+                masses.scatter_add_(0, index.reshape(-1), mass.reshape(-1))
+        counts = counts.view(n, bins + 1)[:, :bins]
+        return counts, masses.view(n, bins + 1)[:, :bins] if with_mass else None
 
 
 class _Search:
     """The radix passes over one block of rows (module docstring)."""
 
-    def __init__(self, pieces, r0, r1, top, scale, device, group):
-        self.pieces, self.r0, self.r1, self.top, self.scale = pieces, r0, r1, top, scale
-        self.device, self.group = device, group
+    def __init__(self, source, r0, r1, top, device, group):
+        self.source, self.r0, self.r1, self.top, self.device, self.group = source, r0, r1, top, device, group
 
     def _histograms(self, prefix, shift, bits, floor, with_mass):
-        """Per-row count (and fixed-point mass) of the running tokens in each bucket of the digit at
-        `shift`; running: the key's bits above shift + bits equal prefix, and z >= floor."""
-        n, bins = self.r1 - self.r0, 1 << bits
-        counts = torch.zeros(n * (bins + 1), dtype=torch.int64, device=self.device)
-        masses = torch.zeros_like(counts) if with_mass else None
-        for a, b, z in self.pieces(self.r0, self.r1):
-            rows = slice(a - self.r0, b - self.r0)
-            # Descending order as ascending unsigned keys: the largest logit has key 0.
-            key = _ALL - (float_keys(z) + 2**31)
-            running = (key >> (shift + bits)) == prefix[rows, None]
-            if floor is not None:
-                running &= z >= floor[rows, None]
-            digit = ((key >> shift) & (bins - 1)).masked_fill_(~running, bins)  # the extra bin is never read
-            index = digit + torch.arange(a - self.r0, b - self.r0, device=self.device)[:, None] * (bins + 1)
-            counts.scatter_add_(0, index.reshape(-1), running.reshape(-1).long())
-            if with_mass:
-                mass = torch.exp((z - self.top[rows, None]) * self.scale).mul_(_MASS_ONE).long()
-                masses.scatter_add_(0, index.reshape(-1), mass.masked_fill_(~running, 0).reshape(-1))
-        counts = all_reduce(counts.view(n, bins + 1)[:, :bins].contiguous(), self.group)
-        if with_mass:
-            masses = all_reduce(masses.view(n, bins + 1)[:, :bins].contiguous(), self.group)
-        return counts, masses
+        counts, masses = self.source.histograms(self.r0, self.r1, prefix, shift, bits, floor, self.top, with_mass)
+        hist = all_reduce((masses if with_mass else counts).contiguous(), self.group)
+        return hist
 
     def _descend(self, goal, floor, with_mass):
         """The key of the first token (largest logit first) at which the cumulative count or mass
@@ -131,8 +152,7 @@ class _Search:
         prefix = torch.zeros(n, dtype=torch.int64, device=self.device)
         above = torch.zeros(n, dtype=torch.int64, device=self.device)  # count / mass before the range
         for shift, bits in _DIGITS:
-            counts, masses = self._histograms(prefix, shift, bits, floor, with_mass)
-            hist = masses if with_mass else counts
+            hist = self._histograms(prefix, shift, bits, floor, with_mass)
             cum = above[:, None] + hist.cumsum(1)  # exact int64; rounded to float64 only to compare
             chosen = (cum.to(goal.dtype) < goal[:, None]).sum(1).clamp_(max=(1 << bits) - 1)  # first reaching it
             above = cum.gather(1, chosen[:, None])[:, 0] - hist.gather(1, chosen[:, None])[:, 0]
@@ -145,12 +165,10 @@ class _Search:
 
     def mass_threshold(self, p: float, floor: torch.Tensor | None) -> torch.Tensor:
         """The smallest logit with less than p of the mass of {z >= floor} strictly above it."""
-        n = self.r1 - self.r0
-        zero = torch.zeros(n, dtype=torch.int64, device=self.device)
+        zero = torch.zeros(self.r1 - self.r0, dtype=torch.int64, device=self.device)
         # The total mass of the top-k set is the sum of any first-pass histogram of it.
         shift, bits = _DIGITS[0]
-        _, masses = self._histograms(zero, shift, bits, floor, with_mass=True)
-        goal = p * masses.sum(1).double()
+        goal = p * self._histograms(zero, shift, bits, floor, with_mass=True).sum(1).double()
         return self._descend(goal, floor, with_mass=True)
 
 
@@ -165,9 +183,8 @@ def logits_threshold(logits: torch.Tensor, top_k, top_p, temperature: float, chu
     """kept_threshold for [..., V] logits (raw units), or None when top_k and top_p keep everything."""
     if top_k is None and top_p is None:
         return None
-    n_rows = logits[..., 0].numel()
-    return kept_threshold(logits_pieces(logits, chunk_bytes), n_rows, top_k, top_p, 1.0 / temperature,
-                          logits.device, group)
+    source = PieceHistograms(logits_pieces(logits, chunk_bytes), 1.0 / temperature, logits.device)
+    return kept_threshold(source, logits[..., 0].numel(), top_k, top_p, logits.device, group)
 
 
 def target_kept(logits: torch.Tensor, local_targets: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
-from fusedrl.kernels._kept_set import logits_threshold, target_kept
+from fusedrl.kernels._kept_set import PieceHistograms, kept_threshold, logits_threshold, target_kept
 from fusedrl.kernels._rows import row_layout, rows_are_disjoint
 from fusedrl.kernels._vocab_parallel import all_reduce_fp32, combine_lse_slices, combine_slices, owner_mask
 
@@ -25,14 +25,15 @@ from fusedrl.kernels._vocab_parallel import all_reduce_fp32, combine_lse_slices,
 # Chunk budget: a step handles at most LINEAR_CHUNK_COLS vocabulary columns of at most
 # LINEAR_CHUNK_ELEMENTS // LINEAR_CHUNK_COLS tokens, so each fp32 temporary of a step holds at most
 # LINEAR_CHUNK_ELEMENTS values (16 MiB; a step keeps a handful alive), whatever N is. Vocabulary chunks
-# of 8192 keep the token chunk at 512 rows, large enough for efficient matmuls.
+# of 8192 keep the token chunk at 512 rows, large enough for efficient matmuls. The token chunk does
+# not depend on V, so that the ranks of a vocabulary-parallel group walk the same row blocks.
 LINEAR_CHUNK_ELEMENTS = 1 << 22
 LINEAR_CHUNK_COLS = 8192
 
 
 def _linear_chunks(n_rows: int, vocab_size: int) -> tuple[int, int]:
     cols = max(1, min(vocab_size, LINEAR_CHUNK_COLS))
-    return max(1, min(n_rows, LINEAR_CHUNK_ELEMENTS // cols)), cols
+    return max(1, min(n_rows, LINEAR_CHUNK_ELEMENTS // LINEAR_CHUNK_COLS)), cols
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,10 +50,44 @@ def _linear_logit_chunk(hidden, weight, bias, inv_temperature):
     return z.mul_(inv_temperature)
 
 
-def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index, vocab_start):
-    """lp, H and lse, [N] fp32, by an online reduction over vocabulary chunks (see the Triton kernel).
-    With vocab_start > 0 the weight is a slice of the vocabulary from that id on; rows whose target
-    lies outside it get a meaningless lp, which the caller masks."""
+@dataclasses.dataclass(frozen=True)
+class _LinearOptions:
+    inv_temperature: float
+    ignore_index: int
+    vocab_start: int = 0  # vocabulary id of weight row 0 (a vocabulary-parallel slice)
+    process_group: object = None
+    top_k: int | None = None  # the sampler's kept set (kernels/_kept_set.py), effective() settings
+    top_p: float | None = None
+
+
+def _linear_pieces(hidden, weight, bias, inv_temperature):
+    """pieces() of _kept_set.PieceHistograms: the same logit chunks, bitwise, as the forward and
+    backward below compute (same row and column chunks, so the same matmul shapes)."""
+    rows, cols = _linear_chunks(hidden.shape[0], weight.shape[0])
+
+    def pieces(r0, r1):  # r0, r1: one row chunk (kept_threshold walks blocks of `rows`)
+        for c0 in range(0, weight.shape[0], cols):
+            c1 = min(weight.shape[0], c0 + cols)
+            yield r0, r1, _linear_logit_chunk(hidden[r0:r1], weight[c0:c1], None if bias is None else bias[c0:c1],
+                                              inv_temperature)
+
+    return pieces, rows
+
+
+def _linear_threshold(hidden, weight, bias, options: _LinearOptions):
+    if options.top_k is None and options.top_p is None:
+        return None
+    pieces, rows = _linear_pieces(hidden, weight, bias, options.inv_temperature)
+    source = PieceHistograms(pieces, 1.0, hidden.device)
+    return kept_threshold(source, hidden.shape[0], options.top_k, options.top_p, hidden.device,
+                          options.process_group, block_rows=rows)
+
+
+def _linear_forward(hidden, weight, bias, targets, tau, options: _LinearOptions):
+    """lp, H and lse, [N] fp32, by an online reduction over vocabulary chunks (see the Triton kernel),
+    over the kept set {z >= tau} where tau is given. With vocab_start > 0 the weight is a slice of the
+    vocabulary from that id on; rows whose target lies outside it get a meaningless lp (masked later)."""
+    inv_temperature, ignore_index, vocab_start = options.inv_temperature, options.ignore_index, options.vocab_start
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     rows, cols = _linear_chunks(n_rows, vocab_size)
     lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
@@ -69,6 +104,8 @@ def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index
             c1 = min(vocab_size, c0 + cols)
             z = _linear_logit_chunk(hidden[r0:r1], weight[c0:c1], None if bias is None else bias[c0:c1],
                                     inv_temperature)
+            if tau is not None:
+                z.masked_fill_(z < tau[r0:r1, None], float("-inf"))  # outside the kept set
             m_new = torch.maximum(m, z.amax(1))
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf so far stay finite
             alpha = torch.exp(m - m_safe)
@@ -88,9 +125,10 @@ def _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index
     return torch.where(valid, target_logit - lse, 0.0), torch.where(valid, entropy, 0.0), lse
 
 
-def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, ctx_options, needs):
+def _linear_backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, grad_entropy, options, needs):
     """Recomputes each logit chunk and accumulates all three gradients in fp32."""
-    inv_temperature, ignore_index, vocab_start, group = ctx_options
+    inv_temperature, ignore_index, vocab_start = options.inv_temperature, options.ignore_index, options.vocab_start
+    group = options.process_group
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     rows, cols = _linear_chunks(n_rows, vocab_size)
@@ -114,11 +152,16 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
             c1 = min(vocab_size, c0 + cols)
             w = weight[c0:c1]
             z = _linear_logit_chunk(h, w, None if bias is None else bias[c0:c1], inv_temperature)
+            here = ((y >= c0) & (y < c1))[:, None]
+            local = (y - c0).clamp(0, c1 - c0 - 1)[:, None]
+            if tau is not None:
+                kept = z >= tau[r0:r1, None]
+                here &= kept.gather(1, local)  # a target outside the kept set: no one-hot term
+                z.masked_fill_(~kept, float("-inf"))
             p = torch.exp(z - lse_c)
             ent_term = torch.where(p > 0, p * (z - lse_c + ent_c), 0.0)
             dz = -(g_lp * p + g_ent * ent_term)
-            here = ((y >= c0) & (y < c1))[:, None]
-            dz.scatter_add_(1, (y - c0).clamp(0, c1 - c0 - 1)[:, None], torch.where(here, g_lp, 0.0))
+            dz.scatter_add_(1, local, torch.where(here, g_lp, 0.0))
             dz.mul_(inv_temperature)
             if need_b:
                 db[c0:c1] += dz.sum(0)
@@ -140,28 +183,28 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, vocab_start, group):
-        logprobs, entropy, lse = _linear_forward(hidden, weight, bias, targets, inv_temperature, ignore_index,
-                                                 vocab_start)
-        if group is not None:
-            valid = targets != ignore_index
-            logprobs, entropy, lse = combine_lse_slices(logprobs, entropy, lse, targets, valid, vocab_start,
-                                                        weight.shape[0], group)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.chunk_options = (inv_temperature, ignore_index, vocab_start, group)
+    def forward(ctx, hidden, weight, bias, targets, options: _LinearOptions):
+        tau = _linear_threshold(hidden, weight, bias, options)
+        logprobs, entropy, lse = _linear_forward(hidden, weight, bias, targets, tau, options)
+        if options.process_group is not None:
+            valid = targets != options.ignore_index
+            logprobs, entropy, lse = combine_lse_slices(logprobs, entropy, lse, targets, valid, options.vocab_start,
+                                                        weight.shape[0], options.process_group)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, tau)
+        ctx.options = options
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_lp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, tau = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grads = _linear_backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy,
-                                 ctx.chunk_options, needs)
-        return (*grads, None, None, None, None, None)
+        grads = _linear_backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, grad_entropy,
+                                 ctx.options, needs)
+        return (*grads, None, None)
 
 
 def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                                      process_group=None, vocab_start=0):
+                                      process_group=None, vocab_start=0, top_k=None, top_p=None):
     """The "torch" backend of fusedrl.kernels.linear_logprobs_and_entropy (which validates the inputs).
 
     Chunks over tokens and vocabulary (LINEAR_CHUNK_ELEMENTS / LINEAR_CHUNK_COLS) with an online
@@ -173,8 +216,8 @@ def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, tem
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     targets_1d = targets.reshape(-1).to(torch.int64)
     logprobs, entropy = _LinearLogprobsEntropy.apply(
-        hidden_2d, weight, bias, targets_1d, 1.0 / float(temperature), int(ignore_index), int(vocab_start),
-        process_group,
+        hidden_2d, weight, bias, targets_1d,
+        _LinearOptions(1.0 / float(temperature), int(ignore_index), int(vocab_start), process_group, top_k, top_p),
     )
     return logprobs.view(leading), entropy.view(leading)
 

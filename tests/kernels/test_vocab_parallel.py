@@ -34,13 +34,13 @@ def _logits_job(x, targets, g_lp, g_h, start, end, backend, *, process_group, **
     return out
 
 
-def _linear_job(hidden, weight, bias, targets, g_lp, g_h, start, end, backend, *, process_group):
+def _linear_job(hidden, weight, bias, targets, g_lp, g_h, start, end, backend, *, process_group, **kept):
     out = []
     for group, vocab_start, rows in ((process_group, start, slice(start, end)), (None, 0, slice(None))):
         leaves = [hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_(),
                   bias[rows].clone().requires_grad_()]
         lp, h = linear_logprobs_and_entropy(leaves[0], leaves[1], targets, bias=leaves[2], temperature=TEMPERATURE,
-                                            backend=backend, process_group=group, vocab_start=vocab_start)
+                                            backend=backend, process_group=group, vocab_start=vocab_start, **kept)
         grads = torch.autograd.grad((lp * g_lp).sum() + (h * g_h).sum(), leaves)
         if group is None:
             grads = (grads[0], grads[1][start:end], grads[2][start:end])
@@ -125,10 +125,19 @@ def test_kept_set_across_ranks():
         g_lp, g_h = torch.randn(24), torch.randn(24)
         args = [(x, targets, g_lp, g_h, bounds[r], bounds[r + 1], backend) for r in range(3)]
         jobs.append((_logits_job, args, {"top_k": top_k, "top_p": top_p}))
+    linear_bounds = LINEAR_SLICES[3]
+    for backend, top_k, top_p in (("triton", 4, 0.9), ("torch", None, 0.5)):
+        hidden, weight, bias, targets = _linear_inputs(torch.float32, linear_bounds[-1])
+        g_lp, g_h = torch.randn(12), torch.randn(12)
+        args = [(hidden, weight, bias, targets, g_lp, g_h, linear_bounds[r], linear_bounds[r + 1], backend)
+                for r in range(3)]
+        jobs.append((_linear_job, args, {"top_k": top_k, "top_p": top_p}))
+        cases.append((backend, torch.float32, top_k, top_p))
+    names = {3: ("lp", "H", "d logits"), 5: ("lp", "H", "d hidden", "d weight", "d bias")}
     for (backend, dtype, *_), per_rank in zip(cases, run_ranks(3, jobs)):
         some_outside = False
         for rank, (parallel, single) in enumerate(per_rank):
-            for name, got, want in zip(("lp", "H", "d logits"), parallel, single):
+            for name, got, want in zip(names[len(parallel)], parallel, single):
                 _assert_close(f"{backend} {dtype} rank {rank} {name}", got, want, dtype)
             some_outside |= bool((parallel[0] == float("-inf")).any())
         assert some_outside, "no target fell outside the kept set: the case proves less than it should"
