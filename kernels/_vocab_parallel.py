@@ -10,8 +10,10 @@ pi_r = w_r / sum_r w_r, and (the entropy of a mixture of disjoint supports)
     H = sum_r pi_r (H_r - log pi_r),        lp = lp_owner + log pi_owner.
 
 Both sums have non-negative terms only, so a peaked row's tiny H keeps its relative precision, as in
-the one-process op (lse - sum p z would cancel). Three all-reduces of [rows] floats: the max, the sum
-of w, then H and lp together. With one rank pi = 1 and the outputs are the slice's own, bit for bit.
+the one-process op (lse - sum p z would cancel). Three collectives of [rows] floats: an all-reduce of
+the max, then all-gathers of w and of H and lp together, summed in rank order (so each row's result
+does not depend on the batch: see ordered_sum). With one rank pi = 1 and the outputs are the slice's
+own, bit for bit.
 
 The backward needs no communication: given the global M and log S every rank writes d logits for its
 own slice, as long as the upstream gradients of lp and H are the same on every rank (they are when
@@ -65,7 +67,7 @@ def combine_slices(row_max, log_sum, entropy, lp, owner, inv_temperature: float,
     top = all_reduce(row_max.clone(), group, dist.ReduceOp.MAX)
     top_safe = torch.where(top == float("-inf"), 0.0, top)
     log_w = torch.where(row_max == float("-inf"), float("-inf"), log_sum + (row_max - top_safe) * inv_temperature)
-    log_total = torch.log(all_reduce(torch.exp(log_w), group))
+    log_total = torch.log(ordered_sum(torch.exp(log_w), group))
     log_pi = log_w - log_total
     pi = torch.exp(log_pi)
     parts = torch.stack([
@@ -73,7 +75,7 @@ def combine_slices(row_max, log_sum, entropy, lp, owner, inv_temperature: float,
         # A target logit of -inf on a slice of -inf logits (lp_r = nan there) still means lp = -inf.
         torch.where(owner, torch.where(log_w == float("-inf"), float("-inf"), lp + log_pi), 0.0),
     ])
-    entropy, lp = all_reduce(parts, group).unbind(0)
+    entropy, lp = ordered_sum(parts, group).unbind(0)
     return top, log_total, entropy, lp
 
 
@@ -86,9 +88,22 @@ def combine_lse_slices(lp, entropy, lse, targets, valid, vocab_start: int, local
     return torch.where(valid, lp, 0.0), torch.where(valid, entropy, 0.0), top + log_total
 
 
-def all_reduce_fp32(grad: torch.Tensor | None, dtype: torch.dtype, group) -> torch.Tensor | None:
+def ordered_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the ranks of t, added in rank order: an all-gather, then a local sum. Unlike an
+    all-reduce (NCCL's ring adds each element in an order that depends on where it falls in the
+    tensor, so on the tensor's length), every element's sum is the same whatever the batch."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def sum_hidden_grad(grad: torch.Tensor | None, dtype: torch.dtype, group, batch_invariant: bool):
     """Sum the ranks' fp32 partial gradients of a replicated input (the hidden states, whose every rank
-    multiplies only its own slice of the embedding), then round once to `dtype`."""
+    multiplies only its own slice of the embedding), then round once to `dtype`. batch_invariant: in
+    rank order (ordered_sum, world-size times the gradient's memory), else one all-reduce."""
     if grad is None:
         return None
-    return all_reduce(grad, group).to(dtype)
+    return (ordered_sum(grad, group) if batch_invariant else all_reduce(grad, group)).to(dtype)

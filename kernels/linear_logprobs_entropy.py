@@ -54,7 +54,7 @@ from fusedrl.kernels._compile_check import CompileSpec
 from fusedrl.kernels._kept_set import PieceHistograms, check_top_k, check_top_p, effective, kept_threshold
 from fusedrl.kernels._linear_kept_set import SEARCH_ROWS, _logits_kernel, triton_linear_pieces
 from fusedrl.kernels._linear_tiles import grouped, logit_tile
-from fusedrl.kernels._vocab_parallel import all_reduce_fp32, check_vocab_slices, combine_lse_slices
+from fusedrl.kernels._vocab_parallel import check_vocab_slices, combine_lse_slices, sum_hidden_grad
 
 
 @triton.jit
@@ -269,10 +269,17 @@ def _vocab_splits(n_row_blocks: int, n_tiles: int, n_sm: int) -> tuple[int, int]
     return triton.cdiv(n_tiles, tiles), tiles
 
 
-def _work_items(n_rows: int, vocab_size: int, cfg: "_Blocks", device) -> tuple[int, int, int]:
-    """(row blocks, vocabulary ranges per row block, tiles per range) of the forward-shaped kernels."""
+def _work_items(n_rows: int, vocab_size: int, cfg: "_Blocks", device, batch_invariant: bool):
+    """(row blocks, vocabulary ranges per row block, tiles per range) of the forward kernel.
+
+    batch_invariant: the ranges depend on V only (TILES_PER_SPLIT tiles each), so a row's partials
+    and their merge are the same whatever N is; otherwise small batches get more ranges to fill the
+    GPU (_vocab_splits), which changes the order in which a row's ranges are merged."""
     n_row_blocks = triton.cdiv(n_rows, cfg.block_n)
-    return n_row_blocks, *_vocab_splits(n_row_blocks, triton.cdiv(vocab_size, cfg.block_v), _num_sms(device))
+    n_tiles = triton.cdiv(vocab_size, cfg.block_v)
+    if batch_invariant:
+        return n_row_blocks, *_vocab_splits(1, n_tiles, 0)
+    return n_row_blocks, *_vocab_splits(n_row_blocks, n_tiles, _num_sms(device))
 
 
 def _forward_stages(cfg: "_Blocks", kept: bool) -> int:
@@ -284,7 +291,7 @@ def _forward_stats(hidden, weight, bias, targets, options: "_Options", tau=None)
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     cfg = _blocks(hidden)
-    n_row_blocks, splits, tiles = _work_items(n_rows, vocab_size, cfg, hidden.device)
+    n_row_blocks, splits, tiles = _work_items(n_rows, vocab_size, cfg, hidden.device, options.batch_invariant)
     stats = torch.empty(4, n_rows, splits, dtype=torch.float32, device=hidden.device)  # each slot written once
     _forward_kernel[(n_row_blocks * splits,)](
         hidden, weight, weight if bias is None else bias, targets, stats, stats if tau is None else tau,
@@ -314,21 +321,32 @@ def _forward(hidden, weight, bias, targets, options: "_Options", tau=None):
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty, empty
     stats = _forward_stats(hidden, weight, bias, targets, options, tau)
-    return _combine(stats, targets != options.ignore_index)
+    return _combine(stats, targets != options.ignore_index, options.batch_invariant)
 
 
-def _combine(stats: torch.Tensor, valid: torch.Tensor):
-    """Merge the per-range partials of each row (the same algebra as the kernel's online update)."""
+def _combine(stats: torch.Tensor, valid: torch.Tensor, in_order: bool = False):
+    """Merge the per-range partials of each row (the same algebra as the kernel's online update).
+
+    in_order: add the ranges one at a time, first to last (a few elementwise launches per range), so
+    that a row's sums do not depend on how torch splits a reduction over an [N, ranges] tensor."""
     m, s, t, target_logit = stats.unbind(0)
     top = m.amax(1, keepdim=True)
     top = torch.where(top == float("-inf"), 0.0, top)
     scale = torch.exp(m - top)
     shift = torch.where(scale > 0, m - top, 0.0)  # ranges that saw only -inf logits add nothing
-    total = (scale * s).sum(1)
+    weighted = scale * (t + shift * s)
+    scale_s = scale * s
+    if in_order:
+        total, weighted_sum, target_sum = scale_s[:, 0], weighted[:, 0], target_logit[:, 0]
+        for j in range(1, m.shape[1]):
+            total, weighted_sum = total + scale_s[:, j], weighted_sum + weighted[:, j]
+            target_sum = target_sum + target_logit[:, j]
+    else:
+        total, weighted_sum, target_sum = scale_s.sum(1), weighted.sum(1), target_logit.sum(1)
     log_total = torch.log(total)
     lse = top.squeeze(1) + log_total
-    entropy = log_total - (scale * (t + shift * s)).sum(1) / total
-    logprobs = target_logit.sum(1) - lse
+    entropy = log_total - weighted_sum / total
+    logprobs = target_sum - lse
     # Rows of fully ignored blocks were skipped (no partials): lse there is meaningless, so 0.
     return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), torch.where(valid, lse, 0.0)
 
@@ -474,7 +492,7 @@ def _backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, grad_en
         if need_h:
             grad_hidden = dh.to(hidden_grad_dtype)
     if options.process_group is not None:
-        grad_hidden = all_reduce_fp32(grad_hidden, hidden.dtype, options.process_group)
+        grad_hidden = sum_hidden_grad(grad_hidden, hidden.dtype, options.process_group, options.batch_invariant)
     return grad_hidden, grad_weight, None if db is None else db.to(bias.dtype)
 
 
@@ -486,6 +504,7 @@ class _Options:
     vocab_start: int = 0  # vocabulary id of this rank's first weight row
     top_k: int | None = None  # the sampler's kept set (kernels/_kept_set.py), effective() settings
     top_p: float | None = None
+    batch_invariant: bool = False  # vocabulary ranges fixed by V (_work_items); ranges merged in order
 
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
@@ -529,6 +548,7 @@ def linear_logprobs_and_entropy(
     vocab_start: int = 0,
     top_k: int | None = None,
     top_p: float | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of `targets` and entropy under softmax((hidden @ weight.T + bias) / temperature).
 
@@ -552,6 +572,10 @@ def linear_logprobs_and_entropy(
             a target outside gets lp = -inf; gradients through the kept set only). The threshold search
             recomputes the logits: top-k costs 4 extra forward matmuls, top-p 5, both 8 (Triton backend;
             docs/linear_logprobs_and_entropy.md).
+        batch_invariant: every row's lp, H and hidden gradient bitwise the same whether the row is
+            computed alone or in any batch, at any offset (docs/linear_logprobs_and_entropy.md, "Batch
+            invariance": the Triton backend then splits the vocabulary by V only; the torch backend
+            multiplies one row at a time, which is slow).
 
     Returns:
         (logprobs, entropy), float32, of the leading shape. Differentiable with respect to hidden, weight
@@ -582,6 +606,8 @@ def linear_logprobs_and_entropy(
             raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+    if not isinstance(batch_invariant, bool):
+        raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
     full_vocab = check_vocab_slices(vocab_start, vocab_size, process_group)
     check_targets(targets, hidden.shape[:-1], full_vocab, ignore_index)
     top_k, top_p = effective(top_k, top_p, full_vocab)
@@ -594,6 +620,7 @@ def linear_logprobs_and_entropy(
         return reference.linear_logprobs_and_entropy_torch(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
             process_group=process_group, vocab_start=vocab_start, top_k=top_k, top_p=top_p,
+            batch_invariant=batch_invariant,
         )
 
     leading = hidden.shape[:-1]
@@ -605,7 +632,8 @@ def linear_logprobs_and_entropy(
     if bias is not None:
         bias = bias.contiguous()
     options = _Options(inv_temperature=1.0 / temperature, ignore_index=int(ignore_index),
-                       process_group=process_group, vocab_start=int(vocab_start), top_k=top_k, top_p=top_p)
+                       process_group=process_group, vocab_start=int(vocab_start), top_k=top_k, top_p=top_p,
+                       batch_invariant=batch_invariant)
     targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
     logprobs, entropy = _LinearLogprobsEntropy.apply(hidden_2d, weight, bias, targets_1d, options)
     return logprobs.view(leading), entropy.view(leading)

@@ -280,7 +280,8 @@ _INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
 def _check_inputs(
-    logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start, top_k, top_p
+    logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start, top_k, top_p,
+    batch_invariant,
 ) -> LogprobsEntropyOptions:
     check_float("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -306,6 +307,8 @@ def _check_inputs(
         if n_rows >= 2**31:
             raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {n_rows}")
     top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+    if not isinstance(batch_invariant, bool):
+        raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
     vocab = check_vocab_slices(vocab_start, logits.shape[-1], process_group)
     check_targets(targets, logits.shape[:-1], vocab, ignore_index)  # reads the targets: last
     top_k, top_p = effective(top_k, top_p, vocab)
@@ -317,6 +320,7 @@ def _check_inputs(
         vocab_start=int(vocab_start),
         top_k=top_k,
         top_p=top_p,
+        batch_invariant=batch_invariant,
     )
 
 
@@ -338,6 +342,7 @@ def logprobs_and_entropy(
     vocab_start: int = 0,
     top_k: int | None = None,
     top_p: float | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of the targets and full-vocabulary entropy, at temperature T.
 
@@ -361,8 +366,8 @@ def logprobs_and_entropy(
         process_group: vocabulary parallelism (a torch.distributed group, or None). Each rank passes
             its slice logits[..., V_r] of the vocabulary, which starts at id `vocab_start`; the slices
             of the ranks, in rank order, must tile [0, V). targets hold global ids, the same on every
-            rank. lp and H are those of the full softmax, the same on every rank (three all-reduces of
-            [N] floats); the gradient is that of the rank's own slice, and needs the same upstream
+            rank. lp and H are those of the full softmax, the same on every rank (three collectives
+            of [N] floats); the gradient is that of the rank's own slice, and needs the same upstream
             gradients on every rank (docs/logprobs_and_entropy.md, "Vocabulary parallelism").
         vocab_start: the global id of this rank's first column; 0 without a process_group.
         top_k, top_p: the sampler's kept set (None: every token). lp and H are those of the
@@ -371,6 +376,9 @@ def logprobs_and_entropy(
             kept or dropped together); exact rules in fusedrl/kernels/_kept_set.py and the docs page.
             A target outside the kept set gets lp = -inf and no one-hot gradient term. Gradients flow
             through the kept set only. top_k >= V and top_p = 1 are the plain op, bit for bit.
+        batch_invariant: every row's lp, H and gradient bitwise the same whether the row is computed
+            alone or in any batch, at any offset. The Triton kernels always are (their tiles and
+            reduction order depend on V only); the torch backend then processes one row at a time.
 
     Returns:
         (lp, H): two float32 tensors of the leading shape, both differentiable with respect to
@@ -390,7 +398,8 @@ def logprobs_and_entropy(
         a finite number > 0, or an unknown backend.
     """
     options = _check_inputs(
-        logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start, top_k, top_p
+        logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start, top_k, top_p,
+        batch_invariant,
     )
     if row_layout(logits) is None:
         logits = logits.contiguous()

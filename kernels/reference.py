@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from fusedrl.kernels._kept_set import PieceHistograms, kept_threshold, logits_threshold, target_kept
 from fusedrl.kernels._rows import row_layout, rows_are_disjoint
-from fusedrl.kernels._vocab_parallel import all_reduce_fp32, combine_lse_slices, combine_slices, owner_mask
+from fusedrl.kernels._vocab_parallel import combine_lse_slices, combine_slices, owner_mask, sum_hidden_grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -31,9 +31,12 @@ LINEAR_CHUNK_ELEMENTS = 1 << 22
 LINEAR_CHUNK_COLS = 8192
 
 
-def _linear_chunks(n_rows: int, vocab_size: int) -> tuple[int, int]:
+def _linear_chunks(n_rows: int, vocab_size: int, batch_invariant: bool = False) -> tuple[int, int]:
+    """(rows, columns) of one step. batch_invariant: one row a step, so that a row's logits come from
+    the same matmul shape whatever the batch (BLAS picks its kernels and splits by shape)."""
     cols = max(1, min(vocab_size, LINEAR_CHUNK_COLS))
-    return max(1, min(n_rows, LINEAR_CHUNK_ELEMENTS // LINEAR_CHUNK_COLS)), cols
+    rows = 1 if batch_invariant else LINEAR_CHUNK_ELEMENTS // LINEAR_CHUNK_COLS
+    return max(1, min(n_rows, rows)), cols
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,12 +61,14 @@ class _LinearOptions:
     process_group: object = None
     top_k: int | None = None  # the sampler's kept set (kernels/_kept_set.py), effective() settings
     top_p: float | None = None
+    batch_invariant: bool = False  # one row per step (_linear_chunks)
 
 
-def _linear_pieces(hidden, weight, bias, inv_temperature):
+def _linear_pieces(hidden, weight, bias, options: _LinearOptions):
     """pieces() of _kept_set.PieceHistograms: the same logit chunks, bitwise, as the forward and
     backward below compute (same row and column chunks, so the same matmul shapes)."""
-    rows, cols = _linear_chunks(hidden.shape[0], weight.shape[0])
+    rows, cols = _linear_chunks(hidden.shape[0], weight.shape[0], options.batch_invariant)
+    inv_temperature = options.inv_temperature
 
     def pieces(r0, r1):  # r0, r1: one row chunk (kept_threshold walks blocks of `rows`)
         for c0 in range(0, weight.shape[0], cols):
@@ -77,7 +82,7 @@ def _linear_pieces(hidden, weight, bias, inv_temperature):
 def _linear_threshold(hidden, weight, bias, options: _LinearOptions):
     if options.top_k is None and options.top_p is None:
         return None
-    pieces, rows = _linear_pieces(hidden, weight, bias, options.inv_temperature)
+    pieces, rows = _linear_pieces(hidden, weight, bias, options)
     source = PieceHistograms(pieces, 1.0, hidden.device)
     return kept_threshold(source, hidden.shape[0], options.top_k, options.top_p, hidden.device,
                           options.process_group, block_rows=rows)
@@ -89,7 +94,7 @@ def _linear_forward(hidden, weight, bias, targets, tau, options: _LinearOptions)
     vocabulary from that id on; rows whose target lies outside it get a meaningless lp (masked later)."""
     inv_temperature, ignore_index, vocab_start = options.inv_temperature, options.ignore_index, options.vocab_start
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    rows, cols = _linear_chunks(n_rows, vocab_size)
+    rows, cols = _linear_chunks(n_rows, vocab_size, options.batch_invariant)
     lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(lse)
     target_logit = torch.zeros_like(lse)
@@ -131,7 +136,7 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, 
     group = options.process_group
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    rows, cols = _linear_chunks(n_rows, vocab_size)
+    rows, cols = _linear_chunks(n_rows, vocab_size, options.batch_invariant)
     valid = targets != ignore_index
     grad_lp = torch.where(valid, grad_lp.float(), 0.0)  # ignored rows contribute nothing
     grad_entropy = torch.where(valid, grad_entropy.float(), 0.0)
@@ -173,7 +178,7 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, 
         if need_h:
             grad_hidden[r0:r1] = dh
     if group is not None:
-        grad_hidden = all_reduce_fp32(grad_hidden, hidden.dtype, group)
+        grad_hidden = sum_hidden_grad(grad_hidden, hidden.dtype, group, options.batch_invariant)
     return (
         grad_hidden,
         None if dw is None else dw.to(weight.dtype),
@@ -204,7 +209,8 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
 
 
 def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                                      process_group=None, vocab_start=0, top_k=None, top_p=None):
+                                      process_group=None, vocab_start=0, top_k=None, top_p=None,
+                                      batch_invariant=False):
     """The "torch" backend of fusedrl.kernels.linear_logprobs_and_entropy (which validates the inputs).
 
     Chunks over tokens and vocabulary (LINEAR_CHUNK_ELEMENTS / LINEAR_CHUNK_COLS) with an online
@@ -217,7 +223,8 @@ def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, tem
     targets_1d = targets.reshape(-1).to(torch.int64)
     logprobs, entropy = _LinearLogprobsEntropy.apply(
         hidden_2d, weight, bias, targets_1d,
-        _LinearOptions(1.0 / float(temperature), int(ignore_index), int(vocab_start), process_group, top_k, top_p),
+        _LinearOptions(1.0 / float(temperature), int(ignore_index), int(vocab_start), process_group, top_k, top_p,
+                       batch_invariant),
     )
     return logprobs.view(leading), entropy.view(leading)
 
@@ -248,6 +255,12 @@ class LogprobsEntropyOptions:
     vocab_start: int = 0  # global id of this rank's first column
     top_k: int | None = None  # the sampler's kept set (kernels/_kept_set.py); None where it keeps every token
     top_p: float | None = None
+    batch_invariant: bool = False  # torch backend: one row per chunk (the Triton kernels are invariant anyway)
+
+    def row_chunk_bytes(self, vocab: int) -> int:
+        """The torch backend's chunk budget: one row when batch_invariant, since torch may reduce a
+        long row in a way (threads, vector widths) that depends on how many rows share the call."""
+        return 4 * vocab if self.batch_invariant else self.chunk_bytes
 
 
 def _row_chunks(logits: torch.Tensor, chunk_bytes: int):
@@ -336,7 +349,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
         entropy, row_max, log_sum = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
         tau = logits_threshold(logits, options.top_k, options.top_p, options.temperature, options.chunk_bytes,
                                options.process_group)
-        for rows, chunk in _row_chunks(logits, options.chunk_bytes):
+        for rows, chunk in _row_chunks(logits, options.row_chunk_bytes(logits.shape[-1])):
             lp[rows], entropy[rows], row_max[rows], log_sum[rows] = _chunk_forward(
                 chunk, safe_targets[rows], options.temperature, None if tau is None else tau[rows]
             )
@@ -373,7 +386,7 @@ class _TorchLogprobsEntropy(torch.autograd.Function):
         in_place = options.inplace_backward and rows_are_disjoint(logits)
         grad = logits if in_place else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         flat_grad = None if in_place else grad.view(-1, grad.shape[-1])
-        for rows, chunk in _row_chunks(logits, options.chunk_bytes):
+        for rows, chunk in _row_chunks(logits, options.row_chunk_bytes(logits.shape[-1])):
             d = _chunk_grad(
                 chunk,
                 safe_targets[rows],
