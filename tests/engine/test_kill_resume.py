@@ -41,8 +41,8 @@ def _how_to_continue(out):
 
 
 def _complete_step(out):
-    """The step of the newest complete checkpoint, 0 without one."""
-    return max([checkpoint._step_of(p) for p in out.glob("checkpoint-*") if checkpoint._incomplete(p) is None],
+    """The step of the newest checkpoint with its completion marker, 0 without one."""
+    return max([int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / checkpoint.MARKER).is_file()],
                default=0)
 
 
