@@ -28,7 +28,7 @@ from fusedrl.engine.critic import ValueModel
 from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantages, masked_mean, masked_whiten,
                                 token_rewards)
 from fusedrl.engine.model import DTYPES
-from fusedrl.engine.optim import MasterWeightAdamW, accumulate_gradients, clip_gradients
+from fusedrl.engine.optim import MasterWeightAdamW, StepGuard, accumulate_gradients
 from fusedrl.engine.reference import ema_update_, master_copies
 from fusedrl.engine.session import Session, make_scheduler
 from fusedrl.engine.update import make_loss, micro_batches, per_token, update
@@ -68,8 +68,8 @@ def predict_values(critic: ValueModel, batch: rollout.Batch, plan: list[torch.Te
     return out
 
 
-def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Batch, old_values: torch.Tensor,
-                  returns: torch.Tensor) -> dict:
+def update_critic(critic: ValueModel, optimizer, guard: StepGuard, cfg: Config, batch: rollout.Batch,
+                  old_values: torch.Tensor, returns: torch.Tensor) -> dict:
     """The critic's passes over the batch: clipped value loss, token mean over each mini-batch."""
     optim = cfg.optim
     n = len(batch)
@@ -94,9 +94,9 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
                 accumulate_gradients(optimizer)
                 step_loss = step_loss + loss.detach().double() * share
                 step_clip = step_clip + clip_frac.double() * share
-            if optim.max_grad_norm > 0:
-                grad_norms.append(clip_gradients(optimizer, optim.max_grad_norm).double())
-            optimizer.step()
+            norm, stepped = guard.step(optimizer, optim.max_grad_norm)  # skips a non-finite gradient
+            if stepped and optim.max_grad_norm > 0:
+                grad_norms.append(norm.double())
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             clip_fracs.append(step_clip)
@@ -148,6 +148,7 @@ def train(cfg: Config) -> dict:
     critic = make_critic(session)
     critic_optimizer = MasterWeightAdamW(critic.parameters(), lr=ppo.critic_lr, weight_decay=cfg.optim.weight_decay,
                                          betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    critic_guard = StepGuard(cfg.optim.max_skipped_steps)
     normalizer = RunningMeanStd() if ppo.normalize_values else None
     session.restore(optimizer, scheduler)
     if session.resume_from is not None:
@@ -180,7 +181,7 @@ def train(cfg: Config) -> dict:
                    "completions/truncated": float(batch.truncated.float().mean()), **adv_metrics}
         # Policy through the fused loss with per-token advantages, then the critic, then the reference EMA.
         metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, ref_logprobs=ref_lp))
-        metrics.update(update_critic(critic, critic_optimizer, cfg, batch, old_values, targets))
+        metrics.update(update_critic(critic, critic_optimizer, critic_guard, cfg, batch, old_values, targets))
         if ppo.reference_ema > 0:
             ema_update_(session.reference, model, ppo.reference_ema, master=ema_master)
         elapsed = time.perf_counter() - start
@@ -191,7 +192,6 @@ def train(cfg: Config) -> dict:
             session.extra["value_normalizer"] = normalizer.state_dict()
         if ema_master:
             session.extra["reference_ema_master"] = ema_master
-        saved = session.end_step(step, metrics, optimizer, scheduler)
-        if saved is not None:
-            save_critic(saved, critic, critic_optimizer)
+        session.end_step(step, metrics, optimizer, scheduler,
+                         parts=lambda directory: save_critic(directory, critic, critic_optimizer))
     return session.finish()

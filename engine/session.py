@@ -26,6 +26,7 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.data import PromptSampler, load_splits, load_task
 from fusedrl.engine.metrics_log import MetricLogger, peak_memory_bytes
 from fusedrl.engine.model import load_policy, load_reference
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.plots import describe_fit, write_plots
 from fusedrl.engine.rewards import load_reward, score
 from fusedrl.engine.warm_start import warm_start
@@ -68,7 +69,11 @@ class Session:
             torch.set_num_threads(run.num_threads)
         self.device = resolve_device(run.device)
         self.output_dir = Path(run.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        held = _held_run(self.output_dir)
+        if held and not run.resume and not run.overwrite:
+            raise UsageError(f"run.output_dir {str(self.output_dir)!r} holds a run ({held}): continue it with "
+                             f"run.resume=latest, start a new one with another run.output_dir, or replace it "
+                             f"with run.overwrite=true")
         self.resume_from = checkpoint.find_checkpoint(run.resume, self.output_dir) if run.resume else None
         self.state = checkpoint.load_state(self.resume_from) if self.resume_from else None
         if self.state is not None:
@@ -76,7 +81,8 @@ class Session:
         _seed_everything(run.seed)
 
         path = str(self.resume_from) if self.resume_from else cfg.model.path
-        self.model, self.tokenizer = load_policy(cfg.model, path, self.device)
+        with checkpoint.reading(self.resume_from):
+            self.model, self.tokenizer = load_policy(cfg.model, path, self.device)
         context = getattr(self.model.config, "max_position_embeddings", None)
         needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
         if context is not None and needed > context:
@@ -89,11 +95,17 @@ class Session:
         reference_path = None
         if self.resume_from is not None and cfg.model.reference == "policy":
             reference_path = str(self.resume_from / "reference")
-        self.reference = load_reference(cfg.model, self.model, self.device, reference_path)
+        with checkpoint.reading(self.resume_from):
+            self.reference = load_reference(cfg.model, self.model, self.device, reference_path)
         self.start_step = self.state["step"] if self.state else 0
         self.extra = dict(self.state["extra"]) if self.state else {}
         # The run's wall time in the processes before this one, up to the checkpoint it resumes from.
         self._wall_before = self.extra.get("wall_seconds", 0.0)
+        self.step_guard = StepGuard(cfg.optim.max_skipped_steps)
+        # Created only now, once the model and data have loaded: a usage error leaves no empty directory.
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if held and not run.resume:  # run.overwrite: the old run's checkpoints must not outlive it
+            checkpoint.remove_checkpoints(self.output_dir)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.logger = MetricLogger(run, self.output_dir, self.start_step, OmegaConf.to_container(
             OmegaConf.structured(cfg)))
@@ -198,11 +210,11 @@ class Session:
         t = self.cfg.eval.temperature
         return f"{len(self.eval_split)} prompts, " + ("greedy" if t == 0 else f"sampled at temperature {t}")
 
-    def end_step(self, step: int, metrics: dict, optimizer, scheduler) -> Path | None:
+    def end_step(self, step: int, metrics: dict, optimizer, scheduler, parts=None) -> Path | None:
         """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due.
 
-        Returns the checkpoint directory written at this step (None if none), where a loop adds its own
-        parts (PPO: the critic)."""
+        `parts(directory)` writes a loop's own parts of a checkpoint (PPO: the critic) into it before it
+        is marked complete. Returns the checkpoint directory written at this step (None if none)."""
         cfg = self.cfg.run
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 or step == cfg.steps:
             metrics.update(self.evaluate())
@@ -211,19 +223,21 @@ class Session:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.logger.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            return self.save(step, optimizer, scheduler)
+            return self.save(step, optimizer, scheduler, parts)
         return None
 
     def _run_wall_seconds(self) -> float:
         return self._wall_before + time.time() - self._started
 
-    def save(self, step: int, optimizer, scheduler) -> Path:
+    def save(self, step: int, optimizer, scheduler, parts=None) -> Path:
         self.extra["wall_seconds"] = self._run_wall_seconds()
         self.extra["config"] = to_dict(self.cfg)
         self._last_saved = checkpoint.save_checkpoint(
             self.output_dir / f"checkpoint-{step}", model=self.model, tokenizer=self.tokenizer,
             reference=self.reference if self.cfg.model.reference == "policy" else None,
-            optimizer=optimizer, scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra)
+            optimizer=optimizer, scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra,
+            parts=parts)
+        checkpoint.remove_old_checkpoints(self.output_dir, self.cfg.run.keep_checkpoints)
         return self._last_saved
 
     def finish(self) -> dict:
@@ -254,6 +268,21 @@ class Session:
             wall += f", {summary['run_wall_seconds']:.0f} s for the whole run since its first start"
         self.logger.print(f"{wall}, process CPU time {summary['cpu_seconds']:.0f} s")
         return summary
+
+
+def _held_run(output_dir: Path) -> str:
+    """What of a run `output_dir` holds (checkpoints, metrics), "" for none; a file there is an error."""
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == output_dir else f": {str(existing)!r}"
+        raise UsageError(f"run.output_dir {str(output_dir)!r}{where} is a file, not a directory")
+    if not output_dir.is_dir():
+        return ""
+    held = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        held.append(metrics.name)
+    return ", ".join(held[:3] + (["..."] if len(held) > 3 else []))
 
 
 def _seed_everything(seed: int) -> None:

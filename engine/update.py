@@ -27,7 +27,7 @@ import torch
 from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
-from fusedrl.engine.optim import accumulate_gradients, clip_gradients
+from fusedrl.engine.optim import accumulate_gradients
 from fusedrl.engine.session import Session
 from fusedrl.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to_floats
 
@@ -116,10 +116,11 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     ref_lp = ref_logprobs
     if ref_lp is None and session.reference is not None:
         ref_lp = per_token(session.reference, batch, passes[0], loss_fn)
-    sums, extremes, tokens_seen, losses, grad_norms = {}, {}, 0, [], []
+    sums, extremes, tokens_seen, losses, grad_norms, skipped = {}, {}, 0, [], [], 0
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
-    # Token counts per row, read once: the loop below then never waits on the device; the loss and its
-    # metrics are summed as device tensors and read back once, at the end.
+    # Token counts per row, read once: the micro-batch loop below then never waits on the device (the
+    # optimizer step reads the gradient norm once, StepGuard); the loss and its metrics are summed as
+    # device tensors and read back once, at the end.
     row_tokens = mask.sum(1).tolist()
     model.train()
     for plan in passes:
@@ -156,10 +157,12 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
                         extremes[key] = EXTREME_METRICS[key](extremes.get(key, value.double()), value.double())
                     else:
                         sums[key] = sums.get(key, 0.0) + value.double() * valid
-            if optim.max_grad_norm > 0:
-                grad_norms.append(clip_gradients(optimizer, optim.max_grad_norm).double())
-            optimizer.step()
-            scheduler.step()
+            norm, stepped = session.step_guard.step(optimizer, optim.max_grad_norm)  # skips a non-finite one
+            skipped += not stepped
+            if stepped:  # a skipped step leaves the learning-rate schedule where it was, too
+                scheduler.step()
+                if optim.max_grad_norm > 0:
+                    grad_norms.append(norm.double())
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
     totals = {key: value / max(1, tokens_seen) for key, value in sums.items()} | extremes
@@ -168,4 +171,5 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
     out = metrics_to_floats(totals)
     out["lr"] = scheduler.get_last_lr()[0]
+    out["optim/skipped_steps"] = skipped
     return out

@@ -130,8 +130,13 @@ def share(flag: torch.Tensor, valid: torch.Tensor, per_response: bool) -> torch.
     """The share of flagged tokens among the valid ones, or (per_response: the flag is constant along
     each row) of flagged responses among all rows."""
     if per_response:
-        return flag.any(-1).float().mean()
+        return row_mean(flag.any(-1).float())
     return (flag & valid).sum() / valid.sum().clamp(min=1)
+
+
+def row_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over responses [B]; 0 for an empty batch (0 rows), where .mean() gives NaN."""
+    return values.mean() if values.shape[0] else values.sum()
 
 
 def response_shares(flag: torch.Tensor, valid: torch.Tensor, per_response: bool) -> torch.Tensor:
@@ -146,6 +151,7 @@ def response_shares(flag: torch.Tensor, valid: torch.Tensor, per_response: bool)
 def nan_extreme(values: torch.Tensor, largest: bool) -> torch.Tensor:
     """max (largest) or min of the non-NaN entries as a 0-dim tensor, NaN when there are none; no host sync."""
     fill = -torch.inf if largest else torch.inf
-    filled = torch.where(values.isnan(), fill, values)
+    # One fill entry more: amax / amin of an empty batch (0 rows) would raise.
+    filled = torch.cat([torch.where(values.isnan(), fill, values).reshape(-1), values.new_full((1,), fill)])
     extreme = filled.amax() if largest else filled.amin()
     return torch.where(values.isnan().all(), torch.nan, extreme)

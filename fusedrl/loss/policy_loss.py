@@ -77,6 +77,8 @@ class FusedPolicyLoss(nn.Module):
         process_group: a torch.distributed group for the batch statistics (entropy quantile, covariance
             means, top-k, selected counts), so that every rank selects from the global batch.
         generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
+        check_values: refuse (ValueError naming the argument) ignore_index in completion_ids and NaN / inf
+            advantages, old or reference log-probs at valid positions; one device-to-host sync per call.
 
     The loss answers what a trainer that splits a batch into micro-batches must know (`batch_wide`,
     `micro_batch_share`, `token_count_argument`), so that no caller re-derives it from the loss type.
@@ -84,7 +86,7 @@ class FusedPolicyLoss(nn.Module):
 
     def __init__(self, options: LossOptions | None = None, /, *, temperature: float = 1.0,
                  max_completion_length: int | None = None, ignore_index: int = -100, process_group=None,
-                 generator: torch.Generator | None = None, **option_fields):
+                 generator: torch.Generator | None = None, check_values: bool = True, **option_fields):
         super().__init__()
         if options is None:
             options = LossOptions(**option_fields)
@@ -105,6 +107,7 @@ class FusedPolicyLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.generator = generator
+        self.check_values = bool(check_values)
 
     def __getattr__(self, name: str):
         # The options read as attributes of the loss (loss_fn.loss_type, loss_fn.cov_mode, ...).
@@ -184,6 +187,11 @@ class FusedPolicyLoss(nn.Module):
         when the weight is per response, a sequence level with advantages [B]) and clip_ratio/low_min,
         high_max (the least and most clipped response's share, NaN without one) for the PPO clip;
         clip_ratio/cispo_mean (weight above the cap with A > 0) for cispo; vespo/phi_mean for vespo.
+
+        A batch of 0 rows (B = 0) gives a zero loss, still differentiable (zero gradients), and the
+        metrics of a batch without valid tokens: means 0, extremes NaN (cov/max -inf).
+        Values: ignore_index in completion_ids, or a NaN / inf advantage, old or reference log-prob, at a
+        valid position raises ValueError naming the argument (see `check_values`); padding may hold anything.
         """
         if not isinstance(completion_ids, torch.Tensor) or completion_ids.dim() != 2:
             raise ValueError(f"completion_ids must be a [B, T] tensor, got {getattr(completion_ids, 'shape', completion_ids)!r}")
@@ -205,6 +213,8 @@ class FusedPolicyLoss(nn.Module):
                           logits=logits, hidden=hidden, weight=weight, bias=bias, old_logprobs=old_logprobs,
                           ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights,
                           sampling_logprobs=sampling_logprobs)
+        self._check_values(valid, completion_ids=completion_ids, advantages=adv, old_logprobs=old_logprobs,
+                           ref_logprobs=ref_logprobs)
 
         lp, entropy = self._logprobs_entropy(completion_ids, valid, logits, hidden, weight, bias)
         lp = torch.where(valid, lp, 0.0)
@@ -236,7 +246,8 @@ class FusedPolicyLoss(nn.Module):
             phi = objectives.vespo_weights(log_ratio, valid, adv, (self.vespo_k_pos, self.vespo_k_neg),
                                           (self.vespo_lambda_pos, self.vespo_lambda_neg), rollout_is_weights)
             pg = -phi * adv * lp
-            metrics["vespo/phi_mean"] = phi[:, 0].mean() if advantages.dim() == 1 else (phi * valid).sum() / n_valid
+            metrics["vespo/phi_mean"] = (objectives.row_mean(phi[:, 0]) if advantages.dim() == 1
+                                         else (phi * valid).sum() / n_valid)
         elif self.cov_mode == "kl_cov":
             pg = unclipped + self.kl_cov_coef * log_ratio.abs() * selection.covariance
         else:
@@ -288,7 +299,9 @@ class FusedPolicyLoss(nn.Module):
         if self.cov_mode is not None:
             cov = torch.where(valid, selection.covariance_values, 0.0)
             metrics["cov/mean"] = (cov.sum() / n_valid).float()
-            metrics["cov/max"] = torch.where(valid, cov, -torch.inf).max().float()
+            # One -inf entry more, as for a batch without valid tokens: max() of 0 rows would raise.
+            metrics["cov/max"] = torch.cat([torch.where(valid, cov, -torch.inf).reshape(-1),
+                                            cov.new_full((1,), -torch.inf)]).max().float()
         return loss, {k: v.detach().float() for k, v in metrics.items()}
 
     @torch.no_grad()
@@ -323,6 +336,7 @@ class FusedPolicyLoss(nn.Module):
                 raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {getattr(t, 'shape', t)!r}")
         check_same_device(completion_mask=completion_mask, advantages=advantages, entropy=entropy, logprobs=logprobs,
                           old_logprobs=old_logprobs)
+        self._check_values(valid, advantages=adv, old_logprobs=old_logprobs)
         lp = torch.where(valid, logprobs.float(), 0.0)
         olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)
         unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
@@ -365,6 +379,31 @@ class FusedPolicyLoss(nn.Module):
     def _entropy_kept(self, selection: Selection) -> torch.Tensor:
         """The tokens the entropy mask keeps: the top fraction, or with entropy_tokens="low" the rest."""
         return selection.high_entropy if self.entropy_tokens == "high" else ~selection.high_entropy
+
+    def _check_values(self, valid: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+        """Refuses, naming the argument, what would silently make a wrong or NaN loss: completion_ids equal
+        to ignore_index at a valid position (the fused op would skip the token: lp = H = 0), and a NaN or
+        inf advantage, old or reference log-prob at one. Padding may hold anything. All the checks
+        are one reduction read back once: one device-to-host sync per call on a GPU (`check_values=False`
+        skips them, for a trainer that checks its inputs itself)."""
+        if not self.check_values:
+            return
+        bad = {}
+        for name, t in tensors.items():
+            if t is not None:
+                wrong = t == self.ignore_index if name == "completion_ids" else ~torch.isfinite(t)
+                bad[name] = (valid & wrong).any()
+        if not bad:
+            return
+        # With a process group every rank learns of a bad value on any rank: all raise, none waits for the others.
+        flags = all_reduce(torch.stack(list(bad.values())).to(torch.int64), self.process_group)
+        for name, found in zip(bad, flags.tolist()):
+            if not found:
+                continue
+            if name == "completion_ids":
+                raise ValueError(f"completion_ids holds ignore_index ({self.ignore_index}) at a valid position "
+                                 "(completion_mask nonzero): give the sampled token there, or mask it out")
+            raise ValueError(f"{name} must be finite at valid positions (completion_mask nonzero); found NaN or inf")
 
     def _check_selection(self, selection, shape) -> None:
         """A Selection fits this loss's options and this call's [B, T]."""
@@ -441,11 +480,11 @@ class FusedPolicyLoss(nn.Module):
         """Reduce per-token values (zero off `counted`) to a scalar by the loss type's aggregation."""
         if self.aggregation == "grpo":
             per_response = values.sum(-1) / counted.sum(-1).clamp(min=1)
-            return per_response.mean()
+            return objectives.row_mean(per_response)
         if self.aggregation == "dr_grpo":
-            return values.sum() / (values.shape[0] * self.max_completion_length)
+            return values.sum() / (max(1, values.shape[0]) * self.max_completion_length)
         if self.aggregation == "luspo":
-            return values.sum() / values.shape[0]
+            return values.sum() / max(1, values.shape[0])
         if self.aggregation == "dapo" and num_items_in_batch is not None:
             return values.sum() / num_items_in_batch
         return values.sum() / counted.sum().clamp(min=1)
