@@ -175,6 +175,30 @@ def test_every_option_from_verls_command_line():
     assert 0 < kept.sum() < mask.sum() and expected_metrics["actor/pg_clipfrac"] > 0
 
 
+def test_the_docs_recipe_is_a_valid_verl_config():
+    """The GRPO command line of docs/integrations.md, composed by verl's hydra config and checked by verl's
+    own validation, selects fusedrl's loss, mask and forward."""
+    import shlex
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_module
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    text = (Path(__file__).parents[2] / "docs" / "integrations.md").read_text()
+    recipe = text.split("<!-- verl-recipe")[1].split("```bash")[1].split("```")[0]
+    words = shlex.split(recipe.replace("\\\n", " "))
+    assert words[:3] == ["python3", "-m", "verl.trainer.main_ppo"]
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose("ppo_trainer", words[3:])
+    validate_config(config, use_reference_policy=False, use_critic=False)
+    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, fused_verl.PolicyLossConfig)
+    assert (actor.policy_loss.loss_mode, actor.policy_loss.top_entropy_fraction) == ("fusedrl_vanilla", 0.2)
+    assert actor.calculate_entropy and config.algorithm.adv_estimator == "grpo"
+    model = config.actor_rollout_ref.model
+    assert model.use_fused_kernels and model.fused_kernel_options.impl_backend == fused_verl.FUSED_KERNELS_BACKEND
+
+
 def test_errors_name_verls_keys():
     old, lp, adv, _, mask = batch(2, 6, seed=5)
     with pytest.raises(ValueError, match=r"actor\.policy_loss\.prob_mask_threshold"):
