@@ -121,7 +121,7 @@ class Session:
         if spec == "task":
             return self.task.reward
         if spec == "math":
-            from fusedrl.engine.rewards.math import reward
+            from fusedrl.engine.rewards.math_answer import reward
 
             return reward
         return load_reward(spec)
