@@ -11,10 +11,11 @@ that verl's model forward produced:
 - `fusedrl_kl_cov`: verl's `kl_cov` (`kl_cov_ratio`, `ppo_kl_coef`).
 
 Each takes fusedrl's token masks from `policy_loss.top_entropy_fraction` (train on the top-rho entropy
-tokens, "Beyond the 80/20 rule"; needs `actor.calculate_entropy=True`) and
-`policy_loss.prob_mask_threshold` (SPO's probability mask): fields of `PolicyLossConfig` below, which a
-run selects with `actor_rollout_ref.actor.policy_loss._target_=fusedrl.integrations.verl.PolicyLossConfig`
-(verl's own config class has no room for them). Without them the three equal verl's losses.
+tokens, "Beyond the 80/20 rule"; needs `actor.calculate_entropy=True`; `entropy_tokens=low` trains on
+the rest instead) and `policy_loss.prob_mask_threshold` (SPO's probability mask): fields of
+`PolicyLossConfig` below, which a run selects with
+`actor_rollout_ref.actor.policy_loss._target_=fusedrl.integrations.verl.PolicyLossConfig` (verl's own
+config class has no room for them). Without them the three equal verl's losses.
 
 verl's `loss_agg_mode` and its global batch sizes (`dp_size`, `batch_num_tokens`, `global_batch_size`,
 `loss_scale_factor`) choose the aggregation (`_aggregation`). What differs from verl's own losses:
@@ -72,13 +73,16 @@ class PolicyLossConfig(VerlPolicyLossConfig):
 
     top_entropy_fraction: float = 1.0
     """Train on this fraction of highest-entropy tokens (1 keeps all; needs actor.calculate_entropy=True)."""
+    entropy_tokens: str = "high"
+    """Which side of the top_entropy_fraction threshold trains: high, or low (the 80/20 paper's ablation)."""
     prob_mask_threshold: Optional[float] = None
     """SPO's probability mask: keep the tokens whose rollout probability is below this (null: off)."""
 
     def __post_init__(self):
         # Checked where the run's config is built (verl's driver and every worker), by the loss's own rule.
         try:
-            LossOptions(top_entropy_fraction=self.top_entropy_fraction, prob_mask_threshold=self.prob_mask_threshold)
+            LossOptions(top_entropy_fraction=self.top_entropy_fraction, entropy_tokens=self.entropy_tokens,
+                        prob_mask_threshold=self.prob_mask_threshold)
         except OptionError as err:
             raise ValueError(f"actor.policy_loss.{err.option}: {err}") from None
 
@@ -121,6 +125,7 @@ def loss_options(mode: str, config, loss_type: str = "dapo") -> LossOptions:
         "epsilon_low": _field(config, "clip_ratio_low", clip),
         "epsilon_high": _field(config, "clip_ratio_high", clip),
         "top_entropy_fraction": _field(policy_loss, "top_entropy_fraction", 1.0),
+        "entropy_tokens": _field(policy_loss, "entropy_tokens", "high"),
         "prob_mask_threshold": _field(policy_loss, "prob_mask_threshold", None),
     }
     # verl's defaults where a field is null, as its own losses read them.

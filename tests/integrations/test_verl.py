@@ -115,23 +115,26 @@ def test_equals_verls_own_loss(mode, loss_agg_mode, info):
     assert all(metrics[name] > 0 for name in BITES[mode]), metrics
 
 
-@pytest.mark.parametrize("nested_prompts", [True, False])
-@pytest.mark.parametrize("bound_in", ["verl.workers.utils.losses", "verl.workers.engine_workers"])
-def test_ppo_loss_on_a_micro_batch_with_the_top_entropy_mask(bound_in, nested_prompts):
+@pytest.mark.parametrize("bound_in, nested_prompts, tokens", [
+    ("verl.workers.utils.losses", True, "high"), ("verl.workers.utils.losses", False, "high"),
+    ("verl.workers.engine_workers", True, "high"), ("verl.workers.utils.losses", True, "low"),
+])
+def test_ppo_loss_on_a_micro_batch_with_the_top_entropy_mask(bound_in, nested_prompts, tokens):
     """verl's ppo_loss, called by either name it is bound to, on a TensorDict micro-batch as verl's FSDP
     engine builds it (packed log-probs and entropy; nested or left-padded prompts): fusedrl_vanilla with
-    top_entropy_fraction=0.3 is verl's vanilla on the tokens whose entropy reaches the 0.7 quantile,
-    divided by all valid tokens."""
+    top_entropy_fraction=0.3 is verl's vanilla on the tokens whose entropy reaches the 0.7 quantile (or,
+    with entropy_tokens=low, on the others), divided by all valid tokens."""
     ppo_loss = importlib.import_module(bound_in).ppo_loss
     old, lp, adv, entropy, mask = batch(5, 12, seed=6)
     prompt_lengths = torch.tensor([3, 1, 4, 2, 5])
-    config = actor_config("fusedrl_vanilla", top_entropy_fraction=0.3)
+    config = actor_config("fusedrl_vanilla", top_entropy_fraction=0.3, entropy_tokens=tokens)
     output, data = micro_batch(old, lp, adv, entropy, mask, prompt_lengths=prompt_lengths,
                                nested_prompts=nested_prompts, batch_num_tokens=int(mask.sum()), global_batch_size=5)
     loss, metrics = ppo_loss(config, output, data)
     (grad,) = torch.autograd.grad(loss, lp)
 
-    selected = mask & (entropy >= torch.quantile(entropy[mask], 1 - 0.3))
+    high = entropy >= torch.quantile(entropy[mask], 1 - 0.3)
+    selected = mask & (high if tokens == "high" else ~high)
     expected, _ = POLICY_LOSS_REGISTRY["vanilla"](old, lp, adv, mask, "token-mean", config, selected.double())
     (expected_grad,) = torch.autograd.grad(expected, lp)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
@@ -203,6 +206,8 @@ def test_errors_name_verls_keys():
     old, lp, adv, _, mask = batch(2, 6, seed=5)
     with pytest.raises(ValueError, match=r"actor\.policy_loss\.prob_mask_threshold"):
         fused_verl.PolicyLossConfig(loss_mode="fusedrl_vanilla", prob_mask_threshold=0.0)
+    with pytest.raises(ValueError, match=r"actor\.policy_loss\.entropy_tokens"):  # low needs a fraction < 1
+        fused_verl.PolicyLossConfig(loss_mode="fusedrl_vanilla", entropy_tokens="low")
     config = actor_config("fusedrl_clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0)
     with pytest.raises(ValueError, match=r"actor\.policy_loss\.clip_cov_lb"):
         POLICY_LOSS_REGISTRY["fusedrl_clip_cov"](old, lp, adv, mask, "token-mean", config)
