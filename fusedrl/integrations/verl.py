@@ -116,7 +116,7 @@ _VERL_KEYS = {
 }
 
 
-def loss_options(mode: str, config, loss_type: str = "dapo") -> LossOptions:
+def _loss_options(mode: str, config, loss_type: str = "dapo") -> LossOptions:
     """The LossOptions of verl's loss `mode` (vanilla, clip_cov, kl_cov) under an actor config."""
     policy_loss = config.policy_loss
     clip = config.clip_ratio
@@ -152,7 +152,7 @@ def _aggregation(loss_agg_mode: str, mask: torch.Tensor, config) -> tuple[str, f
 
     verl divides by global counts and multiplies by dp_size, so that the data-parallel mean of the ranks'
     gradients is the global batch's; a missing count is the micro-batch's own (verl refuses that when
-    dp_size > 1).
+    dp_size > 1), at least 1 so that a micro-batch of empty responses gives 0 rather than verl's NaN.
     """
     info = config.get("global_batch_info", None) or {}
     dp_size = int(info.get("dp_size", None) or 1)
@@ -162,7 +162,7 @@ def _aggregation(loss_agg_mode: str, mask: torch.Tensor, config) -> tuple[str, f
         if value is None:
             if dp_size > 1:
                 raise ValueError(f"global_batch_info.{name} is required when dp_size > 1 (verl's agg_loss)")
-            value = local()
+            value = max(float(local()), 1.0)
         return float(value)
 
     if loss_agg_mode == "token-mean":
@@ -188,7 +188,7 @@ def _policy_loss(mode, old_log_prob, log_prob, advantages, response_mask, loss_a
         raise ValueError(f"config (verl's actor config) must be given to fusedrl_{mode}")
     valid = response_mask.bool()
     loss_type, num_items, factor = _aggregation(loss_agg_mode, valid, config)
-    loss_fn = FusedPolicyLoss(loss_options(mode, config, loss_type), process_group=_process_group())
+    loss_fn = FusedPolicyLoss(_loss_options(mode, config, loss_type), process_group=_process_group())
     entropy = _entropy.get()
     if loss_fn.top_entropy_fraction < 1.0 and entropy is None:
         raise ValueError(
