@@ -99,8 +99,8 @@ def off_policy_keep(lp, sampling_lp, valid, adv, threshold: float) -> torch.Tens
     return (adv >= 0) | (mean <= threshold)
 
 
-def check_rollout_weights(weights, shape: torch.Size) -> torch.Tensor:
-    """rollout_is_weights [B] or [B, T] as a detached float [B, T]."""
+def check_rollout_weights(weights, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """rollout_is_weights [B] or [B, T] as a detached [B, T] of the loss's dtype."""
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
         raise ValueError(f"rollout_is_weights must be a float tensor, got {type(weights).__name__}")
     if weights.dim() == 1 and weights.shape[0] == shape[0]:
@@ -109,7 +109,7 @@ def check_rollout_weights(weights, shape: torch.Size) -> torch.Tensor:
         raise ValueError(
             f"rollout_is_weights must have shape ({shape[0]},) or {tuple(shape)}, got {tuple(weights.shape)}"
         )
-    return weights.detach().float()
+    return weights.detach().to(dtype)
 
 
 def clip_metrics(ratio, adv, valid, epsilon_low: float, epsilon_high: float, per_response: bool) -> dict:
