@@ -5,6 +5,11 @@ reference when it is a copy of the initial policy (reference/), and trainer_stat
 scheduler, the python / numpy / torch (and CUDA) RNG states, the prompt sampler's position, the step,
 and the loop's own small state. Restoring all of them makes a resumed CPU run repeat the metrics of
 the uninterrupted run exactly.
+
+Under torchrun (engine/distributed.py) the models and optimizers go to shards/ instead, written with
+torch.distributed.checkpoint (each rank its own shards; resumable on the same number of ranks),
+trainer_state.pt holds the rest, each rank's RNG states go to rng-<rank>.pt, and the last checkpoint
+also holds the final policy as a transformers directory, gathered once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from fusedrl.engine.errors import UsageError
 
 STATE_FILE = "trainer_state.pt"
+SHARDS_DIR = "shards"
 
 
 def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, scheduler, sampler,
@@ -31,6 +37,26 @@ def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, 
         tokenizer.save_pretrained(directory / "reference")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(), "rng": rng_state(), "extra": extra}, directory / STATE_FILE)
+    return directory
+
+
+def save_sharded_checkpoint(directory: Path, world, parts: dict, *, tokenizer, scheduler, sampler, step: int,
+                            extra: dict, export=None) -> Path:
+    """A checkpoint of a torchrun run: parts {name: (model, optimizer or None)} as DCP shards; `export`
+    (a causal LM) also as a transformers directory in `directory`."""
+    from fusedrl.engine import distributed
+
+    directory.mkdir(parents=True, exist_ok=True)
+    distributed.save_sharded(directory / SHARDS_DIR, parts)
+    full = distributed.full_state_dict(export) if export is not None else None
+    torch.save(rng_state(), directory / f"rng-{world.rank}.pt")
+    if world.main:
+        if export is not None:
+            export.save_pretrained(directory, state_dict=full, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                    "extra": extra}, directory / STATE_FILE)
+    world.barrier()  # a checkpoint is complete before any rank goes on (and may be killed)
     return directory
 
 
@@ -48,11 +74,19 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
-def load_state(directory: Path) -> dict:
-    """trainer_state.pt, every tensor on the CPU: optimizer.load_state_dict moves each state to its
-    parameter's device, and a checkpoint written on a GPU then also loads where there is none."""
+def load_state(directory: Path, world=None) -> dict:
+    """trainer_state.pt (with this rank's RNG states under torchrun), every tensor on the CPU:
+    optimizer.load_state_dict moves each state to its parameter's device, and a checkpoint written on a
+    GPU then also loads where there is none."""
     # The numpy RNG key is stored as a tensor so that the whole file loads with weights_only=True.
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    if world is not None and world.sharded:
+        rng = directory / f"rng-{world.rank}.pt"
+        if not rng.is_file():
+            raise UsageError(f"run.resume {str(directory)!r}: no {rng.name}; a sharded checkpoint resumes on "
+                             f"the number of ranks that wrote it")
+        state["rng"] = torch.load(rng, map_location="cpu", weights_only=True)
+    return state
 
 
 def rng_state() -> dict:

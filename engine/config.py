@@ -52,6 +52,8 @@ class RunConfig:
     """Weights & Biases project name."""
     plots: bool = True
     """Write PNG plots of reward and entropy against step at the end."""
+    cpu_offload: bool = False
+    """Under torchrun: keep the FSDP2 parameter shards, gradients and optimizer state in CPU memory."""
 
 
 @dataclass

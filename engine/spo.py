@@ -32,7 +32,7 @@ import torch
 from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.data import Split
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.optim import make_optimizer
 from fusedrl.engine.segments import chain_advantages, tree_values_and_advantages
 from fusedrl.engine.session import Session, make_scheduler
 from fusedrl.engine.update import make_loss, micro_batches, per_token, update
@@ -102,8 +102,8 @@ def train(cfg: Config) -> dict:
     session.prepare()
     model, r = session.model, cfg.rollout
     loss_fn = make_loss(cfg)
-    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    optimizer = make_optimizer(model.parameters(), sharded=session.world.sharded, lr=cfg.optim.lr,
+                               weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
     session.restore(optimizer, scheduler)
     sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, r.batch_size)

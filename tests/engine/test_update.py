@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fusedrl.engine.distributed import World
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
 from fusedrl.engine.update import make_loss, micro_batches, update
@@ -94,7 +95,7 @@ def _one_vs_many(policy, overrides):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         torch.manual_seed(5)  # Clip-Cov's draw
-        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer,
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, world=World()), make_loss(cfg), optimizer,
                          scheduler, batch, advantages)
         results.append(({k: start[k] - v for k, v in model.state_dict().items()}, metrics))
         model.load_state_dict(start)
