@@ -41,9 +41,9 @@ def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, 
 
 
 def save_sharded_checkpoint(directory: Path, world, parts: dict, *, tokenizer, scheduler, sampler, step: int,
-                            extra: dict, export=None) -> Path:
+                            extra: dict, export=None, export_dtype: torch.dtype = torch.float32) -> Path:
     """A checkpoint of a torchrun run: parts {name: (model, optimizer or None)} as DCP shards; `export`
-    (a causal LM) also as a transformers directory in `directory`."""
+    (a causal LM) also as a transformers directory in `directory`, in `export_dtype`."""
     from fusedrl.engine import distributed
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,6 +52,12 @@ def save_sharded_checkpoint(directory: Path, world, parts: dict, *, tokenizer, s
     torch.save(rng_state(), directory / f"rng-{world.rank}.pt")
     if world.main:
         if export is not None:
+            # In the model's dtype, and a tied output embedding once (the gathered dict names it twice).
+            first = {}
+            for name, tensor in full.items():
+                first.setdefault(tensor.data_ptr(), name)
+            full = {name: tensor.to(export_dtype) if tensor.is_floating_point() else tensor
+                    for name, tensor in full.items() if first[tensor.data_ptr()] == name}
             export.save_pretrained(directory, state_dict=full, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),

@@ -247,7 +247,7 @@ class Session:
             self._last_saved = checkpoint.save_sharded_checkpoint(
                 directory, self.world, self._sharded_parts(optimizer), tokenizer=self.tokenizer,
                 scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra,
-                export=self.model if step == self.cfg.run.steps else None)
+                export=self.model if step == self.cfg.run.steps else None, export_dtype=DTYPES[self.cfg.model.dtype])
             return self._last_saved
         self._last_saved = checkpoint.save_checkpoint(
             directory, model=self.model, tokenizer=self.tokenizer,
