@@ -54,10 +54,11 @@ def save_sharded_checkpoint(directory: Path, world, parts: dict, *, tokenizer, s
         if export is not None:
             # In the model's dtype, and a tied output embedding once (the gathered dict names it twice).
             first = {}
-            for name, tensor in full.items():
-                first.setdefault(tensor.data_ptr(), name)
+            for name, param in export.named_parameters(remove_duplicate=False):
+                first.setdefault(id(param), name)
+            tied = {name for name, param in export.named_parameters(remove_duplicate=False)} - set(first.values())
             full = {name: tensor.to(export_dtype) if tensor.is_floating_point() else tensor
-                    for name, tensor in full.items() if first[tensor.data_ptr()] == name}
+                    for name, tensor in full.items() if name not in tied}
             export.save_pretrained(directory, state_dict=full, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
