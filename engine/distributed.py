@@ -43,6 +43,7 @@ class World:
     device: torch.device = torch.device("cpu")
     group: object = None  # the torch.distributed group; None without torchrun
     mesh: object = None  # the FSDP device mesh
+    owns_group: bool = False  # init created the group (a caller that made it destroys it)
 
     @property
     def main(self) -> bool:
@@ -101,15 +102,16 @@ def init(device: torch.device) -> World:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     size = dist.get_world_size()
     return World(rank=dist.get_rank(), size=size, device=device, group=dist.group.WORLD,
-                 mesh=init_device_mesh(device.type, (size,)))
+                 mesh=init_device_mesh(device.type, (size,)), owns_group=owns)
 
 
 def close(world: World) -> None:
-    if world.sharded and dist.is_initialized():
+    if world.owns_group:
         dist.destroy_process_group()
 
 
