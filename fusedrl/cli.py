@@ -3,6 +3,9 @@
 Dotted overrides change any config field, e.g. `fusedrl train configs/demo.yaml run.steps=50
 optim.lr=2e-5 model.path=/models/qwen2.5-0.5b`. Problems with the config, data or model paths are
 printed as one line (exit status 2), not as a traceback.
+
+`torchrun --nproc_per_node N -m fusedrl.cli train CONFIG.yaml` trains on N ranks with FSDP2
+(docs/distributed.md).
 """
 
 from __future__ import annotations
