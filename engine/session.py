@@ -206,13 +206,16 @@ class Session:
         cfg = self.cfg
         mine = self.world.share(len(self.eval_split))
         split = self.eval_split.select(list(mine))
+        parts = ([], [], 0)  # a rank with no held-out prompt (fewer than ranks) still joins the collectives
         with distributed.gathered(self.model):
-            batch = rollout.generate(self.model, self.tokenizer, split.prompt_ids, group_size=1,
-                                     temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
-                                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-                                     seeds=[rollout.derive_seed(cfg.run.seed, _EVAL, i) for i in mine])
-        rewards, failures = self.score(split.prompts, rollout.decode(self.tokenizer, batch), split.columns)
-        parts = self.world.gather((rewards.tolist(), batch.lengths().tolist(), failures))
+            if len(split):
+                batch = rollout.generate(self.model, self.tokenizer, split.prompt_ids, group_size=1,
+                                         temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
+                                         max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                                         seeds=[rollout.derive_seed(cfg.run.seed, _EVAL, i) for i in mine])
+                rewards, failures = self.score(split.prompts, rollout.decode(self.tokenizer, batch), split.columns)
+                parts = (rewards.tolist(), batch.lengths().tolist(), failures)
+        parts = self.world.gather(parts)
         rewards = torch.tensor([r for p in parts for r in p[0]])
         lengths = torch.tensor([n for p in parts for n in p[1]], dtype=torch.float32)
         return {"eval/accuracy": float((rewards >= 1).float().mean()), "eval/reward_mean": float(rewards.mean()),
