@@ -291,7 +291,7 @@ def to_dict(cfg: Config) -> dict:
 # it runs, how often it evaluates.
 RESUME_SAFE_KEYS = {"run.resume", "run.allow_config_changes", "run.steps", "run.output_dir", "run.save_every",
                     "run.progress", "run.tensorboard", "run.wandb", "run.wandb_project", "run.plots",
-                    "run.num_threads", "eval.every"}
+                    "run.num_threads", "run.cpu_offload", "eval.every"}
 
 
 def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
