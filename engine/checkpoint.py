@@ -11,6 +11,12 @@ A checkpoint is written into a hidden temporary directory, which gets a completi
 checkpoint-<step>; a run killed during a save leaves at most that temporary directory. `latest`
 takes the newest complete checkpoint, skipping (with a warning) any that lacks its marker or whose
 files do not have the recorded sizes; a checkpoint named explicitly must be complete.
+
+Under torchrun (engine/distributed.py) the models and optimizers go to shards/ instead, written with
+torch.distributed.checkpoint (each rank its own shards; resumable on the same number of ranks) into
+the same temporary directory, sealed by rank 0 once every rank has written; trainer_state.pt holds
+the rest, each rank's RNG states go to rng-<rank>.pt, and the last checkpoint also holds the final
+policy as a transformers directory, gathered once.
 """
 
 from __future__ import annotations
@@ -32,16 +38,13 @@ from fusedrl.engine.errors import UsageError
 
 STATE_FILE = "trainer_state.pt"
 MARKER = "complete.json"
+SHARDS_DIR = "shards"
 
 
 def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, scheduler, sampler,
                     step: int, extra: dict, parts: Callable[[Path], None] | None = None) -> Path:
     """Writes checkpoint `directory` atomically; `parts(path)` adds a loop's own files before the marker."""
-    partial = directory.with_name(f".{directory.name}.partial")
-    replaced = directory.with_name(f".{directory.name}.replaced")
-    for leftover in (partial, replaced):  # from a save that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = _partial_dir(directory, clear=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     if reference is not None:
@@ -51,6 +54,23 @@ def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, 
                 "sampler": sampler.state_dict(), "rng": rng_state(), "extra": extra}, partial / STATE_FILE)
     if parts is not None:
         parts(partial)
+    _seal(partial, directory, step)
+    return directory
+
+
+def _partial_dir(directory: Path, clear: bool) -> Path:
+    """The hidden temporary directory a checkpoint is written into (cleared of a killed save's leftovers)."""
+    partial = directory.with_name(f".{directory.name}.partial")
+    if clear:
+        for leftover in (partial, directory.with_name(f".{directory.name}.replaced")):
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial.mkdir(parents=True)
+    return partial
+
+
+def _seal(partial: Path, directory: Path, step: int) -> None:
+    """Flushes every file of `partial`, writes the completion marker, then renames it to `directory`."""
+    replaced = directory.with_name(f".{directory.name}.replaced")
     files = sorted(p for p in partial.rglob("*") if p.is_file())
     for file in files:  # on disk before the marker says so: a power cut must not leave a marked torso
         _fsync(file)
@@ -62,7 +82,6 @@ def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, 
     partial.rename(directory)
     _fsync(directory.parent)
     shutil.rmtree(replaced, ignore_errors=True)
-    return directory
 
 
 def remove_checkpoints(output_dir: Path) -> None:
@@ -92,6 +111,38 @@ def remove_old_checkpoints(output_dir: Path, keep: int) -> None:
     if keep > 0:
         for old in _complete_checkpoints(output_dir, warn=False)[:-keep]:
             shutil.rmtree(old)
+
+
+def save_sharded_checkpoint(directory: Path, world, parts: dict, *, tokenizer, scheduler, sampler, step: int,
+                            extra: dict, export=None, export_dtype: torch.dtype = torch.float32) -> Path:
+    """A checkpoint of a torchrun run: parts {name: (model, optimizer or None)} as DCP shards; `export`
+    (a causal LM) also as a transformers directory in `directory`, in `export_dtype`."""
+    from fusedrl.engine import distributed
+
+    # Every rank writes into rank 0's temporary directory; rank 0 seals it once all have written.
+    partial = _partial_dir(directory, clear=world.main)
+    world.barrier()
+    distributed.save_sharded(partial / SHARDS_DIR, parts)
+    full = distributed.full_state_dict(export) if export is not None else None
+    torch.save(rng_state(), partial / f"rng-{world.rank}.pt")
+    if world.main:
+        if export is not None:
+            # In the model's dtype, and a tied output embedding once (the gathered dict names it twice).
+            first = {}
+            for name, param in export.named_parameters(remove_duplicate=False):
+                first.setdefault(id(param), name)
+            tied = {name for name, param in export.named_parameters(remove_duplicate=False)} - set(first.values())
+            full = {name: tensor.to(export_dtype) if tensor.is_floating_point() else tensor
+                    for name, tensor in full.items() if name not in tied}
+            export.save_pretrained(partial, state_dict=full, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                    "extra": extra}, partial / STATE_FILE)
+    world.barrier()  # every rank's shards and RNG states are written
+    if world.main:
+        _seal(partial, directory, step)
+    world.barrier()  # a checkpoint is complete before any rank goes on (and may be killed)
+    return directory
 
 
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
@@ -156,6 +207,19 @@ def load_state(directory: Path) -> dict:
     except Exception as e:  # torch.load raises whatever the unpickler met: report it on one line
         raise UsageError(f"run.resume {str(directory)!r}: damaged checkpoint ({STATE_FILE}: "
                          f"{type(e).__name__}: {_first_line(e)})") from None
+def load_state(directory: Path, world=None) -> dict:
+    """trainer_state.pt (with this rank's RNG states under torchrun), every tensor on the CPU:
+    optimizer.load_state_dict moves each state to its parameter's device, and a checkpoint written on a
+    GPU then also loads where there is none."""
+    # The numpy RNG key is stored as a tensor so that the whole file loads with weights_only=True.
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    if world is not None and world.sharded:
+        rng = directory / f"rng-{world.rank}.pt"
+        if not rng.is_file():
+            raise UsageError(f"run.resume {str(directory)!r}: no {rng.name}; a sharded checkpoint resumes on "
+                             f"the number of ranks that wrote it")
+        state["rng"] = torch.load(rng, map_location="cpu", weights_only=True)
+    return state
 
 
 def rng_state() -> dict:

@@ -59,6 +59,8 @@ class RunConfig:
     """Weights & Biases project name."""
     plots: bool = True
     """Write PNG plots of reward and entropy against step at the end."""
+    cpu_offload: bool = False
+    """Under torchrun: keep the FSDP2 parameter shards, gradients and optimizer state in CPU memory."""
 
 
 @dataclass
@@ -322,7 +324,7 @@ def to_dict(cfg: Config) -> dict:
 RESUME_SAFE_KEYS = {"run.resume", "run.allow_config_changes", "run.steps", "run.output_dir", "run.save_every",
                     "run.progress", "run.tensorboard", "run.wandb", "run.wandb_project", "run.plots",
                     "run.num_threads", "eval.every", "run.overwrite", "run.keep_checkpoints",
-                    "optim.max_skipped_steps"}
+                    "optim.max_skipped_steps", "run.cpu_offload"}
 
 
 def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:

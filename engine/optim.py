@@ -82,6 +82,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
             master.copy_(value)
             p.copy_(master)
 
+
+
+def make_optimizer(params, *, sharded: bool, **adamw) -> torch.optim.Optimizer:
+    """The loops' AdamW: MasterWeightAdamW in one process; plain AdamW over FSDP2's parameters, whose fp32
+    shards already are the master weights (MixedPrecisionPolicy computes in 16 bits from them, and
+    reduce-scatters the gradients into fp32 shards)."""
+    return torch.optim.AdamW(params, **adamw) if sharded else MasterWeightAdamW(params, **adamw)
+
+
 def accumulate_gradients(optimizer: torch.optim.Optimizer) -> None:
     """After each micro-batch's backward: MasterWeightAdamW sums 16-bit gradients into fp32; any other
     optimizer (over fp32 parameters, such as the tests' SGD) keeps accumulating in `.grad` as usual."""
@@ -91,9 +100,12 @@ def accumulate_gradients(optimizer: torch.optim.Optimizer) -> None:
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the gradients the optimizer will step (fp32 ones for
-    MasterWeightAdamW's 16-bit parameters); returns the total norm before clipping."""
+    MasterWeightAdamW's 16-bit parameters, all ranks' shards under FSDP2); returns the total norm
+    before clipping."""
     accumulate_gradients(optimizer)
-    return torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+    # Over FSDP2's sharded gradients the norm is a DTensor; its full value is the global norm.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class StepGuard:
@@ -114,6 +126,7 @@ class StepGuard:
             accumulate_gradients(optimizer)
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
         if bool(torch.isfinite(norm)):
             optimizer.step()
             self.in_a_row = 0

@@ -4,6 +4,9 @@ Dotted overrides change any config field, e.g. `fusedrl train configs/demo.yaml 
 optim.lr=2e-5 model.path=/models/qwen2.5-0.5b`. Problems with the config, data, model paths or
 checkpoints are printed as one line (exit status 2), not as a traceback; so is a run that had to stop
 (it diverged: exit status 1). `fusedrl config` prints every key with its default and meaning.
+
+`torchrun --nproc_per_node N -m fusedrl.cli train CONFIG.yaml` trains on N ranks with FSDP2
+(docs/distributed.md).
 """
 
 from __future__ import annotations

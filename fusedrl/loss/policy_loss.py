@@ -377,8 +377,12 @@ class FusedPolicyLoss(nn.Module):
         if not self._counts_selected:
             return selection
         selected = self._kept(valid, selection).sum()
-        return replace(selection, valid_count=valid.sum(), selected_count=selected,
-                       global_selected_count=all_reduce(selected.clone(), self.process_group))
+        if self.process_group is not None:
+            # The batch spans the ranks: bnpo's micro-batch rescaling needs the whole batch's ratio.
+            selected = all_reduce(selected, self.process_group)
+            return replace(selection, valid_count=all_reduce(valid.sum(), self.process_group),
+                           selected_count=selected, global_selected_count=selected)
+        return replace(selection, valid_count=valid.sum(), selected_count=selected, global_selected_count=selected)
 
     def _kept(self, valid: torch.Tensor, selection: Selection) -> torch.Tensor:
         """The valid tokens whose policy-gradient term every active mask keeps (M_t)."""

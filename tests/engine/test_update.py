@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fusedrl.engine.distributed import World
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
 from fusedrl.engine.optim import StepGuard
@@ -95,7 +96,8 @@ def _one_vs_many(policy, overrides):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         torch.manual_seed(5)  # Clip-Cov's draw
-        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1)), make_loss(cfg), optimizer,
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World()),
+                         make_loss(cfg), optimizer,
                          scheduler, batch, advantages)
         results.append(({k: start[k] - v for k, v in model.state_dict().items()}, metrics))
         model.load_state_dict(start)
@@ -190,7 +192,7 @@ def test_a_non_finite_gradient_is_skipped_and_counted(policy):
 
         model.get_output_embeddings().weight.register_hook(hook)
         torch.manual_seed(0)
-        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(limit)),
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(limit), world=World()),
                          make_loss(cfg), optimizer, scheduler, batch, advantages)
         assert len(backwards) == 2
         return model, metrics
