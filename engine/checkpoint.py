@@ -198,28 +198,27 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def load_state(directory: Path) -> dict:
-    """trainer_state.pt, every tensor on the CPU: optimizer.load_state_dict moves each state to its
-    parameter's device, and a checkpoint written on a GPU then also loads where there is none."""
-    # The numpy RNG key is stored as a tensor so that the whole file loads with weights_only=True.
-    try:
-        return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises whatever the unpickler met: report it on one line
-        raise UsageError(f"run.resume {str(directory)!r}: damaged checkpoint ({STATE_FILE}: "
-                         f"{type(e).__name__}: {_first_line(e)})") from None
 def load_state(directory: Path, world=None) -> dict:
     """trainer_state.pt (with this rank's RNG states under torchrun), every tensor on the CPU:
     optimizer.load_state_dict moves each state to its parameter's device, and a checkpoint written on a
     GPU then also loads where there is none."""
-    # The numpy RNG key is stored as a tensor so that the whole file loads with weights_only=True.
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    state = _load(directory, STATE_FILE)
     if world is not None and world.sharded:
         rng = directory / f"rng-{world.rank}.pt"
         if not rng.is_file():
             raise UsageError(f"run.resume {str(directory)!r}: no {rng.name}; a sharded checkpoint resumes on "
                              f"the number of ranks that wrote it")
-        state["rng"] = torch.load(rng, map_location="cpu", weights_only=True)
+        state["rng"] = _load(directory, rng.name)
     return state
+
+
+def _load(directory: Path, name: str):
+    # The numpy RNG key is stored as a tensor so that the whole file loads with weights_only=True.
+    try:
+        return torch.load(directory / name, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises whatever the unpickler met: report it on one line
+        raise UsageError(f"run.resume {str(directory)!r}: damaged checkpoint ({name}: "
+                         f"{type(e).__name__}: {_first_line(e)})") from None
 
 
 def rng_state() -> dict:
