@@ -1,4 +1,4 @@
-"""Group-relative advantages and the DAPO reward shaping (ALGORITHMS.md section 4).
+"""Group-relative advantages and the DAPO reward shaping (docs/algorithms.md section 4).
 
 Rewards arrive as one flat tensor [P * G] where rows i*G .. i*G+G-1 are the G responses to prompt i.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedrl.engine.config import UsageError
+from fusedrl.engine.errors import UsageError
 
 STATE_FILE = "trainer_state.pt"
 

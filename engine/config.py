@@ -17,17 +17,11 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from fusedrl.engine.errors import ConfigError
+from fusedrl.engine.tasks import TASKS
+from fusedrl.loss.options import LossOptions, OptionError
+
 ALGORITHMS = ("grpo", "ppo", "spo_chain", "spo_tree")
-# FusedPolicyLoss's (engine/loss.py), listed here so that loading a config does not import the kernels.
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for (config, data, model path): shown without a traceback."""
-
-
-class ConfigError(UsageError):
-    """An invalid configuration; the message names the key."""
 
 
 @dataclass
@@ -48,6 +42,8 @@ class RunConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     resume: Optional[str] = None
     """Continue from a checkpoint: a checkpoint directory, or "latest" in output_dir."""
+    allow_config_changes: bool = False
+    """On resume, accept settings that differ from the checkpoint's (the run is then no longer exact)."""
     progress: bool = True
     """Show a progress bar on the console."""
     tensorboard: bool = True
@@ -161,62 +157,6 @@ class AdvantageConfig:
 
 
 @dataclass
-class LossConfig:
-    loss_type: str = "dapo"
-    """PPO clip aggregated as grpo, bnpo, dr_grpo, dapo (ALGORITHMS.md section 4) or luspo; or cispo, sapo, vespo."""
-    epsilon_low: float = 0.2
-    """Lower PPO clip range."""
-    epsilon_high: float = 0.28
-    """Upper PPO clip range (clip-higher)."""
-    dual_clip: Optional[float] = None
-    """Dual-clip constant c for negative advantages (null: off)."""
-    beta: float = 0.0
-    """KL coefficient to the reference model (needs model.reference)."""
-    kl_estimator: str = "k3"
-    """KL estimator: k1, k2 or k3."""
-    kl_importance_weighted: bool = False
-    """Weight each token's KL by its importance ratio (TRL's use_bias_correction_kl)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient."""
-    top_entropy_fraction: float = 1.0
-    """Train on this fraction of highest-entropy tokens (0.2 in the 80/20 paper; 1 keeps all)."""
-    prob_mask_threshold: Optional[float] = None
-    """SPO probability mask: keep tokens with old probability below this (null: off)."""
-    cov_mode: Optional[str] = None
-    """clip_cov or kl_cov (null: off)."""
-    cov_ratio: float = 2e-4
-    """Fraction of tokens Clip-Cov / KL-Cov act on."""
-    cov_lower: float = 1.0
-    """Clip-Cov lower covariance bound."""
-    cov_upper: float = 5.0
-    """Clip-Cov upper covariance bound."""
-    kl_cov_coef: float = 1.0
-    """KL-Cov coefficient."""
-    normalize_by: str = "valid"
-    """Divide the policy-gradient part by all valid tokens (valid) or by the selected ones (selected)."""
-    importance_sampling_level: str = "token"
-    """Importance ratio per token, per response (sequence: GSPO) or sequence_token (GSPO-token)."""
-    cispo_max_weight: float = 5.0
-    """CISPO's cap on the importance weight (loss_type cispo)."""
-    sapo_temperature_pos: float = 1.0
-    """SAPO's gate temperature for positive advantages (loss_type sapo)."""
-    sapo_temperature_neg: float = 1.05
-    """SAPO's gate temperature for other advantages (loss_type sapo)."""
-    vespo_k_pos: float = 2.0
-    """VESPO's Gamma-weight exponent k for A >= 0 (loss_type vespo)."""
-    vespo_lambda_pos: float = 3.0
-    """VESPO's Gamma-weight rate lambda for A >= 0 (loss_type vespo)."""
-    vespo_k_neg: float = 3.0
-    """VESPO's k for A < 0 (loss_type vespo)."""
-    vespo_lambda_neg: float = 2.0
-    """VESPO's lambda for A < 0 (loss_type vespo)."""
-    off_policy_mask_threshold: Optional[float] = None
-    """DeepSeek-V3.2's off-policy sequence mask: drop A < 0 responses drifted past this mean log-ratio (null: off)."""
-    backend: str = "auto"
-    """Fused-op backend: auto (Triton on CUDA, plain PyTorch elsewhere), triton or torch."""
-
-
-@dataclass
 class PPOConfig:
     gamma: float = 1.0
     """GAE discount (1 in Xu et al. 2024)."""
@@ -291,17 +231,29 @@ class EvalConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    """The run: algorithm, steps, output directory, seed, device, resume, logging."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (and reference) model."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out prompts: a built-in task or a local file."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Supervised steps before RL (built-in tasks)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of the responses."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward function."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    """Group-relative advantages and DAPO's reward shaping (GRPO)."""
+    loss: LossOptions = field(default_factory=LossOptions)
+    """The policy loss's options (fusedrl.loss.LossOptions), checked where they are declared."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO's critic, GAE and reference (run.algorithm=ppo)."""
     spo: SPOConfig = field(default_factory=SPOConfig)
+    """SPO's segments and value estimates (run.algorithm=spo_chain or spo_tree)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer, its schedule, mini-batches and the micro-batch token budget."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -319,6 +271,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
+    except OptionError as e:  # raised by LossOptions's own check, naming its field
+        raise ConfigError(f"config key {'loss.' + e.option!r}: {e}") from None
     except ConfigKeyError as e:
         raise ConfigError(f"config key {e.full_key!r}: unknown key") from None
     except OmegaConfBaseException as e:
@@ -329,6 +283,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Keys a resumed run may change without changing what it computes: where it logs and saves, how long
+# it runs, how often it evaluates.
+RESUME_SAFE_KEYS = {"run.resume", "run.allow_config_changes", "run.steps", "run.output_dir", "run.save_every",
+                    "run.progress", "run.tensorboard", "run.wandb", "run.wandb_project", "run.plots",
+                    "run.num_threads", "eval.every"}
+
+
+def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for every setting that differs from `saved`, a config
+    as to_dict wrote it into a checkpoint; keys absent from either side count as changed."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(saved), flat(to_dict(cfg))
+    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(old.keys() | new.keys())
+            if old.get(k, "<absent>") != new.get(k, "<absent>")]
 
 
 def _first_line(error: Exception) -> str:
@@ -380,8 +355,6 @@ def validate(cfg: Config) -> None:
     if (data.task is None) == (data.path is None):
         _fail("data.task", "set exactly one of data.task (a built-in task) and data.path (a local file)")
     if data.task is not None:
-        from fusedrl.engine.tasks import TASKS
-
         _choice("data.task", data.task, tuple(TASKS))
     _fraction("data.eval_fraction", data.eval_fraction)
     if data.eval_fraction == 1:
@@ -417,34 +390,8 @@ def validate(cfg: Config) -> None:
     if adv.overlong_buffer > rollout.max_new_tokens:
         _fail("advantage.overlong_buffer", f"must be <= rollout.max_new_tokens ({rollout.max_new_tokens})")
     _at_least("advantage.overlong_penalty", adv.overlong_penalty, 0)
-    _choice("loss.loss_type", loss.loss_type, LOSS_TYPES)
-    _at_least("loss.epsilon_low", loss.epsilon_low, 0)
-    _at_least("loss.epsilon_high", loss.epsilon_high, 0)
-    if loss.epsilon_low >= 1:
-        _fail("loss.epsilon_low", f"must be < 1 (the ratio clip 1 - epsilon_low must stay positive); "
-                                  f"got {loss.epsilon_low}")
-    if loss.dual_clip is not None and not loss.dual_clip > 1:
-        _fail("loss.dual_clip", f"must be > 1; got {loss.dual_clip}")
-    _at_least("loss.beta", loss.beta, 0)
     if loss.beta > 0 and model.reference is None:
         _fail("loss.beta", "a KL term needs a reference model; set model.reference (e.g. policy)")
-    _choice("loss.kl_estimator", loss.kl_estimator, ("k1", "k2", "k3"))
-    _at_least("loss.entropy_coef", loss.entropy_coef, 0)
-    _fraction("loss.top_entropy_fraction", loss.top_entropy_fraction)
-    if loss.prob_mask_threshold is not None:
-        _fraction("loss.prob_mask_threshold", loss.prob_mask_threshold)
-    if loss.cov_mode is not None:
-        _choice("loss.cov_mode", loss.cov_mode, ("clip_cov", "kl_cov"))
-    _fraction("loss.cov_ratio", loss.cov_ratio)
-    if not loss.cov_lower < loss.cov_upper:
-        _fail("loss.cov_lower", f"must be < loss.cov_upper ({loss.cov_upper}); got {loss.cov_lower}")
-    _at_least("loss.kl_cov_coef", loss.kl_cov_coef, 0)
-    _choice("loss.normalize_by", loss.normalize_by, ("valid", "selected"))
-    if loss.normalize_by == "selected" and loss.loss_type == "dr_grpo":
-        _fail("loss.normalize_by", "'selected' needs loss.loss_type dapo, bnpo or grpo; dr_grpo divides by "
-                                   "a constant (rollout.max_new_tokens per response)")
-    _choice("loss.backend", loss.backend, ("auto", "triton", "torch"))
-    _check_loss(cfg)
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0)
     for key in ("adam_beta1", "adam_beta2"):
@@ -469,25 +416,6 @@ def validate(cfg: Config) -> None:
         _validate_ppo(cfg)
     if run.algorithm in ("spo_chain", "spo_tree"):
         _validate_spo(cfg)
-
-
-def loss_arguments(cfg: Config) -> dict:
-    """FusedPolicyLoss's arguments: the loss section's fields (named as the loss names them), the
-    rollout's temperature and max_new_tokens (dr_grpo's constant denominator)."""
-    return {**dataclasses.asdict(cfg.loss), "max_completion_length": cfg.rollout.max_new_tokens,
-            "temperature": cfg.rollout.temperature}
-
-
-def _check_loss(cfg: Config) -> None:
-    """The loss section as FusedPolicyLoss judges it: its ranges and the combinations it refuses
-    (a sequence-level ratio with cov_mode, say). Its ValueError names the argument, which is the key."""
-    from fusedrl.engine.loss import FusedPolicyLoss
-
-    try:
-        FusedPolicyLoss(**loss_arguments(cfg))
-    except ValueError as error:
-        name = str(error).split()[0]
-        _fail(f"loss.{name}" if name in {f.name for f in dataclasses.fields(LossConfig)} else "loss", str(error))
 
 
 def _validate_ppo(cfg: Config) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusedrl.engine.config import DataConfig, UsageError
+from fusedrl.engine.config import DataConfig
+from fusedrl.engine.errors import UsageError
 from fusedrl.engine.tasks import TASKS
 
 

@@ -5,7 +5,7 @@ token; every row's valid tokens come first, then padding). Token t of a response
 state s_t = prompt + response[:t]; `values[:, t]` is the critic's V(s_t). The state after the last valid
 token is terminal: its value is 0 and nothing is bootstrapped from padding.
 
-The choices follow Xu et al. 2024 ("Is DPO superior to PPO for LLM alignment?", ALGORITHMS.md section 4):
+The choices follow Xu et al. 2024 ("Is DPO superior to PPO for LLM alignment?", docs/algorithms.md section 4):
 the sequence reward sits on the last valid token, the KL to the reference is folded into every token's
 reward (k1 = olp - rlp, coefficient beta), rewards are clipped, advantages are whitened over the valid
 tokens of the whole batch, and the critic may learn normalised returns.

@@ -15,7 +15,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from fusedrl.engine.config import ModelConfig, UsageError
+from fusedrl.engine.config import ModelConfig
+from fusedrl.engine.errors import UsageError
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 BUILTIN_DEMO = "builtin:demo"

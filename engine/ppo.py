@@ -1,12 +1,12 @@
-"""PPO with a critic, the way Xu et al. 2024 made it beat DPO (ALGORITHMS.md section 4).
+"""PPO with a critic, the way Xu et al. 2024 made it beat DPO (docs/algorithms.md section 4).
 
 Each step samples `prompts_per_step` x `group_size` responses and scores them. A no-grad pass gives the
 rollout policy's log-probs, the reference's log-probs and the critic's values for every response token.
 Per-token rewards are the (clipped) score on the last token and, with ppo.kl_penalty=reward, -beta * k1
 (k1 = olp - rlp) on every token; GAE(gamma, lambda) turns them into advantages and returns. Advantages are
 whitened over the valid tokens of the whole batch. The policy then takes `updates_per_batch` passes over
-the batch in `mini_batches` optimizer steps through FusedPolicyLoss with per-token advantages (the GRPO
-loop's update), and the critic the same passes with the clipped value loss; with ppo.normalize_values the
+the batch in `mini_batches` optimizer steps through FusedPolicyLoss with per-token advantages (the shared
+update, update.py), and the critic the same passes with the clipped value loss; with ppo.normalize_values the
 critic learns returns scaled by their running mean and std. Last, the reference moves toward the policy,
 ref <- (1 - eta) ref + eta policy (ppo.reference_ema; 0 keeps it frozen).
 
@@ -17,7 +17,6 @@ Checkpoints add the critic (critic/), its optimizer and the value normaliser's m
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -28,12 +27,12 @@ from fusedrl.engine.config import Config
 from fusedrl.engine.critic import ValueModel
 from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantages, masked_mean, masked_whiten,
                                 token_rewards)
-from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
-from fusedrl.engine.loss import metrics_to_floats
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.optim import MasterWeightAdamW, accumulate_gradients, clip_gradients
 from fusedrl.engine.reference import ema_update_, master_copies
 from fusedrl.engine.session import Session, make_scheduler
+from fusedrl.engine.update import make_loss, micro_batches, per_token, update
+from fusedrl.loss import metrics_to_floats
 
 CRITIC_DIR, CRITIC_STATE = "critic", "critic_state.pt"
 
@@ -141,9 +140,8 @@ def train(cfg: Config) -> dict:
     session = Session(cfg)
     session.prepare()
     model, tokenizer, r, ppo = session.model, session.tokenizer, cfg.rollout, cfg.ppo
-    # With the KL in the reward, the loss must not add it a second time.
-    kl_in_loss = ppo.kl_penalty == "loss"
-    loss_fn = make_loss(cfg if kl_in_loss else dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, beta=0.0)))
+    # With the KL in the reward (ppo.kl_penalty=reward), the loss must not add it a second time.
+    loss_fn = make_loss(cfg) if ppo.kl_penalty == "loss" else make_loss(cfg, beta=0.0)
     optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
@@ -169,8 +167,8 @@ def train(cfg: Config) -> dict:
         scores, failures = session.score_groups(prompts, rollout.decode(tokenizer, batch))
         # Rollout-time log-probs, reference log-probs and values, then GAE on the per-token rewards.
         plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
-        old_lp = per_token(model, batch, [plan], r.temperature, cfg.loss.backend)
-        ref_lp = (per_token(session.reference, batch, [plan], r.temperature, cfg.loss.backend)
+        old_lp = per_token(model, batch, [plan], loss_fn)
+        ref_lp = (per_token(session.reference, batch, [plan], loss_fn)
                   if session.reference is not None else None)
         raw_values = predict_values(critic, batch, plan)
         advantages, targets, old_values, adv_metrics = advantages_and_returns(

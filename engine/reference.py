@@ -1,6 +1,6 @@
 """The reference model's exponential moving average toward the policy.
 
-Xu et al. 2024 (ALGORITHMS.md section 4) found that letting the KL reference follow the policy slowly,
+Xu et al. 2024 (docs/algorithms.md section 4) found that letting the KL reference follow the policy slowly,
 ref <- (1 - eta) ref + eta policy after every optimizer step (eta = 0.001), is one of the three changes
 that made PPO beat DPO. eta = 0 keeps the reference frozen.
 

@@ -1,4 +1,4 @@
-"""SPO's segment-level advantages (Guo et al. 2025, ALGORITHMS.md section 5): the pure parts.
+"""SPO's segment-level advantages (Guo et al. 2025, docs/algorithms.md section 5): the pure parts.
 
 A response is cut into segments; each segment's advantage is the change in Monte-Carlo value across it,
 and every token of the segment gets that advantage. Two ways to cut:

@@ -1,4 +1,4 @@
-"""SPO: segment-level advantages from Monte-Carlo values (Guo et al. 2025, ALGORITHMS.md section 5).
+"""SPO: segment-level advantages from Monte-Carlo values (Guo et al. 2025, docs/algorithms.md section 5).
 
 No critic: a state's value is the mean reward of continuations sampled from it, and a segment's
 advantage is the change of value across it (the maths is in segments.py, the sampling in spo_rollout.py).
@@ -17,7 +17,7 @@ V(node) - V(parent) (optionally over the siblings' std); zero-advantage segments
 not used: the tree's leaves are the responses.
 
 In both, a response or continuation that reaches max_new_tokens without its end token scores 0, so that
-the values along a chain are estimates of one and the same return. The update is the GRPO loop's, through
+the values along a chain are estimates of one and the same return. The update is the shared one (update.py), through
 FusedPolicyLoss with per-token advantages; the paper trains with the probability mask
 (loss.prob_mask_threshold=0.9, loss.normalize_by=selected), which the demo configs set. The sampling
 overhead, generated tokens per trained token, is logged as spo/sampling_overhead.
@@ -32,10 +32,11 @@ import torch
 from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.data import Split
-from fusedrl.engine.grpo import make_loss, micro_batches, per_token, update
 from fusedrl.engine.optim import MasterWeightAdamW
 from fusedrl.engine.segments import chain_advantages, tree_values_and_advantages
 from fusedrl.engine.session import Session, make_scheduler
+from fusedrl.engine.update import make_loss, micro_batches, per_token, update
+from fusedrl.loss import FusedPolicyLoss
 from fusedrl.engine.spo_rollout import (Sampling, Scorer, chain_values, pad_rows, sample_trees, score_leaves,
                                         tree_training_rows)
 
@@ -52,7 +53,7 @@ def make_scorer(session: Session, prompts: Split, failures: list[int]) -> Scorer
     return scorer
 
 
-def chain_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scorer):
+def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampling: Sampling, scorer: Scorer):
     """Rollout, boundary values and per-token advantages of one SPO-chain step."""
     cfg, model, tokenizer, r = session.cfg, session.model, session.tokenizer, session.cfg.rollout
     batch = session.generate(prompts)
@@ -60,7 +61,7 @@ def chain_step(session: Session, prompts: Split, sampling: Sampling, scorer: Sco
     rewards = torch.tensor(scorer(repeat, rollout.decode(tokenizer, batch)))
     rewards = rewards.masked_fill(batch.truncated.cpu(), 0.0)
     plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
-    old_lp = per_token(model, batch, [plan], r.temperature, cfg.loss.backend)
+    old_lp = per_token(model, batch, [plan], loss_fn)  # the rollout policy's, for the cutpoints
     boundaries, values, continuation_tokens = chain_values(
         model, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
         threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling, scorer=scorer)
@@ -71,7 +72,7 @@ def chain_step(session: Session, prompts: Split, sampling: Sampling, scorer: Sco
     return batch, rewards, advantages, None, metrics
 
 
-def tree_step(session: Session, prompts: Split, sampling: Sampling, scorer: Scorer):
+def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampling: Sampling, scorer: Scorer):
     """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
     tokenizer, spo = session.tokenizer, session.cfg.spo
     trees, generated = sample_trees(session.model, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
@@ -111,7 +112,7 @@ def train(cfg: Config) -> dict:
         start = time.perf_counter()
         prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
         failures: list[int] = []
-        batch, rewards, advantages, loss_mask, metrics = step_fn(session, prompts, sampling,
+        batch, rewards, advantages, loss_mask, metrics = step_fn(session, loss_fn, prompts, sampling,
                                                                   make_scorer(session, prompts, failures))
         sampled = time.perf_counter()
         metrics.update({"reward/mean": float(rewards.mean()), "reward/failures": sum(failures),

@@ -1,4 +1,4 @@
-"""SPO's sampling: Monte-Carlo values at chain boundaries, and segment trees (ALGORITHMS.md section 5).
+"""SPO's sampling: Monte-Carlo values at chain boundaries, and segment trees (docs/algorithms.md section 5).
 
 Both reuse the engine's batched `generate` (left-padded prompts, transformers' generate). A boundary's
 value is the mean reward of K continuations sampled from prompt + response[:b]; all boundaries of all

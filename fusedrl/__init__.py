@@ -14,8 +14,9 @@ _EXPORTS = {
     "top_entropy_mask": "fusedrl.kernels",
     "probability_mask": "fusedrl.kernels",
     "covariance_mask": "fusedrl.kernels",
-    "FusedPolicyLoss": "fusedrl.engine.loss",
-    "Selection": "fusedrl.engine.loss",
+    "FusedPolicyLoss": "fusedrl.loss",
+    "LossOptions": "fusedrl.loss",
+    "Selection": "fusedrl.loss",
 }
 
 __all__ = sorted(_EXPORTS)

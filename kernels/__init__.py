@@ -1,15 +1,25 @@
-"""fusedrl.kernels: one op per module, each with a Triton backend and a plain-PyTorch backend.
+"""fusedrl.kernels: one op per module.
 
+The two ops over the vocabulary have a Triton backend and a plain-PyTorch backend:
 - logprobs_and_entropy          (logprobs_entropy.py): lp and H from logits
 - linear_logprobs_and_entropy   (linear_logprobs_entropy.py): lp and H from hidden states and the
                                 output embedding, never materialising the logits
+reference.py holds their plain-PyTorch backends (streaming over chunks with a fixed memory budget:
+the CPU backend and the benchmarks' baseline).
+
+The selection ops read [tokens]-sized tensors only and are plain PyTorch (exact radix selection,
+_select.py), with optional process groups for batch-wide statistics across ranks:
 - top_entropy_mask              (top_entropy_mask.py): exact batch-wide top-rho entropy selection
 - probability_mask              (probability_mask.py): SPO's low-probability token mask
 - covariance_mask               (covariance_mask.py): Clip-Cov / KL-Cov token selection
-
-reference.py holds the plain-PyTorch version of every op: the CPU backend, the test oracle's
-companion and the benchmarks' baseline.
 """
+
+if __name__ != "fusedrl.kernels":
+    # Imported as a bare `kernels` from the repository root: let Hugging Face's `kernels` (or nothing)
+    # answer instead. The rest of this file then only binds names in a module nobody holds.
+    from fusedrl._checkout import stand_aside
+
+    stand_aside(__name__, __file__)
 
 import importlib
 

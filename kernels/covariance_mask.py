@@ -1,4 +1,4 @@
-"""Clip-Cov and KL-Cov token selection (Cui et al. 2025, ALGORITHMS.md section 3).
+"""Clip-Cov and KL-Cov token selection (Cui et al. 2025, docs/algorithms.md section 3).
 
 Cov_i = (lp_i - mean lp)(A_i - mean A), both means over the valid tokens of the whole batch: with a
 process group the sums and counts are all-reduced, because per-micro-batch centring is a reported

@@ -1,7 +1,7 @@
 """Per-token log-prob and entropy from logits, fused: lp = log softmax(x / T)[y], H = -sum p log p.
 
 The forward reads each logits row once, streaming over the vocabulary with an online max, sum of
-exponentials and sum of p * log p in fp32 (ALGORITHMS.md section 1), and keeps only per-row state
+exponentials and sum of p * log p in fp32 (docs/algorithms.md section 1), and keeps only per-row state
 for the backward: the row max and log S (lse = max / T + log S) and H, 12 bytes a row. The
 backward reads the row once more, recomputes p tile by tile and writes
 d logits = (g_lp (onehot(y) - p) - g_H p (log p + H)) / T once, in the logits' dtype, optionally
@@ -389,7 +389,7 @@ def logprobs_and_entropy(
     and H are nan, as torch.log_softmax gives. nan or +inf in a non-ignored row makes that row's
     outputs and gradient nan; other rows are unaffected. An empty batch (N = 0) returns empty outputs.
 
-    Memory: the forward keeps the per-row log-sum-exp and entropy (8 bytes per row) for the backward;
+    Memory: the forward keeps 12 bytes per row for the backward (the row max, log S and H, fp32);
     neither backend allocates an fp32 [N, V] tensor, and the backward allocates at most the gradient.
 
     Raises:

@@ -1,4 +1,4 @@
-"""SPO's probability mask (ALGORITHMS.md section 5): only tokens the rollout policy found unlikely.
+"""SPO's probability mask (docs/algorithms.md section 5): only tokens the rollout policy found unlikely.
 
 Tokens the old policy sampled with probability at least `threshold` carry little learning signal; SPO
 keeps the loss on the others. A plain elementwise op: no batch statistic, so no process group.

@@ -230,7 +230,7 @@ def linear_logprobs_and_entropy_torch(hidden, weight, targets, *, bias=None, tem
 
 
 # ----------------------------------------------------------------------------------------------
-# logprobs_and_entropy: lp = log softmax(x / T)[y] and H = -sum p log p (ALGORITHMS.md section 1)
+# logprobs_and_entropy: lp = log softmax(x / T)[y] and H = -sum p log p (docs/algorithms.md section 1)
 # ----------------------------------------------------------------------------------------------
 
 # Byte budget of one fp32 [rows, V] working tensor. Rows are processed in chunks of

@@ -1,4 +1,4 @@
-"""Top-rho entropy selection over the whole batch ("Beyond the 80/20 rule", ALGORITHMS.md section 2).
+"""Top-rho entropy selection over the whole batch ("Beyond the 80/20 rule", docs/algorithms.md section 2).
 
 The threshold tau is the (1 - rho) quantile of the entropies of all valid tokens, with the linear
 interpolation and the float arithmetic of torch.quantile, so that the mask equals TRL's

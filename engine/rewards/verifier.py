@@ -1,4 +1,4 @@
-"""Soft rewards from a generative verifier (Su et al. 2025; ALGORITHMS.md section 6).
+"""Soft rewards from a generative verifier (Su et al. 2025; docs/algorithms.md section 6).
 
 A causal LM reads a prompt built from the question, the reference answer and the final line of the
 response, and its first output token answers YES or NO. With pi the verifier's softmax over the

@@ -8,7 +8,7 @@ It is a one-line change for a TRL user: the constructor and `GRPOConfig` are TRL
 - The rollout-time ("old") and reference log-probabilities that TRL computes between generation and
   training come from fusedrl's `linear_logprobs_and_entropy` too (TRL asks the model for them with
   `fused_lm_head=True`; this trainer answers that call with fusedrl's op).
-- `top_entropy_quantile` works (TRL's own Liger path refuses it). TRL keeps the tokens whose entropy is
+- `top_entropy_quantile` (TRL 1.16.0 supports it on its own fused LM head too). TRL keeps the tokens whose entropy is
   at least `torch.quantile(valid_entropies, 1 - top_entropy_quantile)` (the valid tokens of the current
   micro-batch on every process) and normalises by all valid tokens; that is exactly
   `FusedPolicyLoss(top_entropy_fraction=top_entropy_quantile, normalize_by="valid")` with the world group.
@@ -52,7 +52,8 @@ except ImportError as err:  # pragma: no cover - exercised only where trl is abs
         "`pip install 'fusedrl[trl]'` or `pip install trl`."
     ) from err
 
-from fusedrl.engine.loss import CLIP_LOSS_TYPES, LOSS_TYPES, FusedPolicyLoss
+from fusedrl.loss import FusedPolicyLoss
+from fusedrl.loss.options import CLIP_LOSS_TYPES, LOSS_TYPES
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 __all__ = ["FusedGRPOTrainer"]

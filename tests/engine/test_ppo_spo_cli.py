@@ -9,7 +9,8 @@ import pytest
 from _tiny_run import REWARD_MODULE, TINY
 
 from fusedrl.cli import main
-from fusedrl.engine.config import ConfigError, load_config
+from fusedrl.engine.config import load_config
+from fusedrl.engine.errors import ConfigError
 
 
 def _run(tmp_path, monkeypatch, *overrides, steps=2) -> list[dict]:

@@ -8,7 +8,7 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
-from fusedrl.engine.grpo import make_loss, micro_batches, update
+from fusedrl.engine.update import make_loss, micro_batches, update
 from fusedrl.engine.model import demo_tokenizer, load_policy, token_logprobs
 
 
@@ -66,10 +66,24 @@ def test_micro_batches_respect_the_budget_and_cover_all_rows(policy):
     assert len(micro_batches(batch, rows, 10_000)) == 1
 
 
+def _ragged_batch(policy):
+    """The sampled batch with its responses cut to lengths 2 to 10: an untrained policy rarely stops, and
+    responses of equal length cannot tell a per-token from a per-response aggregation."""
+    _, tokenizer = policy
+    batch = _batch(policy)
+    lengths = [3, 10, 2, 7, 5, 9]
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids[:, : batch.prompt_length],
+                                                                batch.attention_mask[:, : batch.prompt_length])]
+    responses = [row[:n].tolist() for row, n in zip(batch.completion_ids, lengths)]
+    return rollout.make_batch(prompts, responses, [n == 10 for n in lengths], tokenizer.pad_token_id, "cpu")
+
+
 def _one_vs_many(policy, overrides):
     """The update's weight change and metrics with one micro-batch, then with one row per micro-batch."""
     model, _ = policy
-    batch = _batch(policy)
+    batch = _ragged_batch(policy)
+    lengths = batch.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 2, "responses of unequal lengths are the case that tells aggregations apart"
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     results = []
     for budget in (10_000, batch.prompt_length + batch.completion_ids.shape[1]):
@@ -87,9 +101,23 @@ def _one_vs_many(policy, overrides):
     return results
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
-def test_accumulated_micro_batches_equal_one_batch(policy, loss_type):
-    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, [f"loss.loss_type={loss_type}"])
+LOSS_TYPES = ["dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo"]
+
+
+@pytest.mark.parametrize("overrides", [
+    *[[f"loss.loss_type={name}"] for name in LOSS_TYPES],
+    # Off-policy from the second optimizer step on: the ratios, CISPO's cap, SAPO's gate and VESPO's
+    # weights differ from 1 there.
+    *[[f"loss.loss_type={name}", "optim.updates_per_batch=2"] for name in ("cispo", "sapo", "vespo")],
+    ["loss.loss_type=grpo", "loss.importance_sampling_level=sequence", "optim.updates_per_batch=2"],
+    ["loss.loss_type=dapo", "loss.importance_sampling_level=sequence_token", "optim.updates_per_batch=2"],
+    ["loss.loss_type=cispo", "loss.importance_sampling_level=sequence", "optim.updates_per_batch=2"],
+], ids=[*LOSS_TYPES, "cispo_off_policy", "sapo_off_policy", "vespo_off_policy", "gspo_grpo", "gspo_token_dapo",
+        "gspo_cispo"])
+def test_accumulated_micro_batches_equal_one_batch(policy, overrides):
+    """Every loss type's step is the same whether the batch is one micro-batch or one row per
+    micro-batch: the loss says how micro-batches weigh and what count it divides by."""
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides)
     assert any(d.abs().max() > 0 for d in step_one.values())
     for key in step_one:
         torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
@@ -104,7 +132,9 @@ def test_accumulated_micro_batches_equal_one_batch(policy, loss_type):
      "loss.top_entropy_fraction=0.5", "optim.mini_batches=2"],
     ["loss.loss_type=dapo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.2"],
     ["loss.loss_type=bnpo", "loss.normalize_by=selected", "loss.prob_mask_threshold=0.01"],
-], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy", "dapo_selected", "bnpo_selected_probability"])
+    ["loss.loss_type=grpo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.2", "loss.entropy_tokens=low"],
+], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy", "dapo_selected", "bnpo_selected_probability",
+        "grpo_selected_low_entropy"])
 def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
     """The top-entropy threshold, the covariance selection and the selected-token count (normalize_by
     selected) cover the whole mini-batch: one row per micro-batch gives the same step as one

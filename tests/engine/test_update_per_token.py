@@ -7,7 +7,7 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
-from fusedrl.engine.grpo import make_loss, update
+from fusedrl.engine.update import make_loss, update
 from fusedrl.engine.model import load_policy
 
 

@@ -34,7 +34,7 @@ from test_trl import (  # noqa: F401  (model_dir: the fixture)
 )
 from trl import GRPOTrainer
 
-from fusedrl.engine.loss import FusedPolicyLoss
+from fusedrl.loss import FusedPolicyLoss
 from fusedrl.integrations.trl import FusedGRPOTrainer
 
 WORLD_SIZE = 2
@@ -97,7 +97,7 @@ def _rank_train(overrides, model_dir, out_dir, *, process_group):
 def _direct_dapo_grads(model, inputs: dict, top_entropy_fraction: float) -> dict:
     """Single-process dapo on the whole micro-batch straight from FusedPolicyLoss (no TRL code), the
     token sum divided by the generation batch's valid-token count."""
-    loss_fn = FusedPolicyLoss("dapo", epsilon_low=0.2, epsilon_high=0.28, temperature=0.7,
+    loss_fn = FusedPolicyLoss(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, temperature=0.7,
                               top_entropy_fraction=top_entropy_fraction)
     ids, mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([inputs["prompt_ids"], ids], dim=1)

@@ -1,6 +1,6 @@
 """fusedrl's verl integration, against stand-ins mirroring verl 0.9's documented API (tests/_fake_verl.py).
 
-References are written out here in float64 from the papers' formulas (ALGORITHMS.md section 3 and 2),
+References are written out here in float64 from the papers' formulas (docs/algorithms.md section 3 and 2),
 with batch-wide statistics computed over the valid tokens of the whole (concatenated) batch.
 """
 

@@ -1,15 +1,15 @@
-"""The fused policy loss: PPO / GRPO / DAPO with entropy-aware token selection (ALGORITHMS.md 2 to 5).
+"""The fused policy loss: PPO / GRPO / DAPO with entropy-aware token selection (docs/algorithms.md 2 to 5).
 
-One module for every policy-gradient loss of the engine. The per-token log-prob lp and entropy H come
+One module for every policy-gradient loss of fusedrl. The per-token log-prob lp and entropy H come
 from one fused pass over the vocabulary, from logits or straight from hidden states and the output
 embedding (so no [B, T, V] tensor need exist); the token masks read detached copies of them.
 
 Per valid token t, with the importance weight ratio = exp(lp - olp) (or GSPO's sequence-level
-weight, `importance_sampling_level`; engine/objectives.py):
+weight, `importance_sampling_level`; objectives.py):
     pg_t   = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))        (PPO clip)
     pg_t   = min(pg_t, -A c)  where A < 0                                     (dual clip, optional)
     pg_t   = -A ratio + kl_cov_coef |lp - olp| [t in KL-Cov]                 (cov_mode="kl_cov": no clip)
-    pg_t   = CISPO's, SAPO's or VESPO's term instead (loss_type cispo, sapo, vespo; engine/objectives.py)
+    pg_t   = CISPO's, SAPO's or VESPO's term instead (loss_type cispo, sapo, vespo; objectives.py)
     loss_t = M_t w_t pg_t + beta KL_t - entropy_coef H_t
     (with kl_importance_weighted, beta ratio KL_t: TRL's use_bias_correction_kl, DeepSeek-V3.2)
 where M_t is the product of the selection masks (top-rho entropy, SPO probability, not drawn by
@@ -34,46 +34,20 @@ micro-batch call takes its rows (`selection=`).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from fusedrl import kernels
-from fusedrl.engine import objectives
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
-from fusedrl.kernels._checks import check_fraction, check_same_device, check_temperature
+from fusedrl.kernels._checks import check_same_device, check_temperature
 from fusedrl.kernels._select import all_reduce
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
 from fusedrl.kernels.top_entropy_mask import check_mask
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-# The loss types built on the PPO clip; the others replace it with their own term (engine/objectives.py).
-CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-# How each loss type reduces its per-token terms (`_aggregate`).
-AGGREGATION = {**{name: name for name in CLIP_LOSS_TYPES}, "cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}
-KL_ESTIMATORS = ("k1", "k2", "k3")
-COV_MODES = (None, "clip_cov", "kl_cov")
-NORMALIZERS = ("valid", "selected")
-
-
-def _number(name: str, value, *, low: float | None = None, low_open: bool = False) -> float:
-    """A finite float, at least (or above, with low_open) `low`."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
-    if not math.isfinite(v) or (low is not None and (v < low or (low_open and v == low))):
-        bound = "" if low is None else f" {'>' if low_open else '>='} {low}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-    return v
-
-
-def _choice(name: str, value, options: tuple) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-
+from fusedrl.loss import objectives
+from fusedrl.loss.options import CLIP_LOSS_TYPES, LossOptions
+from fusedrl.loss.selection import Selection
 
 # Metrics that are extremes, not means: how two micro-batches' values combine (NaN = none; fmin and
 # fmax skip it).
@@ -88,214 +62,91 @@ def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(metrics.keys(), values))
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The batch-wide token masks of a whole batch, made by FusedPolicyLoss.select.
-
-    high_entropy: [B, T] bool, the top-entropy tokens (None when top_entropy_fraction is 1).
-    covariance: [B, T] bool, the tokens Clip-Cov drops or KL-Cov penalises (None without cov_mode).
-    cov: [B, T] float64, each token's covariance centred over the batch, 0 on padding (None without
-        cov_mode); the loss reports its mean and max.
-    probability: [B, T] bool, SPO's probability mask (None without prob_mask_threshold).
-    valid_count, selected_count: 0-dim int64, the batch's valid tokens and the tokens every mask keeps,
-        on this rank; global_selected_count: selected_count summed over the process group. Made only
-        when the loss divides by them (normalize_by "selected" with dapo or bnpo), else None.
-    """
-
-    high_entropy: torch.Tensor | None = None
-    covariance: torch.Tensor | None = None
-    cov: torch.Tensor | None = None
-    probability: torch.Tensor | None = None
-    valid_count: torch.Tensor | None = None
-    selected_count: torch.Tensor | None = None
-    global_selected_count: torch.Tensor | None = None
-
-    def rows(self, index, length: int | None = None) -> Selection:
-        """The selection of rows `index` (anything that indexes dim 0), cut to the first `length` columns
-        (a micro-batch whose trailing all-padding columns were trimmed); the counts stay the batch's."""
-        def cut(t):
-            return None if t is None else t[index][:, :length]
-        return replace(self, high_entropy=cut(self.high_entropy), covariance=cut(self.covariance), cov=cut(self.cov),
-                       probability=cut(self.probability))
-
-
 class FusedPolicyLoss(nn.Module):
     """Policy-gradient loss on fused per-token log-probs and entropies.
 
-    Constructor arguments (all validated here; a bad one raises ValueError naming it):
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "luspo" (the PPO clip, aggregated as named)
-            or "cispo" | "sapo" | "vespo" (their own terms); see the module docstring.
-        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high] (the clip loss
-            types; cispo, sapo and vespo have no PPO clip and ignore them).
-        dual_clip: c > 1 bounds the loss of tokens with A < 0 by -A c; None disables it. (TRL's `delta`,
-            INTELLECT-2's two-sided clip, is this c when delta > 1 + epsilon_high.)
-        beta: weight of the KL to the reference policy (needs ref_logprobs at call time when > 0).
-        kl_estimator: "k1" (lp - rlp), "k2" ((lp - rlp)^2 / 2) or "k3" (exp(rlp - lp) - (rlp - lp) - 1).
-        entropy_coef: weight of the entropy bonus -entropy_coef * H (with gradient).
-        top_entropy_fraction: rho in (0, 1]; below 1 only the top-rho entropy tokens of the batch keep
-            their policy-gradient term.
-        prob_mask_threshold: SPO's rho in (0, 1]; only tokens with exp(old_lp) below it keep their term.
-        cov_mode: None, "clip_cov" or "kl_cov" (Cui et al. 2025).
-        cov_ratio, cov_lower, cov_upper: k = max(1, int(cov_ratio * N_valid)); Clip-Cov's Cov interval.
-        kl_cov_coef: KL-Cov's weight on |lp - old_lp| of its selected tokens.
-        normalize_by: "valid" or "selected": the token count the policy-gradient part is divided by
-            (with "selected": dapo the whole batch's on every rank, bnpo the local batch's, grpo each
-            response's own).
+    `FusedPolicyLoss(loss_type="dapo", top_entropy_fraction=0.2, temperature=0.7)`, or
+    `FusedPolicyLoss(options, temperature=0.7)` with a LossOptions (options.py: every option, its
+    default and its range, in one place; keyword arguments of the same names override its fields).
+    A bad option raises OptionError (a ValueError) naming it.
+
+    Arguments that describe the sampler and the data rather than the objective:
+        temperature: the sampling temperature the logits are divided by.
         max_completion_length: dr_grpo's constant denominator B * max_completion_length.
-        temperature: sampling temperature the logits are divided by.
-    Keyword-only extras:
-        process_group: a torch.distributed group for batch statistics (entropy quantile, covariance
-            means, top-k), so that every rank selects from the global batch.
-        generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
-        backend: passed to the fused ops ("auto", "triton" or "torch").
         ignore_index: the id the fused ops skip; padded positions are set to it before the pass.
-        importance_sampling_level: "token" (exp(lp - olp) per token), "sequence" (GSPO: the exponent
-            averaged over each response's valid tokens, for all of them; the gradient reaches every
-            token through the mean) or "sequence_token" (GSPO-token: the sequence weight in value, each
-            token's own gradient, so that token masks restrict it). See engine/objectives.py. The clip,
-            CISPO's truncation, SAPO's gate and the bias-corrected KL then read the sequence weight;
-            top-entropy and probability masks still pick tokens (with "sequence" a masked token's
-            share of the response's term goes, but its gradient through the other tokens' terms
-            stays). Not with cov_mode (Clip-Cov and KL-Cov act on single tokens' ratios) or vespo
-            (which weighs whole responses itself).
-        cispo_max_weight: CISPO's cap on the importance weight, min(ratio, cap) (ScaleRL's eps_max,
-            TRL's epsilon_high under loss_type="cispo"; 5.0 as ScaleRL recommends).
-        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A <= 0
-            (1.0 and 1.05, the paper's and TRL's defaults).
-        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma weight
-            W^k exp(lambda (1 - W)) for A >= 0 and A < 0 (2, 3, 3, 2: the paper's and TRL's defaults).
-        off_policy_mask_threshold: delta >= 0 of DeepSeek-V3.2's off-policy sequence mask: a response
-            with A < 0 whose mean of (sampling lp - lp) exceeds delta loses its policy-gradient terms
-            (sampling lp: the call's sampling_logprobs, else old_logprobs); None disables it.
-        kl_importance_weighted: multiply each token's KL estimate by its importance ratio
-            exp(lp - old_lp), gradient included (so it changes the KL gradient even on-policy, where
-            the ratio is 1), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): with k3 the gradient
-            becomes an unbiased estimate of the reverse KL's when the samples come from the old policy.
-            The "kl" metric then reports the weighted estimate, as TRL logs it.
+        process_group: a torch.distributed group for the batch statistics (entropy quantile, covariance
+            means, top-k, selected counts), so that every rank selects from the global batch.
+        generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
+
+    The loss answers what a trainer that splits a batch into micro-batches must know (`batch_wide`,
+    `micro_batch_share`, `token_count_argument`), so that no caller re-derives it from the loss type.
     """
 
-    def __init__(
-        self,
-        loss_type: str = "dapo",
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
-        dual_clip: float | None = None,
-        beta: float = 0.0,
-        kl_estimator: str = "k3",
-        entropy_coef: float = 0.0,
-        top_entropy_fraction: float = 1.0,
-        prob_mask_threshold: float | None = None,
-        cov_mode: str | None = None,
-        cov_ratio: float = 2e-4,
-        cov_lower: float = 1.0,
-        cov_upper: float = 5.0,
-        kl_cov_coef: float = 1.0,
-        normalize_by: str = "valid",
-        max_completion_length: int | None = None,
-        temperature: float = 1.0,
-        *,
-        process_group=None,
-        generator: torch.Generator | None = None,
-        backend: str = "auto",
-        ignore_index: int = -100,
-        kl_importance_weighted: bool = False,
-        importance_sampling_level: str = "token",
-        cispo_max_weight: float = 5.0,
-        sapo_temperature_pos: float = 1.0,
-        sapo_temperature_neg: float = 1.05,
-        vespo_k_pos: float = 2.0,
-        vespo_lambda_pos: float = 3.0,
-        vespo_k_neg: float = 3.0,
-        vespo_lambda_neg: float = 2.0,
-        off_policy_mask_threshold: float | None = None,
-    ):
+    def __init__(self, options: LossOptions | None = None, /, *, temperature: float = 1.0,
+                 max_completion_length: int | None = None, ignore_index: int = -100, process_group=None,
+                 generator: torch.Generator | None = None, **option_fields):
         super().__init__()
-        _choice("loss_type", loss_type, LOSS_TYPES)
-        _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-        _choice("cov_mode", cov_mode, COV_MODES)
-        _choice("normalize_by", normalize_by, NORMALIZERS)
-        self.loss_type = loss_type
-        self.epsilon_low = _number("epsilon_low", epsilon_low, low=0.0)
-        if self.epsilon_low >= 1.0:
-            raise ValueError(f"epsilon_low must be in [0, 1) (the clip's lower bound is 1 - epsilon_low), got {epsilon_low!r}")
-        self.epsilon_high = _number("epsilon_high", epsilon_high, low=0.0)
-        self.dual_clip = None if dual_clip is None else _number("dual_clip", dual_clip, low=1.0, low_open=True)
-        self.beta = _number("beta", beta, low=0.0)
-        self.kl_estimator = kl_estimator
-        self.entropy_coef = _number("entropy_coef", entropy_coef)
-        self.top_entropy_fraction = check_fraction("top_entropy_fraction", top_entropy_fraction)
-        self.prob_mask_threshold = (
-            None if prob_mask_threshold is None else check_fraction("prob_mask_threshold", prob_mask_threshold)
-        )
-        self.cov_mode = cov_mode
-        self.cov_ratio = check_fraction("cov_ratio", cov_ratio)
-        self.cov_lower = _number("cov_lower", cov_lower)
-        self.cov_upper = _number("cov_upper", cov_upper)
-        if cov_mode == "clip_cov" and not self.cov_lower < self.cov_upper:
-            raise ValueError(f"cov_lower must be below cov_upper, got {cov_lower!r} and {cov_upper!r}")
-        self.kl_cov_coef = _number("kl_cov_coef", kl_cov_coef, low=0.0)
-        if cov_mode == "kl_cov" and dual_clip is not None:
-            raise ValueError("dual_clip must be None with cov_mode='kl_cov': KL-Cov drops the PPO clip")
-        self.normalize_by = normalize_by
-        self._check_objective(loss_type, dual_clip, cov_mode, normalize_by, importance_sampling_level)
-        self.importance_sampling_level = importance_sampling_level
-        self.aggregation = AGGREGATION[loss_type]
-        self.off_policy_mask_threshold = (
-            None if off_policy_mask_threshold is None
-            else _number("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
-        )
-        if self.off_policy_mask_threshold is not None and self._counts_selected:
+        if options is None:
+            options = LossOptions(**option_fields)
+        elif not isinstance(options, LossOptions):
+            raise ValueError(f"options must be a LossOptions, got {type(options).__name__}")
+        elif option_fields:
+            options = replace(options, **option_fields)
+        self.options = options
+        if options.loss_type == "dr_grpo" and (
+            isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int)
+            or max_completion_length < 1
+        ):
             raise ValueError(
-                "off_policy_mask_threshold needs normalize_by='valid' (or loss_type grpo / sapo) with "
-                f"loss_type={loss_type!r}: its selected-token count is a batch statistic, and the off-policy "
-                "mask reads each call's current log-probs"
+                f"max_completion_length must be a positive int for loss_type='dr_grpo', got {max_completion_length!r}"
             )
-        self.cispo_max_weight = _number("cispo_max_weight", cispo_max_weight, low=0.0, low_open=True)
-        self.sapo_temperatures = (
-            _number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True),
-            _number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True),
-        )
-        self.vespo_k = (_number("vespo_k_pos", vespo_k_pos, low=0.0), _number("vespo_k_neg", vespo_k_neg, low=0.0))
-        self.vespo_lambda = (
-            _number("vespo_lambda_pos", vespo_lambda_pos, low=0.0, low_open=True),
-            _number("vespo_lambda_neg", vespo_lambda_neg, low=0.0, low_open=True),
-        )
-        if loss_type == "dr_grpo":
-            if not isinstance(max_completion_length, int) or max_completion_length < 1:
-                raise ValueError(
-                    f"max_completion_length must be a positive int for loss_type='dr_grpo', got {max_completion_length!r}"
-                )
-            if normalize_by == "selected":
-                raise ValueError("normalize_by must be 'valid' for loss_type='dr_grpo', whose denominator is a constant")
         self.max_completion_length = None if max_completion_length is None else int(max_completion_length)
         self.temperature = check_temperature(temperature)
-        _choice("backend", backend, ("auto", "triton", "torch"))
+        self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.generator = generator
-        self.backend = backend
-        self.ignore_index = int(ignore_index)
-        if not isinstance(kl_importance_weighted, bool):
-            raise ValueError(f"kl_importance_weighted must be a bool, got {kl_importance_weighted!r}")
-        self.kl_importance_weighted = kl_importance_weighted
 
-    @staticmethod
-    def _check_objective(loss_type, dual_clip, cov_mode, normalize_by, level) -> None:
-        """The combinations of loss type, importance-sampling level and masks that have a meaning."""
-        _choice("importance_sampling_level", level, objectives.IMPORTANCE_SAMPLING_LEVELS)
-        if loss_type not in CLIP_LOSS_TYPES:
-            for name, value in (("dual_clip", dual_clip), ("cov_mode", cov_mode)):
-                if value is not None:
-                    raise ValueError(f"{name} must be None with loss_type={loss_type!r}, which has no PPO clip to build on")
-        if cov_mode is not None and level != "token":
-            raise ValueError(
-                "importance_sampling_level must be 'token' with cov_mode: Clip-Cov and KL-Cov act on single tokens' ratios"
-            )
-        if loss_type == "vespo" and level != "token":
-            raise ValueError(
-                "importance_sampling_level must be 'token' with loss_type='vespo', which weighs whole responses itself"
-            )
-        if loss_type == "luspo" and normalize_by == "selected":
-            raise ValueError("normalize_by must be 'valid' for loss_type='luspo', whose denominator is the number of responses")
+    def __getattr__(self, name: str):
+        # The options read as attributes of the loss (loss_fn.loss_type, loss_fn.cov_mode, ...).
+        options = self.__dict__.get("options")
+        if options is not None and name in LossOptions.__dataclass_fields__:
+            return getattr(options, name)
+        return super().__getattr__(name)
+
+    @property
+    def aggregation(self) -> str:
+        return self.options.aggregation
+
+    @property
+    def batch_wide(self) -> bool:
+        """Whether a call reads statistics of the whole batch, so that micro-batched calls need one
+        `select` over the whole batch: the top-entropy threshold, Clip-Cov / KL-Cov, or the selected
+        tokens' count of dapo and bnpo with normalize_by="selected"."""
+        return self.options.batch_wide
+
+    @property
+    def _counts_selected(self) -> bool:
+        return self.options.counts_selected
+
+    def micro_batch_share(self, rows: int, tokens: int, batch_rows: int, batch_tokens: int) -> float:
+        """The factor a micro-batch's loss (`rows` responses, `tokens` valid tokens) takes so that the
+        micro-batches' weighted losses add up to the loss of one call on the whole batch.
+
+        dapo divides by the batch's token count itself (`token_count_argument`, or with
+        normalize_by="selected" the Selection's count): share 1. grpo, dr_grpo and luspo average over
+        responses: the micro-batch's share of the rows. bnpo averages over tokens: its share of the
+        valid tokens (with "selected" the loss rescales its part to fit).
+        """
+        if self.aggregation == "dapo":
+            return 1.0
+        if self.aggregation == "bnpo":
+            return tokens / max(1, batch_tokens)
+        return rows / max(1, batch_rows)
+
+    def token_count_argument(self, batch_tokens: int) -> int | None:
+        """The `num_items_in_batch` a micro-batch's call must get: the batch's valid-token count for the
+        losses that divide by it (dapo's aggregation), None for the others."""
+        return batch_tokens if self.aggregation == "dapo" else None
 
     def forward(
         self,
@@ -380,9 +231,10 @@ class FusedPolicyLoss(nn.Module):
             capped = (ratio > self.cispo_max_weight) & (adv > 0)
             metrics["clip_ratio/cispo_mean"] = objectives.share(capped, valid, per_response)
         elif self.loss_type == "sapo":
-            pg = objectives.sapo_terms(ratio, adv, *self.sapo_temperatures)
+            pg = objectives.sapo_terms(ratio, adv, self.sapo_temperature_pos, self.sapo_temperature_neg)
         elif self.loss_type == "vespo":
-            phi = objectives.vespo_weights(log_ratio, valid, adv, self.vespo_k, self.vespo_lambda, rollout_is_weights)
+            phi = objectives.vespo_weights(log_ratio, valid, adv, (self.vespo_k_pos, self.vespo_k_neg),
+                                          (self.vespo_lambda_pos, self.vespo_lambda_neg), rollout_is_weights)
             pg = -phi * adv * lp
             metrics["vespo/phi_mean"] = phi[:, 0].mean() if advantages.dim() == 1 else (phi * valid).sum() / n_valid
         elif self.cov_mode == "kl_cov":
@@ -399,7 +251,8 @@ class FusedPolicyLoss(nn.Module):
         if self.cov_mode is not None:
             metrics["mask/cov"] = frac(selection.covariance)
         if self.top_entropy_fraction < 1.0:
-            metrics["mask/top_entropy"] = frac(selection.high_entropy)
+            # The share of valid tokens the entropy mask keeps (the low side with entropy_tokens="low").
+            metrics["mask/top_entropy"] = frac(self._entropy_kept(selection))
         if self.prob_mask_threshold is not None:
             metrics["mask/probability"] = frac(selection.probability)
         if self.off_policy_mask_threshold is not None:
@@ -433,7 +286,7 @@ class FusedPolicyLoss(nn.Module):
             metrics.update(objectives.clip_metrics(ratio, adv, valid, self.epsilon_low, self.epsilon_high, per_response))
         metrics["mask/selected"] = frac(keep)
         if self.cov_mode is not None:
-            cov = torch.where(valid, selection.cov, 0.0)
+            cov = torch.where(valid, selection.covariance_values, 0.0)
             metrics["cov/mean"] = (cov.sum() / n_valid).float()
             metrics["cov/max"] = torch.where(valid, cov, -torch.inf).max().float()
         return loss, {k: v.detach().float() for k, v in metrics.items()}
@@ -475,26 +328,14 @@ class FusedPolicyLoss(nn.Module):
         unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
         return self._select(lp, torch.where(valid, entropy.float(), 0.0), adv, valid, clipped > unclipped, olp)
 
-    @property
-    def batch_wide(self) -> bool:
-        """Whether a call reads statistics of the whole batch, so that micro-batched calls need one
-        `select` over the whole batch: the top-entropy threshold, Clip-Cov / KL-Cov, or the selected
-        tokens' count of dapo and bnpo with normalize_by="selected"."""
-        return self.top_entropy_fraction < 1.0 or self.cov_mode is not None or self._counts_selected
-
-    @property
-    def _counts_selected(self) -> bool:
-        """dapo and bnpo over the selected tokens divide by a count of the whole (global / local) batch."""
-        return self.normalize_by == "selected" and self.aggregation in ("dapo", "bnpo")
-
     def _select(self, lp, entropy, adv, valid, clipped, olp) -> Selection:
         """The masks from detached lp, H and old lp; `clipped` marks the tokens the PPO clip already clipped."""
-        high_entropy = covariance = cov = probability = None
+        high_entropy = covariance = covariance_values = probability = None
         if self.top_entropy_fraction < 1.0:
             high_entropy = top_entropy_mask(entropy, valid, top_fraction=self.top_entropy_fraction,
                                             process_group=self.process_group)
         if self.cov_mode is not None:
-            cov = token_covariance(lp, adv, valid, self.process_group)
+            covariance_values = token_covariance(lp, adv, valid, self.process_group)
             covariance = covariance_mask(
                 lp, adv, valid, mode=self.cov_mode, ratio=self.cov_ratio, lower=self.cov_lower, upper=self.cov_upper,
                 exclude=clipped if self.cov_mode == "clip_cov" else None, generator=self.generator,
@@ -502,7 +343,8 @@ class FusedPolicyLoss(nn.Module):
             )
         if self.prob_mask_threshold is not None:
             probability = probability_mask(olp, valid, threshold=self.prob_mask_threshold)
-        selection = Selection(high_entropy=high_entropy, covariance=covariance, cov=cov, probability=probability)
+        selection = Selection(high_entropy=high_entropy, covariance=covariance, covariance_values=covariance_values,
+                              probability=probability)
         if not self._counts_selected:
             return selection
         selected = self._kept(valid, selection).sum()
@@ -515,10 +357,14 @@ class FusedPolicyLoss(nn.Module):
         if self.cov_mode == "clip_cov":
             keep = keep & ~selection.covariance
         if self.top_entropy_fraction < 1.0:
-            keep = keep & selection.high_entropy
+            keep = keep & self._entropy_kept(selection)
         if self.prob_mask_threshold is not None:
             keep = keep & selection.probability
         return keep
+
+    def _entropy_kept(self, selection: Selection) -> torch.Tensor:
+        """The tokens the entropy mask keeps: the top fraction, or with entropy_tokens="low" the rest."""
+        return selection.high_entropy if self.entropy_tokens == "high" else ~selection.high_entropy
 
     def _check_selection(self, selection, shape) -> None:
         """A Selection fits this loss's options and this call's [B, T]."""
@@ -526,7 +372,7 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError(f"selection must be a Selection (from FusedPolicyLoss.select), got {type(selection).__name__}")
         counts = self._counts_selected
         needed = {"high_entropy": self.top_entropy_fraction < 1.0, "covariance": self.cov_mode is not None,
-                  "cov": self.cov_mode is not None, "probability": self.prob_mask_threshold is not None,
+                  "covariance_values": self.cov_mode is not None, "probability": self.prob_mask_threshold is not None,
                   "valid_count": counts, "selected_count": counts, "global_selected_count": counts}
         for name, need in needed.items():
             t = getattr(selection, name)

@@ -1,8 +1,8 @@
 """Importance weights and the policy-gradient terms beyond the PPO clip, per token.
 
-FusedPolicyLoss (engine/loss.py) reads these; each function is a formula of a published method, with
+FusedPolicyLoss (policy_loss.py) reads these; each function is a formula of a published method, with
 TRL 1.16's GRPOTrainer as the reference implementation that tests/integrations/test_trl.py compares
-against. Notation as in ALGORITHMS.md: lp the current log-prob of the sampled token, olp the
+against. Notation as in docs/algorithms.md: lp the current log-prob of the sampled token, olp the
 rollout-time one, A the advantage, valid the response tokens.
 
 Importance weight w of each token (`importance_sampling_level`):
@@ -31,8 +31,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 
 # VESPO's clamps on log W, as its reference implementation (TRL's get_gamma_weights) sets them.
 _VESPO_LOG_MIN, _VESPO_LOG_MAX = math.log(1e-8), 20.0

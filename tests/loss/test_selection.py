@@ -1,7 +1,7 @@
 """Batch-wide selection across micro-batches: FusedPolicyLoss.select and the `selection=` keyword.
 
 The top-entropy threshold and the covariance statistics belong to the whole training batch
-(ALGORITHMS.md sections 2 and 3). Splitting a batch into micro-batches for gradient accumulation must
+(docs/algorithms.md sections 2 and 3). Splitting a batch into micro-batches for gradient accumulation must
 not change them: with a Selection made once over the batch, the micro-batches' weighted losses and
 their gradients add up to those of one call on the whole batch. Without it each call computes its own
 statistics, and the sum differs (the per-micro-batch bug the Selection removes).
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fusedrl import FusedPolicyLoss
-from fusedrl.engine.loss import Selection
+from fusedrl.loss import Selection
 from fusedrl.kernels import linear_logprobs_and_entropy, logprobs_and_entropy
 
 B, T, V, HID = 6, 9, 37, 16
@@ -137,7 +137,7 @@ def test_selection_masks_are_the_whole_batch_statistics():
     top = torch.zeros(valid.sum().item(), dtype=torch.bool)
     top[cov.topk(k).indices] = True
     assert torch.equal(selection.covariance[valid], top) and not selection.covariance[~valid].any()
-    torch.testing.assert_close(selection.cov[valid], cov)
+    torch.testing.assert_close(selection.covariance_values[valid], cov)
     part = selection.rows(torch.tensor([4, 1]), 3)
     assert torch.equal(part.high_entropy, selection.high_entropy[[4, 1], :3])
     assert torch.equal(part.covariance, selection.covariance[[4, 1], :3])

@@ -1,7 +1,7 @@
-"""engine/logging.py: metrics.jsonl across a resume, and console lines printed whole."""
+"""engine/metrics_log.py: metrics.jsonl across a resume, and console lines printed whole."""
 
 from fusedrl.engine.config import RunConfig
-from fusedrl.engine.logging import MetricLogger
+from fusedrl.engine.metrics_log import MetricLogger
 
 
 def _logger(tmp_path, start_step=0):

@@ -2,7 +2,7 @@
 VESPO, LUSPO), rollout importance weights and their metrics, against float64 written here.
 
 The reference takes lp and H from log_softmax in float64 (test_loss.make_batch's batch, logits or
-hidden path), builds each weight and term from the papers' formulas (engine/objectives.py cites
+hidden path), builds each weight and term from the papers' formulas (fusedrl/loss/objectives.py cites
 them) and aggregates by hand; tests/integrations/test_trl.py checks the same options against TRL's
 own implementation.
 """
@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_loss import B, SEED, T, V, assert_matches_float64, float64_leaves, make_batch
+from test_policy_loss import B, SEED, T, V, assert_matches_float64, float64_leaves, make_batch
 
 from fusedrl import FusedPolicyLoss
 
@@ -161,7 +161,11 @@ def run_case(case, path, weights=None, num_items=None, sampling_gap=None, device
     full_weights = None if weights is None else (weights[:, None].expand(B, T) if weights.dim() == 1 else weights)
     expected, h, ref_metrics = reference(cfg, logits64, ids, mask, adv, old, ref, full_weights, num_items, sampling)
     expected.backward()
-    assert_matches_float64(loss, expected, leaves, ref_leaves)
+    # VESPO's weight W^k exp(lambda (1 - W)) multiplies the float32 rounding of log W (a sum over the
+    # response) by up to k + lambda W: on these batches, over several seeds, the loss was off by up to
+    # 4e-6 (a plain float32 PyTorch evaluation by up to 1.6e-6), so its value gets 1e-5; the gradients
+    # keep the common tolerance.
+    assert_matches_float64(loss, expected, leaves, ref_leaves, loss_tol=1e-5 if cfg["loss_type"] == "vespo" else 2e-6)
     sequence_weight = cfg.get("importance_sampling_level", "token") != "token"
     check_metrics(metrics, ref_metrics, mask.bool(), adv.dim() == 1, sequence_weight)
     if "keep" in ref_metrics:
