@@ -157,12 +157,17 @@ def _dlogits_kernel(
 @triton.jit
 def _matmul_acc_kernel(
     a_ptr, b_ptr, c_ptr,  # a: [M, K] (or [K, M] stored if A_TRANSPOSED), b: [K, N], c: [M, N] fp32; rows contiguous
+    k_targets_ptr,  # [K] int64 targets (if MASK_K): rows k of b whose target is ignore_index read as 0
     M, N, K,
     stride_a, stride_b, stride_c,  # row strides
+    ignore_index,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, MASK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """c += a @ b with fp32 accumulation; one program per c tile, so the sum order is fixed."""
+    """c += a @ b with fp32 accumulation; one program per c tile, so the sum order is fixed.
+
+    MASK_K (the weight gradient dz^T @ h): an ignored row's hidden state is never read, so that a NaN
+    or inf there (padding) cannot turn its zero dz into 0 * NaN = NaN in every column."""
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = grouped(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,7 +186,10 @@ def _matmul_acc_kernel(
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k + k < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b_ok = k_ok
+        if MASK_K:
+            b_ok = k_ok & (tl.load(k_targets_ptr + offs_k + k, mask=k_ok, other=ignore_index) != ignore_index)
+        b = tl.load(b_ptrs, mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST_DOT:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -351,15 +359,18 @@ def _combine(stats: torch.Tensor, valid: torch.Tensor, in_order: bool = False):
     return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), torch.where(valid, lse, 0.0)
 
 
-def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks) -> None:
-    """c (fp32) += a @ b, where a is row-major or the transpose of a row-major tensor."""
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks,
+                k_targets: torch.Tensor | None = None, ignore_index: int = 0) -> None:
+    """c (fp32) += a @ b, where a is row-major or the transpose of a row-major tensor; with k_targets,
+    the rows of b whose target is ignore_index read as zeros."""
     (m, k), n = a.shape, b.shape[1]
     transposed = a.stride(0) == 1 and a.stride(1) != 1
     stride_a = a.stride(1) if transposed else a.stride(0)
     bm, bn, bk = cfg.gemm_block
     _matmul_acc_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-        a, b, c, m, n, k, stride_a, b.stride(0), c.stride(0),
+        a, b, c, c if k_targets is None else k_targets, m, n, k, stride_a, b.stride(0), c.stride(0), ignore_index,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_N, A_TRANSPOSED=transposed,
+        MASK_K=k_targets is not None,
         DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
         num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
     )
@@ -445,7 +456,7 @@ def _backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, grad_en
         if need_h:
             _matmul_acc(dz, weight[c0:c1], dh, cfg)
         if need_w:
-            _matmul_acc(dz.t(), hidden[r0:r1], dw, cfg)
+            _matmul_acc(dz.t(), hidden[r0:r1], dw, cfg, targets[r0:r1], options.ignore_index)
 
     def fp32_zeros(*shape):
         return torch.zeros(*shape, dtype=torch.float32, device=hidden.device)
@@ -686,10 +697,10 @@ def _specs() -> list[CompileSpec]:
         bm, bn, bk = cfg.gemm_block
         specs.extend(spec(
             f"matmul_acc_{label}{'_at' if transposed else ''}", _matmul_acc_kernel,
-            {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-             "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"},
+            {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "k_targets_ptr": "*i64", "M": "i32",
+             "N": "i32", "K": "i32", "stride_a": "i32", "stride_b": "i32", "stride_c": "i32", "ignore_index": "i32"},
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_N, "A_TRANSPOSED": transposed,
-             "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False},
+             "MASK_K": transposed, "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False},
             cfg.gemm_warps, cfg.gemm_stages,
         ) for transposed in (False, True))
     return specs

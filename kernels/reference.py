@@ -149,7 +149,10 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, 
     db = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device) if need_b else None
     for r0 in range(0, n_rows, rows):
         r1 = min(n_rows, r0 + rows)
-        h, y = hidden[r0:r1], local_targets[r0:r1]
+        y, live = local_targets[r0:r1], valid[r0:r1, None]
+        # An ignored row's hidden state may be anything (NaN padding): zeroed, it adds exactly nothing
+        # to the weight gradient, where 0 * NaN would have spread NaN over every column.
+        h = torch.where(live, hidden[r0:r1], 0.0)
         g_lp, g_ent = grad_lp[r0:r1, None], grad_entropy[r0:r1, None]
         lse_c, ent_c = lse[r0:r1, None], entropy[r0:r1, None]
         dh = torch.zeros(r1 - r0, hidden_size, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -167,7 +170,7 @@ def _linear_backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, 
             ent_term = torch.where(p > 0, p * (z - lse_c + ent_c), 0.0)
             dz = -(g_lp * p + g_ent * ent_term)
             dz.scatter_add_(1, local, torch.where(here, g_lp, 0.0))
-            dz.mul_(inv_temperature)
+            dz = torch.where(live, dz.mul_(inv_temperature), 0.0)  # lse there is from the raw row: maybe NaN
             if need_b:
                 db[c0:c1] += dz.sum(0)
             dz_low = dz.to(hidden.dtype)  # the gradient matmuls run in the input dtype, summed in fp32
