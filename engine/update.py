@@ -18,6 +18,10 @@ Everything that depends on the loss's options is asked of the loss: the temperat
 the no-grad passes, each micro-batch's share of its mini-batch's loss (`micro_batch_share`) and the
 token count it divides by (`token_count_argument`). So the micro-batch layout, a memory knob, never
 changes the objective.
+
+Micro-batches are packed (engine/packing.py: whole sequences end to end in one row of up to
+micro_batch_tokens tokens, no padding, and only the loss's tokens' hidden states go to the fused op) where
+the model's attention can run them (`Session.packed`, optim.micro_batch_layout), else padded rows.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
-from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
+from fusedrl.engine.model import (completion_hidden, output_projection, packed_hidden, packed_token_logprobs,
+                                  token_logprobs)
+from fusedrl.engine.packing import SequenceLengths, balanced_bins, pack
 from fusedrl.engine.optim import accumulate_gradients, clip_gradients
 from fusedrl.engine.session import Session
 from fusedrl.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to_floats
@@ -40,11 +46,17 @@ def make_loss(cfg: Config, **option_overrides) -> FusedPolicyLoss:
                            max_completion_length=cfg.rollout.max_new_tokens, **option_overrides)
 
 
-def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
-    """Splits `rows` into groups whose padded size (rows x (longest prompt + longest response))
-    fits the budget; rows are sorted by length first so that similar lengths share padding. The groups
-    are CPU index tensors (they index device tensors; the lengths are read from the device once)."""
+def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int,
+                  packed: bool = False) -> list[torch.Tensor]:
+    """Splits `rows` into micro-batches of at most `token_budget` tokens: packed, the sequences' own
+    tokens (balanced bin packing, engine/packing.py); padded, rows x (longest prompt + longest response),
+    rows sorted by length first so that similar lengths share padding. A sequence longer than the budget
+    is a micro-batch of its own. The groups are CPU index tensors (they index device tensors; the lengths
+    are read from the device once)."""
     rows = torch.as_tensor(rows).cpu()
+    if packed:
+        lengths = SequenceLengths.of(batch)
+        return [rows[group] for group in balanced_bins([lengths.total(r) for r in rows.tolist()], token_budget)]
     lengths = torch.stack([batch.attention_mask[:, : batch.prompt_length].sum(1),
                            batch.completion_mask.sum(1)]).cpu()
     prompt_len, response_len = lengths[0, rows], lengths[1, rows]
@@ -62,18 +74,27 @@ def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -
     return groups
 
 
-def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], loss_fn: FusedPolicyLoss) -> torch.Tensor:
+def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], loss_fn: FusedPolicyLoss,
+              packed: bool = False) -> torch.Tensor:
     """No-grad log-probs [B, T] of every response token, computed micro-batch by micro-batch."""
-    return per_token_lp_entropy(model, batch, plan, loss_fn)[0]
+    return per_token_lp_entropy(model, batch, plan, loss_fn, packed)[0]
 
 
 def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tensor]],
-                         loss_fn: FusedPolicyLoss) -> tuple[torch.Tensor, torch.Tensor]:
+                         loss_fn: FusedPolicyLoss, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad log-probs and entropies [B, T] of the response tokens of the rows in `plan` (zero
     elsewhere), micro-batch by micro-batch with the fused linear op (no logits tensor), at the loss's
     temperature and backend."""
     lp_out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
     h_out = torch.zeros_like(lp_out)
+    if packed:
+        lengths = SequenceLengths.of(batch)
+        for rows in (r for mini in plan for r in mini):
+            micro = pack(batch, rows, lengths)
+            lp, h, flat = packed_token_logprobs(model, micro, loss_fn.temperature, loss_fn.backend)
+            at = rows.to(flat.device)[flat // micro.width], flat % micro.width
+            lp_out[at], h_out[at] = lp, h
+        return lp_out, h_out
     for rows in (r for mini in plan for r in mini):
         sub = batch.rows(rows)
         lp, h = token_logprobs(model, sub, loss_fn.temperature, loss_fn.backend)
@@ -83,11 +104,12 @@ def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tens
 
 
 def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, mini: list[torch.Tensor],
-                         mask: torch.Tensor, advantages: torch.Tensor, old_lp: torch.Tensor | None) -> Selection:
+                         mask: torch.Tensor, advantages: torch.Tensor, old_lp: torch.Tensor | None,
+                         packed: bool = False) -> Selection:
     """The batch-wide masks (top-entropy tau, Clip-Cov / KL-Cov) over the tokens of one mini-batch
     that get loss (`mask` [B, T] on its rows), from a no-grad pass under the current policy, the one
     its micro-batches' losses see. Rows outside the mini-batch count as padding; indexed by batch row."""
-    lp, entropy = per_token_lp_entropy(model, batch, [mini], loss_fn)
+    lp, entropy = per_token_lp_entropy(model, batch, [mini], loss_fn, packed)
     in_mini = torch.zeros(len(batch), dtype=torch.bool, device=lp.device)
     in_mini[torch.cat(mini).to(lp.device)] = True
     return loss_fn.select(mask.bool() & in_mini[:, None], advantages, entropy=entropy, logprobs=lp,
@@ -103,24 +125,26 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     tokens that get loss (default: all of them; SPO-tree drops zero-advantage segments). ref_logprobs
     [B, T]: the reference's log-probs when the caller has them already (PPO, for its KL reward).
     """
-    cfg, model = session.cfg, session.model
+    cfg, model, packed = session.cfg, session.model, session.packed
     optim = cfg.optim
     n = len(batch)
     need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1
     passes = []
     for _ in range(optim.updates_per_batch):
         order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
-        passes.append([micro_batches(batch, mini, optim.micro_batch_tokens)
+        passes.append([micro_batches(batch, mini, optim.micro_batch_tokens, packed)
                        for mini in order.tensor_split(min(optim.mini_batches, n))])
-    old_lp = per_token(model, batch, passes[0], loss_fn) if need_old else None
+    old_lp = per_token(model, batch, passes[0], loss_fn, packed) if need_old else None
     ref_lp = ref_logprobs
     if ref_lp is None and session.reference is not None:
-        ref_lp = per_token(session.reference, batch, passes[0], loss_fn)
+        ref_lp = per_token(session.reference, batch, passes[0], loss_fn, packed)
     sums, extremes, tokens_seen, losses, grad_norms = {}, {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
     # Token counts per row, read once: the loop below then never waits on the device; the loss and its
     # metrics are summed as device tensors and read back once, at the end.
     row_tokens = mask.sum(1).tolist()
+    if packed:  # the loss's tokens of each row, by column: where a packed row's hidden states are gathered
+        lengths, loss_columns = SequenceLengths.of(batch), [row.nonzero().squeeze(1).tolist() for row in mask.cpu()]
     model.train()
     for plan in passes:
         for mini in plan:
@@ -132,15 +156,21 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
             # is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
             selection = None
             if loss_fn.batch_wide and (len(mini) > 1 or loss_fn.cov_mode == "clip_cov"):
-                selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp)
+                selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp, packed)
             for rows in mini:
-                sub = batch.rows(rows)
-                length = sub.completion_ids.shape[1]
-                hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
+                if packed:  # [N, H]: the hidden states of the loss's tokens only
+                    micro = pack(batch, rows, lengths)
+                    length = micro.width
+                    index, _ = micro.token_index([loss_columns[r] for r in rows.tolist()])
+                    hidden = packed_hidden(model, micro)[0, index]
+                else:  # [k, T, H]
+                    sub = batch.rows(rows)
+                    length = sub.completion_ids.shape[1]
+                    hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
                 weight, bias = output_projection(model)
                 sub_adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, :length]
                 loss, metrics = loss_fn(
-                    sub.completion_ids, mask[rows, :length], sub_adv, hidden=hidden, weight=weight, bias=bias,
+                    batch.completion_ids[rows, :length], mask[rows, :length], sub_adv, hidden=hidden, weight=weight, bias=bias,
                     old_logprobs=None if old_lp is None else old_lp[rows, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
                     num_items_in_batch=loss_fn.token_count_argument(mini_tokens),
