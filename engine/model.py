@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from fusedrl.engine.config import ModelConfig
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.packing import PackedRows
+from fusedrl.engine.packing import ATTENTION, PackedRows
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 BUILTIN_DEMO = "builtin:demo"
@@ -152,7 +152,12 @@ def packed_hidden(model, micro: PackedRows) -> torch.Tensor:
     """Final hidden states [1, N, H] of a packed row; `model` is a causal LM or a bare backbone (the
     critic's). Positions restart at each sequence and the attention stays inside it (engine/packing.py)."""
     backbone = getattr(model, model.base_model_prefix, model)
-    flash = model.config._attn_implementation.startswith("flash_attention")
+    implementation = model.config._attn_implementation
+    flash = implementation.startswith("flash_attention")
+    if not flash and implementation != ATTENTION:
+        # transformers' own SDPA would build an [N x N] block mask for the packed row.
+        raise ValueError(f"a packed forward needs the packing attention (engine.packing.use_packing), "
+                         f"the model has {implementation!r}")
     out = backbone(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False,
                    **micro.attention_kwargs(on_device=flash))
     return out.last_hidden_state

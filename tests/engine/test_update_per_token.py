@@ -31,7 +31,7 @@ def _step(model, batch, advantages, loss_type, loss_mask=None, extra=()):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer, scheduler, batch,
+    update(SimpleNamespace(cfg=cfg, model=model, reference=None, packed=False), make_loss(cfg), optimizer, scheduler, batch,
            advantages, loss_mask=loss_mask)
     delta = {k: start[k] - v for k, v in model.state_dict().items()}
     model.load_state_dict(start)
