@@ -138,7 +138,7 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     ref_lp = ref_logprobs
     if ref_lp is None and session.reference is not None:
         ref_lp = per_token(session.reference, batch, passes[0], loss_fn, packed)
-    sums, extremes, tokens_seen, losses, grad_norms = {}, {}, 0, [], []
+    sums, extremes, loss_parts, tokens_seen, losses, grad_norms = {}, {}, {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
     # Token counts per row, read once: the loop below then never waits on the device; the loss and its
     # metrics are summed as device tensors and read back once, at the end.
@@ -184,6 +184,8 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
                 for key, value in metrics.items():
                     if key in EXTREME_METRICS:
                         extremes[key] = EXTREME_METRICS[key](extremes.get(key, value.double()), value.double())
+                    elif key.startswith("loss/"):  # a part of the loss adds up as the loss does: by share
+                        loss_parts[key] = loss_parts.get(key, 0.0) + value.double() * share
                     else:
                         sums[key] = sums.get(key, 0.0) + value.double() * valid
             if optim.max_grad_norm > 0:
@@ -193,6 +195,7 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
     totals = {key: value / max(1, tokens_seen) for key, value in sums.items()} | extremes
+    totals |= {key: value / len(losses) for key, value in loss_parts.items()}
     totals["loss/policy"] = sum(losses) / len(losses)
     if grad_norms:
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
