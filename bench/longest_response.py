@@ -17,10 +17,11 @@ run in order and a method stops at its first failure.
 
 A 2-core CPU cannot do the arithmetic (one update at L = 32k is about 0.5 PFLOP), so by default it is
 skipped (`--arithmetic skip`, SkipArithmetic below): every op on a big tensor allocates its output
-(shape, dtype and strides from the op's meta implementation) and writes each of its memory pages once,
-without computing it; ops on small tensors (lengths, masks, counts) run for real. Every tensor the update allocates is still
-allocated, written and freed when it would be, so the peak RSS is the update's own, less the kernels'
-internal scratch (MKL packing buffers, the flash kernel's per-thread blocks). `--validate` compares
+(shape, dtype and strides from the op's meta implementation) without computing it, and writes each
+memory page of those of 32 MiB or more; ops on small tensors (lengths, masks, counts) run for real.
+Every tensor the update allocates is still allocated and freed when it would be, so the peak RSS is
+the update's own, less the kernels' internal scratch (MKL packing buffers, the flash kernel's
+per-thread blocks) and less the unwritten temporaries under 32 MiB alive at the peak. `--validate` compares
 both modes at a size the CPU can compute (2 layers, L = 256).
 
 Usage: python bench/longest_response.py [--lengths 1024 ... 32768] [--methods fusedrl trl plain]
@@ -47,6 +48,7 @@ from torch.utils._pytree import tree_map
 
 PROMPT, GROUP = 64, 4
 BIG = 1 << 18  # elements: ops on smaller tensors (lengths, masks, per-token values) run for real
+TOUCH = 32 << 20  # bytes: skipped results from this size on are made resident (_resident)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -84,12 +86,15 @@ class SkipArithmetic(TorchDispatchMode):
 
 
 def _resident(meta: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like `meta` whose every memory page has been written once, so that it is
-    resident as a computed result would be (a write per 4 KiB page: the page faults of a real result,
-    not its bandwidth)."""
+    """An uninitialised tensor like `meta`; one of TOUCH bytes or more has every memory page written once,
+    so that it is resident as a computed result would be (a write per 4 KiB page: the page faults of a
+    real result, not its bandwidth). Smaller ones stay untouched: writing the pages of every chunk
+    temporary (millions of faults at L = 32k) would cost hours here, and the few that are alive at once
+    are below the resolution of the plot (each under TOUCH)."""
     t = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
-    pages = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-    pages[::4096] = 0
+    if t.untyped_storage().nbytes() >= TOUCH:
+        pages = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+        pages[::4096] = 0
     return t
 
 
