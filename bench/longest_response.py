@@ -17,12 +17,13 @@ run in order and a method stops at its first failure.
 
 A 2-core CPU cannot do the arithmetic (one update at L = 32k is about 0.5 PFLOP), so by default it is
 skipped (`--arithmetic skip`, SkipArithmetic below): every op on a big tensor allocates its output
-(shape, dtype and strides from the op's meta implementation) without computing it, and writes each
-memory page of those of 32 MiB or more; ops on small tensors (lengths, masks, counts) run for real.
-Every tensor the update allocates is still allocated and freed when it would be, so the peak RSS is
-the update's own, less the kernels' internal scratch (MKL packing buffers, the flash kernel's
-per-thread blocks) and less the unwritten temporaries under 32 MiB alive at the peak. `--validate` compares
-both modes at a size the CPU can compute (2 layers, L = 256).
+(shape, dtype and strides from the op's meta implementation) and writes each of its memory pages once,
+without computing it; ops on small tensors (lengths, masks, counts) run for real. Every tensor the
+update allocates is still allocated, made resident and freed when it would be, so the peak RSS is the
+update's own, less the kernels' internal scratch (MKL packing buffers, the flash kernel's per-thread
+blocks). glibc is told to keep freed memory for reuse (MALLOC_ENV), so the peak RSS reported is the
+allocator's high-water mark, as a caching allocator's would be. `--validate` compares
+both modes at a size the CPU can compute (1 layer, L = 128).
 
 Usage: python bench/longest_response.py [--lengths 1024 ... 32768] [--methods fusedrl trl plain]
        [--rss-cap-gib 16] [--layers 24] [--output docs/images/longest_response.png]
@@ -48,7 +49,10 @@ from torch.utils._pytree import tree_map
 
 PROMPT, GROUP = 64, 4
 BIG = 1 << 18  # elements: ops on smaller tensors (lengths, masks, per-token values) run for real
-TOUCH = 32 << 20  # bytes: skipped results from this size on are made resident (_resident)
+# glibc keeps freed memory for reuse instead of returning it (no mmap, no trim), as PyTorch's CUDA
+# caching allocator does: the chunk temporaries then fault their pages in once, not once per chunk
+# (hours at L = 32k on this CPU). Peak RSS is then the allocator's high-water mark.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -86,15 +90,12 @@ class SkipArithmetic(TorchDispatchMode):
 
 
 def _resident(meta: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like `meta`; one of TOUCH bytes or more has every memory page written once,
-    so that it is resident as a computed result would be (a write per 4 KiB page: the page faults of a
-    real result, not its bandwidth). Smaller ones stay untouched: writing the pages of every chunk
-    temporary (millions of faults at L = 32k) would cost hours here, and the few that are alive at once
-    are below the resolution of the plot (each under TOUCH)."""
+    """An uninitialised tensor like `meta` whose every memory page has been written once, so that it is
+    resident as a computed result would be (a write per 4 KiB page: the page faults of a real result,
+    not its bandwidth)."""
     t = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
-    if t.untyped_storage().nbytes() >= TOUCH:
-        pages = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-        pages[::4096] = 0
+    pages = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    pages[::4096] = 0
     return t
 
 
@@ -174,7 +175,13 @@ def child(method: str, length: int, layers: int, arithmetic: str, as_limit_gib: 
     limit = int(as_limit_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(2)
-    model = qwen25_05b(layers, length)
+    if arithmetic == "skip":  # random values are not needed: the weights' pages are made resident instead
+        with SkipArithmetic():
+            model = qwen25_05b(layers, length)
+        for p in model.parameters():
+            torch.empty(0, dtype=torch.uint8).set_(p.untyped_storage())[::4096] = 0
+    else:
+        model = qwen25_05b(layers, length)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -192,7 +199,7 @@ def measure(method, length, layers, arithmetic, rss_cap_gib, as_limit_gib, timeo
     """Runs one (method, L) in a subprocess; kills it past rss_cap_gib of resident memory or timeout_s."""
     cmd = [sys.executable, __file__, "--child", method, str(length), str(layers), arithmetic, str(as_limit_gib)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONSAFEPATH": "1"})
+                            env={**os.environ, "PYTHONSAFEPATH": "1", **MALLOC_ENV})
     killed = []
 
     def watch():
@@ -256,27 +263,29 @@ def main(argv=None) -> int:
     parser.add_argument("--rss-cap-gib", type=float, default=16.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--validate", action="store_true",
-                        help="compare peak RSS with and without the arithmetic, 2 layers, L = 256")
+                        help="compare peak RSS with and without the arithmetic, 1 layer, L = 128")
     parser.add_argument("--machine", default="2-core CPU sandbox, 24 GiB")
     parser.add_argument("--output", type=Path, default=Path("bench/results/longest_response-cpu.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/images/longest_response.png"))
     args = parser.parse_args(argv)
     as_limit = args.rss_cap_gib + 6  # address space above the resident cap: libraries, allocator reserves
     if args.validate:
-        rows = [measure(m, 256, 2, a, args.rss_cap_gib, as_limit, args.timeout_s)
+        rows = [measure(m, 128, 1, a, args.rss_cap_gib, as_limit, args.timeout_s)
                 for m in args.methods for a in ("real", "skip")]
         for r in rows:
             print(json.dumps(r), flush=True)
         args.output.with_name(args.output.stem + "-validation.json").write_text(json.dumps(rows, indent=1))
         return 0
-    rows = []
+    # Rows of earlier invocations (other methods or lengths) are kept, those measured now replaced.
+    rows = json.loads(args.output.read_text())["rows"] if args.output.is_file() else []
     for method in args.methods:
         for length in args.lengths:
             row = measure(method, length, args.layers, args.arithmetic, args.rss_cap_gib, as_limit, args.timeout_s)
-            rows.append(row)
+            rows = [r for r in rows if (r["method"], r["length"]) != (method, length)] + [row]
             print(json.dumps(row), flush=True)
             if row["status"] != "ok":
                 break
+    rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["length"]))
     args.output.write_text(json.dumps({"machine": args.machine, "rss_cap_gib": args.rss_cap_gib, "rows": rows},
                                       indent=1))
     plot(rows, args.rss_cap_gib, args.plot, args.machine)

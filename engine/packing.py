@@ -153,7 +153,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         raise ValueError(f"a packed row is one unmasked row of cu_seq_lens_q[-1] = {bounds[-1]} tokens, got query "
                          f"{tuple(query.shape)} with attention_mask {'set' if attention_mask is not None else 'None'}")
     if sliding_window is not None and max(b - a for a, b in zip(bounds, bounds[1:])) > sliding_window:
-        raise ValueError(f"a packed sequence is longer than the sliding window ({sliding_window}); use padded micro-batches")
+        raise ValueError(f"a packed sequence is longer than the sliding window ({sliding_window}); "
+                         f"use padded micro-batches")
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                     dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
              for a, b in zip(bounds, bounds[1:])]

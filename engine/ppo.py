@@ -101,7 +101,8 @@ def update_critic(critic: ValueModel, optimizer, cfg: Config, batch: rollout.Bat
                 values = critic_values(critic, batch, rows, lengths)
                 length = values.shape[1]
                 loss, clip_frac = clipped_value_loss(values, old_values[rows, :length], returns[rows, :length],
-                                                     batch.completion_mask[rows, :length], value_clip=cfg.ppo.value_clip)
+                                                     batch.completion_mask[rows, :length],
+                                                     value_clip=cfg.ppo.value_clip)
                 share = sum(row_tokens[i] for i in rows.tolist()) / mini_tokens
                 (loss * share).backward()
                 accumulate_gradients(optimizer)

@@ -170,7 +170,8 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
                 weight, bias = output_projection(model)
                 sub_adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, :length]
                 loss, metrics = loss_fn(
-                    batch.completion_ids[rows, :length], mask[rows, :length], sub_adv, hidden=hidden, weight=weight, bias=bias,
+                    batch.completion_ids[rows, :length], mask[rows, :length], sub_adv, hidden=hidden, weight=weight,
+                    bias=bias,
                     old_logprobs=None if old_lp is None else old_lp[rows, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
                     num_items_in_batch=loss_fn.token_count_argument(mini_tokens),
