@@ -119,6 +119,8 @@ def _batch(length: int):
 
 def run_fusedrl(model, length, optimizer):
     from fusedrl.engine.config import load_config
+    from fusedrl.engine.distributed import World
+    from fusedrl.engine.optim import StepGuard
     from fusedrl.engine.packing import use_packing
     from fusedrl.engine.update import make_loss, update
 
@@ -126,7 +128,7 @@ def run_fusedrl(model, length, optimizer):
     cfg = load_config(None, ["loss.loss_type=grpo", f"data.max_prompt_length={PROMPT}",
                              f"rollout.max_new_tokens={length}", f"optim.micro_batch_tokens={PROMPT + length}"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=True)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=True, step_guard=StepGuard(1), world=World())
     update(session, make_loss(cfg), optimizer, scheduler, _batch(length), torch.tensor([1.0, -1.0, 0.5, -0.5]))
 
 
@@ -225,7 +227,9 @@ def measure(method, length, layers, arithmetic, rss_cap_gib, as_limit_gib, timeo
     if proc.returncode == 0:
         return row | {"status": "ok"} | json.loads(out.strip().splitlines()[-1])
     memory = killed or any(s in err for s in ("MemoryError", "DefaultCPUAllocator", "can't allocate", "std::bad_alloc"))
-    reason = killed[0] if killed else ("out of memory (address-space limit)" if memory else err.strip().splitlines()[-1])
+    last = [line for line in err.splitlines() if line and not line.startswith(" ")][-1:] or [""]
+    reason = killed[0] if killed else ("out of memory (address-space limit)" if memory
+                                       else f"exit status {proc.returncode}: {last[0]}")
     return row | {"status": "failed", "reason": reason}
 
 

@@ -24,6 +24,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
+from fusedrl.engine.distributed import World
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.packing import use_packing
 from fusedrl.engine.update import make_loss, micro_batches, update
 
@@ -44,7 +46,7 @@ def one_update(model, batch, packed: bool) -> float:
                              f"optim.micro_batch_tokens={BUDGET}"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed, step_guard=StepGuard(1), world=World())
     advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     update(session, make_loss(cfg), optimizer, scheduler, batch, advantages)

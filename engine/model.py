@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 
 from fusedrl.engine.config import ModelConfig
+from fusedrl.engine.distributed import backbone_hidden
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.packing import ATTENTION, PackedRows
 from fusedrl.kernels import linear_logprobs_and_entropy
@@ -118,7 +119,8 @@ def _check_fused_compatible(model, path: str) -> None:
 
 
 def output_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output embedding's weight [V, H] and bias [V] (or None): the fused ops' inputs."""
+    """The output embedding's weight [V, H] and bias [V] (or None): the fused ops' inputs. Under FSDP2,
+    called after the root's forward, while the root unit (which holds them) is unsharded."""
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
@@ -126,10 +128,12 @@ def output_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, L, H] after the last norm, with left-padding-aware positions."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False)
-    return out.last_hidden_state
+    # Under FSDP2 the backbone runs as the sharded root's registered forward, which gathers the
+    # embedding, final norm and output embedding (engine/distributed.py).
+    forward = getattr(model, "fusedrl_hidden", None)
+    if forward is None:
+        return backbone_hidden(model, input_ids, attention_mask, position_ids)
+    return forward(input_ids, attention_mask, position_ids)
 
 
 def completion_hidden(model, input_ids, attention_mask, prompt_length: int, completion_length: int):

@@ -113,6 +113,8 @@ def test_missing_file(tmp_path):
     ("advantage.max_generation_rounds=0", "advantage.max_generation_rounds", "must be >= 1"),
     ("model.dtype=float16", "model.dtype", "loss scaling"),
     ("model.dtype=float64", "model.dtype", "one of float32, bfloat16"),
+    ("optim.max_skipped_steps=0", "optim.max_skipped_steps", "must be >= 1"),
+    ("run.keep_checkpoints=-1", "run.keep_checkpoints", "must be >= 0"),
 ])
 def test_out_of_range(override, key, words):
     message = _error(None, [override])

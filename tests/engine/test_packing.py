@@ -10,6 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
+from fusedrl.engine.distributed import World
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.model import packed_hidden, packed_token_logprobs, token_logprobs
 from fusedrl.engine.packing import SequenceLengths, balanced_bins, pack, packing_refusal, use_packing
@@ -170,7 +172,7 @@ def test_the_packed_update_allocates_nothing_of_tokens_by_vocab_or_tokens_by_tok
     packed = layout == "packed"
     plan = micro_batches(batch, torch.arange(4), 240, packed)
     assert max(map(len, plan)) == 2  # micro-batches of two sequences
-    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed, step_guard=StepGuard(1), world=World())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with _LargeTensors(shortest) as recorder:

@@ -9,6 +9,8 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
+from fusedrl.engine.distributed import World
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.critic import ValueModel
 from fusedrl.engine.model import demo_model, demo_tokenizer
 from fusedrl.engine.packing import use_packing
@@ -64,7 +66,7 @@ def _assert_same(padded, packed, metric_keys):
 
 
 def _policy_step(model, batch, cfg, packed, advantages, **kwargs):
-    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed, step_guard=StepGuard(1), world=World())
     return _sgd_step(model, lambda opt, sched: update(session, make_loss(cfg), opt, sched, batch, advantages, **kwargs))
 
 
@@ -101,7 +103,8 @@ def test_ppo_policy_and_critic_steps(setup, budget):
     values = {p: predict_values(critic, batch, plan[p], p) for p in (False, True)}
     torch.testing.assert_close(values[True][valid], values[False][valid], rtol=1e-5, atol=1e-6)
     returns = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(3))
-    steps = [_sgd_step(critic, lambda opt, _: update_critic(critic, opt, cfg, batch, values[False], returns, p))
+    steps = [_sgd_step(critic, lambda opt, _: update_critic(critic, opt, StepGuard(1), cfg, batch, values[False], returns,
+                                                             packed=p))
              for p in (False, True)]
     _assert_same(*steps, ["loss/value", "value/clip_frac"])
 

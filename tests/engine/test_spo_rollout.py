@@ -27,7 +27,8 @@ def scripted_generate(script, calls):
     """A stand-in for rollout.generate: continuation j of prefix p is script[tuple(p)][j], cut at
     max_new_tokens; truncated when no end token is within the cut."""
 
-    def fake(model, tokenizer, prompt_ids, *, group_size, temperature, top_p, max_new_tokens, batch_size):
+    def fake(model, tokenizer, prompt_ids, *, group_size, temperature, top_p, max_new_tokens, batch_size,
+             seeds=None):
         calls.append(([tuple(p) for p in prompt_ids], group_size, max_new_tokens))
         responses = [script[tuple(p)][j][:max_new_tokens] for p in prompt_ids for j in range(group_size)]
         prompts = [p for p in prompt_ids for _ in range(group_size)]

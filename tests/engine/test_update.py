@@ -6,8 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fusedrl.engine.distributed import World
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.update import make_loss, micro_batches, update
 from fusedrl.engine.model import demo_tokenizer, load_policy, token_logprobs
 from fusedrl.engine.packing import use_packing
@@ -98,7 +100,8 @@ def _one_vs_many(policy, overrides, layout="padded"):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         torch.manual_seed(5)  # Clip-Cov's draw
-        session = SimpleNamespace(cfg=cfg, model=model, reference=None, packed=packed)
+        session = SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(),
+                                  packed=packed)
         if packed:
             plan = micro_batches(batch, torch.arange(len(batch)), budget, packed=True)
             assert 1 < len(plan) < len(batch) and max(map(len, plan)) > 1, "rows of several sequences"
@@ -171,3 +174,46 @@ def test_demo_tokenizer_round_trip():
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_a_non_finite_gradient_is_skipped_and_counted(policy):
+    """Two optimizer steps (mini_batches=2); the first one's gradient is made NaN by a hook: that step is
+    skipped (the weights change by the second step alone) and counted in optim/skipped_steps;
+    max_skipped_steps=1 stops the run instead."""
+    import copy
+
+    from fusedrl.engine.errors import RunError
+
+    batch = _ragged_batch(policy)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+
+    def run(poison_first: bool, limit: int = 3):
+        model = copy.deepcopy(policy[0])
+        cfg = load_config(None, ["optim.max_grad_norm=1", "optim.mini_batches=2", "data.max_prompt_length=8",
+                                 "rollout.max_new_tokens=10", f"optim.max_skipped_steps={limit}"])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        backwards = []
+
+        def hook(grad):  # each mini-batch is one micro-batch here: the first backward is the first step's
+            backwards.append(1)
+            return grad * float("nan") if poison_first and len(backwards) == 1 else grad
+
+        model.get_output_embeddings().weight.register_hook(hook)
+        torch.manual_seed(0)
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(limit), world=World()),
+                         make_loss(cfg), optimizer, scheduler, batch, advantages)
+        assert len(backwards) == 2
+        return model, metrics
+
+    start = policy[0].state_dict()
+    clean_model, clean = run(poison_first=False)
+    assert clean["optim/skipped_steps"] == 0
+    model, metrics = run(poison_first=True)
+    assert metrics["optim/skipped_steps"] == 1
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(state[k], start[k]) for k in state)  # the second step did train
+    assert any(not torch.equal(state[k], clean_model.state_dict()[k]) for k in state)  # the first did not
+    with pytest.raises(RunError, match="optim.max_skipped_steps=1"):
+        run(poison_first=True, limit=1)

@@ -58,7 +58,8 @@ def test_only_block_sizes_and_flags_are_compile_time(kernel):
 
     fn = getattr(le, kernel).fn
     constexprs = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
-    assert constexprs <= {"BLOCK_N", "BLOCK_V", "NUM_STAGES", "HAS_GRAD_LP", "HAS_GRAD_ENTROPY"}
+    # HAS_THRESHOLD: the top-k / top-p kept set is on (a feature flag; the threshold itself is a run-time tensor).
+    assert constexprs <= {"BLOCK_N", "BLOCK_V", "NUM_STAGES", "HAS_GRAD_LP", "HAS_GRAD_ENTROPY", "HAS_THRESHOLD"}
     assert {"n_rows", "vocab", "inv_temperature", "ignore_index", "stride_outer"} <= set(
         inspect.signature(fn).parameters
     )
