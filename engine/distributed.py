@@ -142,6 +142,8 @@ def shard(model: nn.Module, world: World, compute_dtype: torch.dtype, cpu_offloa
         # The packed forward's backbone call (engine/model.py packed_hidden), under the root's hooks too.
         model.fusedrl_backbone = types.MethodType(backbone_forward, model)
         register_fsdp_forward_method(model, "fusedrl_backbone")
+    if hasattr(model, "packed_forward"):  # the critic's values of a packed row, under the root's hooks too
+        register_fsdp_forward_method(model, "packed_forward")
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             # Sums, not FSDP's default mean: the update already weights each rank's loss by its share of
