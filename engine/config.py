@@ -224,7 +224,10 @@ class OptimConfig:
     mini_batches: int = 1
     """Optimizer steps per pass (the rollout batch is split into this many mini-batches)."""
     micro_batch_tokens: int = 8192
-    """Token budget of a forward/backward (rows x padded length); gradients accumulate across them."""
+    """Token budget of a forward/backward (packed: the sequences' tokens; padded: rows x padded length);
+    gradients accumulate across them."""
+    micro_batch_layout: str = "auto"
+    """packed (sequences end to end, no padding), padded, or auto: packed where the model's attention can."""
     max_skipped_steps: int = 3
     """Optimizer steps with a non-finite gradient are skipped; this many in a row stop the run."""
 
@@ -439,6 +442,7 @@ def validate(cfg: Config) -> None:
     _at_least("optim.max_grad_norm", optim.max_grad_norm, 0)
     _at_least("optim.updates_per_batch", optim.updates_per_batch, 1)
     _at_least("optim.mini_batches", optim.mini_batches, 1)
+    _choice("optim.micro_batch_layout", optim.micro_batch_layout, ("auto", "packed", "padded"))
     _at_least("optim.max_skipped_steps", optim.max_skipped_steps, 1)
     if run.algorithm != "spo_tree" and optim.mini_batches > rollout.prompts_per_step * rollout.group_size:
         _fail("optim.mini_batches", f"must be <= the responses per step "

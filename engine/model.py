@@ -3,6 +3,8 @@
 The engine never asks a model for logits during training: it runs the backbone to its final hidden
 states and hands them, with the output embedding's weight (and bias), to the fused log-prob ops.
 `token_logprobs` does that for a no-grad pass (old policy, reference), the loop does it with grad.
+A micro-batch is either padded ([left-padded prompt | right-padded response] rows: `completion_hidden`)
+or packed (engine/packing.py: `packed_hidden`, `packed_token_logprobs`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 from fusedrl.engine.config import ModelConfig
 from fusedrl.engine.distributed import backbone_hidden
 from fusedrl.engine.errors import UsageError
+from fusedrl.engine.packing import ATTENTION, PackedRows
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 BUILTIN_DEMO = "builtin:demo"
@@ -147,3 +150,35 @@ def token_logprobs(model, batch, temperature: float, backend: str = "auto") -> t
     weight, bias = output_projection(model)
     return linear_logprobs_and_entropy(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature,
                                        backend=backend)
+
+
+def packed_hidden(model, micro: PackedRows) -> torch.Tensor:
+    """Final hidden states [1, N, H] of a packed row; `model` is a causal LM or a bare backbone (the
+    critic's). Positions restart at each sequence and the attention stays inside it (engine/packing.py)."""
+    backbone = getattr(model, model.base_model_prefix, model)
+    implementation = model.config._attn_implementation
+    flash = implementation.startswith("flash_attention")
+    if not flash and implementation != ATTENTION:
+        # transformers' own SDPA would build an [N x N] block mask for the packed row.
+        raise ValueError(f"a packed forward needs the packing attention (engine.packing.use_packing), "
+                         f"the model has {implementation!r}")
+    inputs = dict(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False,
+                  **micro.attention_kwargs(on_device=flash))
+    # Under FSDP2 through the sharded root's registered forward, which gathers the embedding and the
+    # final norm (engine/distributed.py); calling the backbone directly would skip the root's hooks.
+    forward = getattr(model, "fusedrl_backbone", None)
+    return backbone(**inputs).last_hidden_state if forward is None else forward(**inputs)
+
+
+@torch.no_grad()
+def packed_token_logprobs(model, micro: PackedRows, temperature: float,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 (lp, H, flat index), each [R], of every response token of a packed row: the fused op sees the
+    response tokens' hidden states only. The flat index places them in the [k, micro.width] layout."""
+    packed, flat = micro.token_index()
+    hidden = packed_hidden(model, micro)[0, packed]
+    weight, bias = output_projection(model)
+    targets = micro.input_ids[0, packed + 1]  # the token each hidden state predicts: the next one in its sequence
+    lp, entropy = linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
+                                              backend=backend)
+    return lp, entropy, flat

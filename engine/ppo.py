@@ -33,6 +33,7 @@ from fusedrl.engine.gae import (RunningMeanStd, clipped_value_loss, gae_advantag
                                 token_rewards)
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.optim import StepGuard, accumulate_gradients, clip_gradients, make_optimizer
+from fusedrl.engine.packing import SequenceLengths, pack, use_packing
 from fusedrl.engine.reference import ema_update_, master_copies
 from fusedrl.engine.session import Session, make_scheduler
 from fusedrl.engine.update import global_plan, make_loss, micro_batches, per_token, update
@@ -55,46 +56,60 @@ def make_critic(session: Session) -> ValueModel:
     # by a critic step (0.5 + 1e-5 rounds back to 0.5).
     critic.backbone.to(dtype=DTYPES[cfg.model.dtype])
     critic.to(device=session.device)
+    if session.packed:  # the critic takes the policy's micro-batches: it must pack too
+        use_packing(critic.backbone, "packed", cfg.ppo.critic_model or "the critic (a copy of the policy's backbone)")
     if cfg.model.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return critic
 
 
 @torch.no_grad()
-def predict_values(critic: ValueModel, batch: rollout.Batch, plan: list[torch.Tensor]) -> torch.Tensor:
+def predict_values(critic: ValueModel, batch: rollout.Batch, plan: list[torch.Tensor],
+                   packed: bool = False) -> torch.Tensor:
     """Critic outputs [B, T] for every response token, micro-batch by micro-batch."""
     critic.eval()
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    lengths = SequenceLengths.of(batch) if packed else None
     with distributed.gathered(critic):  # under FSDP: ranks may run different numbers of micro-batches
         for rows in plan:
-            sub = batch.rows(rows)
-            values = critic(sub.input_ids, sub.attention_mask, sub.prompt_length, sub.completion_ids.shape[1])
+            values = critic_values(critic, batch, rows, lengths)
             out[rows.to(out.device), : values.shape[1]] = values
     return out
 
 
+def critic_values(critic: ValueModel, batch: rollout.Batch, rows: torch.Tensor,
+                  lengths: SequenceLengths | None) -> torch.Tensor:
+    """Values [k, t] of the micro-batch `rows` (t: its longest response), packed when `lengths` are given."""
+    if lengths is not None:
+        return critic.packed_forward(pack(batch, rows, lengths))
+    sub = batch.rows(rows)
+    return critic(sub.input_ids, sub.attention_mask, sub.prompt_length, sub.completion_ids.shape[1])
+
+
 def update_critic(critic: ValueModel, optimizer, guard: StepGuard, cfg: Config, batch: rollout.Batch,
-                  old_values: torch.Tensor, returns: torch.Tensor, world: distributed.World = distributed.World()) -> dict:
+                  old_values: torch.Tensor, returns: torch.Tensor, world: distributed.World = distributed.World(),
+                  packed: bool = False) -> dict:
     """The critic's passes over the batch: clipped value loss, token mean over each mini-batch (of every
     rank's tokens; the schedule is the policy update's global one, idle micro-batches included)."""
     optim = cfg.optim
     # As in the policy update: token counts read once, losses and norms summed on the device and read
     # back once at the end, so that no micro-batch waits for the one before.
     row_tokens = batch.completion_mask.sum(1).tolist()
+    lengths = SequenceLengths.of(batch) if packed else None
     losses, clip_fracs, grad_norms = [], [], []
     critic.train()
-    for plan in global_plan(world, batch, len(batch), optim):
+    for plan in global_plan(world, batch, len(batch), optim, packed):
         for mini in plan:
             mini_tokens = max(1, int(world.sum([sum(row_tokens[i] for r in mini for i in r.tolist())])[0]))
             step_loss = step_clip = 0.0
             for rows in world.lockstep(mini):
                 idle = rows is None
                 rows = torch.tensor([0]) if idle else rows
-                sub = batch.rows(rows)
-                length = sub.completion_ids.shape[1]
-                values = critic(sub.input_ids, sub.attention_mask, sub.prompt_length, length)
+                values = critic_values(critic, batch, rows, None if idle else lengths)
+                length = values.shape[1]
                 loss, clip_frac = clipped_value_loss(values, old_values[rows, :length], returns[rows, :length],
-                                                     sub.completion_mask & (not idle), value_clip=cfg.ppo.value_clip)
+                                                     batch.completion_mask[rows, :length] & (not idle),
+                                                     value_clip=cfg.ppo.value_clip)
                 share = 0.0 if idle else sum(row_tokens[i] for i in rows.tolist()) / mini_tokens
                 (loss * share).backward()
                 accumulate_gradients(optimizer)
@@ -181,11 +196,11 @@ def train(cfg: Config) -> dict:
         generated = time.perf_counter()
         scores, failures = session.score_groups(prompts, rollout.decode(tokenizer, batch))
         # Rollout-time log-probs, reference log-probs and values, then GAE on the per-token rewards.
-        plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
-        old_lp = per_token(model, batch, [plan], loss_fn)
-        ref_lp = (per_token(session.reference, batch, [plan], loss_fn)
+        plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens, session.packed)
+        old_lp = per_token(model, batch, [plan], loss_fn, session.packed)
+        ref_lp = (per_token(session.reference, batch, [plan], loss_fn, session.packed)
                   if session.reference is not None else None)
-        raw_values = predict_values(critic, batch, plan)
+        raw_values = predict_values(critic, batch, plan, session.packed)
         advantages, targets, old_values, adv_metrics = advantages_and_returns(
             cfg, batch, scores.to(batch.input_ids.device), raw_values, old_lp, ref_lp, normalizer, world.group)
         # Over every rank's responses, ranks in order: one process's batch.
@@ -200,7 +215,8 @@ def train(cfg: Config) -> dict:
                    "completions/truncated": float(truncated.mean()), **adv_metrics}
         # Policy through the fused loss with per-token advantages, then the critic, then the reference EMA.
         metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, ref_logprobs=ref_lp))
-        metrics.update(update_critic(critic, critic_optimizer, critic_guard, cfg, batch, old_values, targets, world))
+        metrics.update(update_critic(critic, critic_optimizer, critic_guard, cfg, batch, old_values, targets, world,
+                                     session.packed))
         if ppo.reference_ema > 0:
             ema_update_(session.reference, model, ppo.reference_ema, master=ema_master)
         elapsed = time.perf_counter() - start

@@ -33,6 +33,7 @@ from fusedrl.engine.data import PromptSampler, load_splits, load_task
 from fusedrl.engine.metrics_log import MetricLogger, peak_memory_bytes
 from fusedrl.engine.model import DTYPES, load_policy, load_reference
 from fusedrl.engine.optim import StepGuard
+from fusedrl.engine.packing import use_packing
 from fusedrl.engine.plots import describe_fit, write_plots
 from fusedrl.engine.rewards import load_reward, score
 from fusedrl.engine.warm_start import warm_start
@@ -96,6 +97,7 @@ class Session:
         path = str(self.resume_from) if self.resume_from and not sharded_resume else cfg.model.path
         with checkpoint.reading(self.resume_from):
             self.model, self.tokenizer = load_policy(cfg.model, path, self.device)
+        self.packed = use_packing(self.model, cfg.optim.micro_batch_layout, path)  # packed or padded micro-batches
         context = getattr(self.model.config, "max_position_embeddings", None)
         needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
         if context is not None and needed > context:
@@ -110,6 +112,8 @@ class Session:
             reference_path = str(self.resume_from / "reference")
         with checkpoint.reading(self.resume_from):
             self.reference = load_reference(cfg.model, self.model, self.device, reference_path)
+        if self.packed and self.reference is not None:
+            use_packing(self.reference, "packed", reference_path or cfg.model.reference)
         self.start_step = self.state["step"] if self.state else 0
         self.extra = dict(self.state["extra"]) if self.state else {}
         # The run's wall time in the processes before this one, up to the checkpoint it resumes from.

@@ -65,8 +65,8 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds
     repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
     rewards = torch.tensor(scorer(repeat, rollout.decode(tokenizer, batch)))
     rewards = rewards.masked_fill(batch.truncated.cpu(), 0.0)
-    plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
-    old_lp = per_token(model, batch, [plan], loss_fn)  # the rollout policy's, for the cutpoints
+    plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens, session.packed)
+    old_lp = per_token(model, batch, [plan], loss_fn, session.packed)  # the rollout policy's, for the cutpoints
     with distributed.gathered(model):
         boundaries, values, continuation_tokens = chain_values(
             model, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,

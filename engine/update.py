@@ -26,6 +26,10 @@ group) and the metrics span every rank; each rank runs as many micro-batches as 
 ones on a row of its own, with no valid token), so that FSDP's collectives stay in step. A rank with
 no rows at all passes batch=None and still joins them. With one process all of this reduces to the
 single-process update.
+
+Micro-batches are packed (engine/packing.py: whole sequences end to end in one row of up to
+micro_batch_tokens tokens, no padding, and only the loss's tokens' hidden states go to the fused op) where
+the model's attention can run them (`Session.packed`, optim.micro_batch_layout), else padded rows.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import torch
 
 from fusedrl.engine import distributed, rollout
 from fusedrl.engine.config import Config
-from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
+from fusedrl.engine.model import (completion_hidden, output_projection, packed_hidden, packed_token_logprobs,
+                                  token_logprobs)
+from fusedrl.engine.packing import SequenceLengths, balanced_bins, pack
 from fusedrl.engine.optim import accumulate_gradients
 from fusedrl.engine.session import Session
 from fusedrl.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to_floats
@@ -51,11 +57,17 @@ def make_loss(cfg: Config, process_group=None, **option_overrides) -> FusedPolic
                            max_completion_length=cfg.rollout.max_new_tokens, **option_overrides)
 
 
-def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
-    """Splits `rows` into groups whose padded size (rows x (longest prompt + longest response))
-    fits the budget; rows are sorted by length first so that similar lengths share padding. The groups
-    are CPU index tensors (they index device tensors; the lengths are read from the device once)."""
+def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int,
+                  packed: bool = False) -> list[torch.Tensor]:
+    """Splits `rows` into micro-batches of at most `token_budget` tokens: packed, the sequences' own
+    tokens (balanced bin packing, engine/packing.py); padded, rows x (longest prompt + longest response),
+    rows sorted by length first so that similar lengths share padding. A sequence longer than the budget
+    is a micro-batch of its own. The groups are CPU index tensors (they index device tensors; the lengths
+    are read from the device once)."""
     rows = torch.as_tensor(rows).cpu()
+    if packed:
+        lengths = SequenceLengths.of(batch)
+        return [rows[group] for group in balanced_bins([lengths.total(r) for r in rows.tolist()], token_budget)]
     lengths = torch.stack([batch.attention_mask[:, : batch.prompt_length].sum(1),
                            batch.completion_mask.sum(1)]).cpu()
     prompt_len, response_len = lengths[0, rows], lengths[1, rows]
@@ -73,21 +85,29 @@ def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int) -
     return groups
 
 
-def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], loss_fn: FusedPolicyLoss) -> torch.Tensor:
+def per_token(model, batch: rollout.Batch, plan: list[list[torch.Tensor]], loss_fn: FusedPolicyLoss,
+              packed: bool = False) -> torch.Tensor:
     """No-grad log-probs [B, T] of every response token, computed micro-batch by micro-batch."""
-    return per_token_lp_entropy(model, batch, plan, loss_fn)[0]
+    return per_token_lp_entropy(model, batch, plan, loss_fn, packed)[0]
 
 
 def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tensor]],
-                         loss_fn: FusedPolicyLoss) -> tuple[torch.Tensor, torch.Tensor]:
+                         loss_fn: FusedPolicyLoss, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad log-probs and entropies [B, T] of the response tokens of the rows in `plan` (zero
     elsewhere), micro-batch by micro-batch with the fused linear op (no logits tensor), at the loss's
     temperature and backend. Under FSDP the model is gathered for the pass, so that ranks may run
     different numbers of micro-batches."""
     lp_out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
     h_out = torch.zeros_like(lp_out)
+    lengths = SequenceLengths.of(batch) if packed else None
     with distributed.gathered(model):
         for rows in (r for mini in plan for r in mini):
+            if packed:
+                micro = pack(batch, rows, lengths)
+                lp, h, flat = packed_token_logprobs(model, micro, loss_fn.temperature, loss_fn.backend)
+                at = rows.to(flat.device)[flat // micro.width], flat % micro.width
+                lp_out[at], h_out[at] = lp, h
+                continue
             sub = batch.rows(rows)
             lp, h = token_logprobs(model, sub, loss_fn.temperature, loss_fn.backend)
             lp_out[rows.to(lp_out.device), : lp.shape[1]] = lp
@@ -97,7 +117,8 @@ def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tens
 
 def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, mini: list[torch.Tensor],
                          mask: torch.Tensor, advantages: torch.Tensor, old_lp: torch.Tensor | None,
-                         world: distributed.World = distributed.World(), rows: int | None = None) -> Selection:
+                         world: distributed.World = distributed.World(), rows: int | None = None,
+                         packed: bool = False) -> Selection:
     """The batch-wide masks (top-entropy tau, Clip-Cov / KL-Cov) over the tokens of one mini-batch
     that get loss (`mask` [B, T] on its rows), from a no-grad pass under the current policy, the one
     its micro-batches' losses see. Rows outside the mini-batch count as padding; indexed by batch row.
@@ -107,7 +128,7 @@ def mini_batch_selection(model, loss_fn: FusedPolicyLoss, batch: rollout.Batch, 
     ranks' rows in rank order, so every rank uses one width, the longest response: the same layout as
     one process's batch."""
     rows = len(batch) if rows is None else rows
-    lp, entropy = per_token_lp_entropy(model, batch, [mini], loss_fn)
+    lp, entropy = per_token_lp_entropy(model, batch, [mini], loss_fn, packed)
     in_mini = torch.zeros(len(batch), dtype=torch.bool, device=lp.device)
     if mini:
         in_mini[torch.cat(mini).to(lp.device)] = True
@@ -137,7 +158,8 @@ def idle_batch(session: Session) -> tuple[rollout.Batch, torch.Tensor, torch.Ten
     return batch, torch.zeros(1, device=session.device), torch.zeros((1, 1), dtype=torch.bool, device=session.device)
 
 
-def global_plan(world: distributed.World, batch: rollout.Batch, rows: int, optim) -> list[list[list[torch.Tensor]]]:
+def global_plan(world: distributed.World, batch: rollout.Batch, rows: int, optim,
+                packed: bool = False) -> list[list[list[torch.Tensor]]]:
     """passes[u][m]: this rank's micro-batches (local row indices) of mini-batch m of update pass u. The
     permutation is drawn over the global rows (every rank draws the same one) and cut into mini-batches;
     each rank keeps its own rows (ranks' rows are consecutive, in rank order)."""
@@ -149,7 +171,7 @@ def global_plan(world: distributed.World, batch: rollout.Batch, rows: int, optim
         plan = []
         for mini in order.tensor_split(min(optim.mini_batches, total)):
             mine = mini[(mini >= offset) & (mini < offset + rows)] - offset
-            plan.append(micro_batches(batch, mine, optim.micro_batch_tokens) if len(mine) else [])
+            plan.append(micro_batches(batch, mine, optim.micro_batch_tokens, packed) if len(mine) else [])
         passes.append(plan)
     return passes
 
@@ -164,23 +186,25 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     [B, T]: the reference's log-probs when the caller has them already (PPO, for its KL reward).
     batch=None (with advantages None): this rank holds no rows of a global batch that others do.
     """
-    cfg, model, world = session.cfg, session.model, session.world
+    cfg, model, world, packed = session.cfg, session.model, session.world, session.packed
     optim = cfg.optim
     rows = 0 if batch is None else len(batch)
     if batch is None:
         batch, advantages, loss_mask = idle_batch(session)
-    passes = global_plan(world, batch, rows, optim)
+    passes = global_plan(world, batch, rows, optim, packed)
     need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1
-    old_lp = per_token(model, batch, passes[0], loss_fn) if need_old else None
+    old_lp = per_token(model, batch, passes[0], loss_fn, packed) if need_old else None
     ref_lp = ref_logprobs
     if ref_lp is None and session.reference is not None:
-        ref_lp = per_token(session.reference, batch, passes[0], loss_fn)
+        ref_lp = per_token(session.reference, batch, passes[0], loss_fn, packed)
     sums, extremes, tokens_seen, losses, grad_norms, skipped = {}, {}, 0, [], [], 0
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
     # Token counts per row, read once: the micro-batch loop below then never waits on the device (the
     # optimizer step reads the gradient norm once, StepGuard); the loss and its metrics are summed as
     # device tensors and read back once, at the end.
     row_tokens = mask.sum(1).tolist()
+    if packed:  # the loss's tokens of each row, by column: where a packed row's hidden states are gathered
+        lengths, loss_columns = SequenceLengths.of(batch), [row.nonzero().squeeze(1).tolist() for row in mask.cpu()]
     model.train()
     for plan in passes:
         for mini in plan:
@@ -193,18 +217,25 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
             # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
             selection = None
             if loss_fn.batch_wide and (len(micro) > 1 or loss_fn.cov_mode == "clip_cov"):
-                selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp, world, rows)
+                selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp, world, rows,
+                                                 packed)
             for part in micro:
                 idle = part is None
                 part = torch.tensor([0]) if idle else part
-                sub = batch.rows(part)
-                length = sub.completion_ids.shape[1]
-                hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
+                if packed and not idle:  # [N, H]: the hidden states of the loss's tokens only
+                    packed_rows = pack(batch, part, lengths)
+                    length = packed_rows.width
+                    index, _ = packed_rows.token_index([loss_columns[r] for r in part.tolist()])
+                    hidden = packed_hidden(model, packed_rows)[0, index]
+                else:  # [k, T, H]; an idle rank's one padding row too
+                    sub = batch.rows(part)
+                    length = sub.completion_ids.shape[1]
+                    hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
                 weight, bias = output_projection(model)
                 sub_adv = advantages[part] if advantages.dim() == 1 else advantages[part, :length]
                 sub_mask = mask[part, :length] & (not idle)
                 loss, metrics = loss_fn(
-                    sub.completion_ids, sub_mask, sub_adv, hidden=hidden, weight=weight, bias=bias,
+                    batch.completion_ids[part, :length], sub_mask, sub_adv, hidden=hidden, weight=weight, bias=bias,
                     old_logprobs=None if old_lp is None else old_lp[part, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[part, :length],
                     num_items_in_batch=loss_fn.token_count_argument(mini_tokens),

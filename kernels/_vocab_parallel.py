@@ -28,9 +28,10 @@ import torch.distributed as dist
 from fusedrl.kernels._select import all_reduce
 
 
-def check_vocab_slices(vocab_start, local_vocab: int, group) -> int:
+def check_vocab_slices(vocab_start, local_vocab: int, group, device) -> int:
     """The full vocabulary size, after checking that the ranks' slices tile [0, V) in rank order
-    without gaps or overlaps (one all-gather of two ints). ValueError names the argument otherwise."""
+    without gaps or overlaps (one all-gather of two ints, on `device`, the data's: NCCL groups take
+    only CUDA tensors). ValueError names the argument otherwise."""
     if isinstance(vocab_start, bool) or not hasattr(vocab_start, "__index__") or int(vocab_start) < 0:
         raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
     if group is None:
@@ -39,9 +40,9 @@ def check_vocab_slices(vocab_start, local_vocab: int, group) -> int:
         return local_vocab
     if not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"process_group must be a torch.distributed ProcessGroup or None, got {group!r}")
-    mine = torch.tensor([int(vocab_start), local_vocab], dtype=torch.int64)
+    mine = torch.tensor([int(vocab_start), local_vocab], dtype=torch.int64, device=device)
     slices = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(slices, mine, group=group)  # gloo takes CPU tensors; two ints are cheap to move
+    dist.all_gather(slices, mine, group=group)
     end = 0
     for rank, (start, size) in enumerate(t.tolist() for t in slices):
         if start != end:

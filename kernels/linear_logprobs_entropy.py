@@ -619,7 +619,7 @@ def linear_logprobs_and_entropy(
     top_k, top_p = check_top_k(top_k), check_top_p(top_p)
     if not isinstance(batch_invariant, bool):
         raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
-    full_vocab = check_vocab_slices(vocab_start, vocab_size, process_group)
+    full_vocab = check_vocab_slices(vocab_start, vocab_size, process_group, hidden.device)
     check_targets(targets, hidden.shape[:-1], full_vocab, ignore_index)
     top_k, top_p = effective(top_k, top_p, full_vocab)
     temperature = check_temperature(temperature)

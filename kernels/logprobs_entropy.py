@@ -309,7 +309,7 @@ def _check_inputs(
     top_k, top_p = check_top_k(top_k), check_top_p(top_p)
     if not isinstance(batch_invariant, bool):
         raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
-    vocab = check_vocab_slices(vocab_start, logits.shape[-1], process_group)
+    vocab = check_vocab_slices(vocab_start, logits.shape[-1], process_group, logits.device)
     check_targets(targets, logits.shape[:-1], vocab, ignore_index)  # reads the targets: last
     top_k, top_p = effective(top_k, top_p, vocab)
     return LogprobsEntropyOptions(

@@ -174,7 +174,9 @@ class FusedPolicyLoss(nn.Module):
 
         completion_ids [B, T] (the sampled tokens), completion_mask [B, T] (nonzero = valid),
         advantages [B] or [B, T]; then either logits [B, T, V] or hidden [B, T, H] with weight [V, H]
-        (and bias [V]), or logprobs [B, T]: the sampled tokens' log-probs that the caller's own forward
+        (and bias [V]); hidden may instead be [N, H], the valid tokens' hidden states only, in row-major
+        order of completion_mask (a packed micro-batch: the fused op then sees no padding); or logprobs
+        [B, T]: the sampled tokens' log-probs that the caller's own forward
         computed (a trainer such as verl; differentiable), with their entropy [B, T] where the options
         read it (top_entropy_fraction < 1, entropy_coef), and completion_ids may then be None; the loss
         is computed in logprobs' dtype (float64 stays float64), else in float32.
@@ -477,8 +479,17 @@ class FusedPolicyLoss(nn.Module):
             return kernels.logprobs_and_entropy(logits, targets, **options)
         if weight is None:
             raise ValueError("weight (the output embedding [V, H]) must be given with hidden")
+        if hidden.dim() == 2:
+            # Packed: the valid tokens' hidden states only, so the fused op runs on no padding.
+            count = int(valid.sum())
+            if hidden.shape[0] != count:
+                raise ValueError(f"hidden of shape [N, H] must hold the {count} valid tokens, got {tuple(hidden.shape)}")
+            lp, entropy = kernels.linear_logprobs_and_entropy(hidden, weight, ids[valid], bias=bias, **options)
+            zeros = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
+            return zeros.masked_scatter(valid, lp), zeros.masked_scatter(valid, entropy)
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(ids.shape):
-            raise ValueError(f"hidden must have shape [B, T, H] with [B, T] = {tuple(ids.shape)}, got {tuple(hidden.shape)}")
+            raise ValueError(f"hidden must have shape [B, T, H] or [N, H] with [B, T] = {tuple(ids.shape)}, "
+                             f"got {tuple(hidden.shape)}")
         return kernels.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, **options)
 
     def _kl(self, lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

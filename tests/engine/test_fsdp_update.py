@@ -100,7 +100,7 @@ def updated(rows: list[int], process_group=None):
         distributed.shard(model, world, torch.float32)
     cfg = load_config(None, OVERRIDES)
     session = SimpleNamespace(cfg=cfg, model=model, reference=None, world=world, device=torch.device("cpu"),
-                              tokenizer=SimpleNamespace(pad_token_id=PAD), step_guard=StepGuard(1))
+                              tokenizer=SimpleNamespace(pad_token_id=PAD), step_guard=StepGuard(1), packed=False)
     optimizer = make_optimizer(model.parameters(), sharded=world.sharded, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     batch = make_batch(PROMPTS, RESPONSES, [False] * 8, PAD, "cpu").rows(rows) if rows else None

@@ -35,7 +35,7 @@ def check_against_reference(backend, x, targets, temperature, top_k, top_p):
     base_leaf, base_lp, base_h = reference(x, targets, temperature, keep, torch.float32)
     assert_rule("lp", lp, ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
     assert_rule("H", entropy, ref_h, base_h, OUT_ATOL, OUT_RTOL)
-    g_lp, g_h = torch.randn(targets.shape), torch.randn(targets.shape)
+    g_lp, g_h = torch.randn(targets.shape, device=x.device), torch.randn(targets.shape, device=x.device)
     ours = grads(leaf, lp, entropy, g_lp, g_h)
     ref = grads(ref_leaf, ref_lp, ref_h, g_lp, g_h)
     base = grads(base_leaf, base_lp, base_h, g_lp, g_h).to(x.dtype)
@@ -45,17 +45,27 @@ def check_against_reference(backend, x, targets, temperature, top_k, top_p):
 
 
 SETTINGS = [(1, None), (5, None), (None, 0.9), (None, 0.35), (12, 0.8), (3, 0.999)]
+# Every setting on triton / fp32 and torch / bf16, one on the other two pairs (the interpreter is slow).
+CASES = ([("triton", torch.float32, *s) for s in SETTINGS] + [("torch", torch.bfloat16, *s) for s in SETTINGS]
+         + [("triton", torch.bfloat16, 12, 0.8), ("torch", torch.float32, 12, 0.8)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("top_k, top_p", SETTINGS)
+@pytest.mark.parametrize("backend, dtype, top_k, top_p", CASES, ids=str)
 def test_matches_sorting_reference(backend, dtype, top_k, top_p):
     x, targets = make_inputs(23, 301, dtype)  # plain, peaked, far-below-zero and -inf-sprinkled rows
     # Targets drawn from the top of each row too, so that most rows' targets are kept.
     top = x.float().topk(3, dim=-1).indices[torch.arange(23), torch.arange(23) % 3]
     targets = torch.where((torch.arange(23) % 2 == 0) & (targets != IGNORE), top, targets)
     check_against_reference(backend, x, targets, 0.8, top_k, top_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k, top_p", [(50, None), (None, 0.95), (20, 0.9)])
+def test_gpu_production_vocabulary_matches_sorting_reference(top_k, top_p):
+    x, targets = make_inputs(64, 151936, torch.bfloat16, "cuda")
+    top = x.float().topk(3, dim=-1).indices[:, 0]
+    targets = torch.where(targets != IGNORE, top, targets)  # most targets kept, the peaked ones' too
+    check_against_reference("triton", x, targets, 0.8, top_k, top_p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
