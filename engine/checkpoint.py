@@ -2,7 +2,7 @@
 
 output_dir/checkpoint-<step>/ holds the policy and tokenizer (save_pretrained, safetensors), the frozen
 reference when it is a copy of the initial policy (reference/), and trainer_state.pt: optimizer,
-scheduler, the python / numpy / torch (and CUDA) RNG states, the prompt sampler's position, the step,
+scheduler, the python / numpy / torch (and CUDA) RNG states, the prompt order's position, the step,
 and the loop's own small state. Restoring all of them makes a resumed CPU run repeat the metrics of
 the uninterrupted run exactly.
 """
@@ -21,7 +21,7 @@ from fusedrl.engine.errors import UsageError
 STATE_FILE = "trainer_state.pt"
 
 
-def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, scheduler, sampler,
+def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, scheduler, prompt_order,
                     step: int, extra: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
@@ -30,7 +30,7 @@ def save_checkpoint(directory: Path, *, model, tokenizer, reference, optimizer, 
         reference.save_pretrained(directory / "reference", safe_serialization=True)
         tokenizer.save_pretrained(directory / "reference")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(), "rng": rng_state(), "extra": extra}, directory / STATE_FILE)
+                "prompt_order": prompt_order.state_dict(), "rng": rng_state(), "extra": extra}, directory / STATE_FILE)
     return directory
 
 

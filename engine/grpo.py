@@ -42,7 +42,7 @@ class Round:
 def sample_round(session: Session) -> Round:
     """The sampler's next `prompts_per_step` prompts, their responses, rewards and shaped rewards."""
     r, a = session.cfg.rollout, session.cfg.advantage
-    prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+    prompts = session.train_split.select(session.prompt_order.next_indices(r.prompts_per_step))
     batch = session.generate(prompts)
     rewards, failures = session.score_groups(prompts, rollout.decode(session.tokenizer, batch))
     penalty = overlong_penalty(batch.lengths().cpu(), r.max_new_tokens, a.overlong_buffer, a.overlong_penalty)

@@ -161,7 +161,7 @@ def train(cfg: Config) -> dict:
         ema_master[name].copy_(saved)
     for step in session.steps():
         start = time.perf_counter()
-        prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+        prompts = session.train_split.select(session.prompt_order.next_indices(r.prompts_per_step))
         batch = session.generate(prompts)
         generated = time.perf_counter()
         scores, failures = session.score_groups(prompts, rollout.decode(tokenizer, batch))

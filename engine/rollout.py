@@ -1,4 +1,4 @@
-"""Sampling responses with transformers' generate, and the batch layout the losses read.
+"""The batch layout the losses read, whichever sampler (engine/samplers.py) made the responses.
 
 Every sequence is [left-padded prompt | response right-padded], with one prompt length P for the
 whole batch, so that the hidden state at column P - 1 + t predicts response token t for every row.
@@ -6,7 +6,8 @@ A response's mask covers its tokens up to and including the first end-of-sequenc
 that reaches max_new_tokens without one is marked truncated.
 
 The loss recomputes log-probs from the full softmax at the sampling temperature (top_p only shapes
-what is sampled), so the rollout keeps token ids, not generate's scores.
+what is sampled), so the rollout keeps token ids; a sampler that is not the trained model itself
+(vLLM) also keeps its own log-probs of them, to measure and correct the mismatch (engine/mismatch.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Batch:
     completion_ids: torch.Tensor  # [B, T], pad after the end
     completion_mask: torch.Tensor  # [B, T] bool, response tokens including the end token
     truncated: torch.Tensor  # [B] bool, no end token within max_new_tokens
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] fp32, the sampler's own (0 after the end)
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -40,10 +41,11 @@ class Batch:
                                         self.completion_mask[index].sum(1).max()]).tolist()
         first = self.prompt_length - prompt  # leftmost column with a prompt token
         length = max(1, response)
+        sampler_lp = None if self.sampler_logprobs is None else self.sampler_logprobs[index][:, :length]
         return Batch(self.input_ids[index][:, first: self.prompt_length + length],
                      mask[:, first: self.prompt_length + length], self.prompt_length - first,
                      self.completion_ids[index][:, :length], self.completion_mask[index][:, :length],
-                     self.truncated[index])
+                     self.truncated[index], sampler_lp)
 
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
@@ -51,7 +53,8 @@ class Batch:
 
 def concat(batches: list[Batch], pad_id: int) -> Batch:
     """One batch from several: prompts left-padded to the longest, responses right-padded to the longest
-    (positions follow the attention mask, so extra left padding changes no row's result)."""
+    (positions follow the attention mask, so extra left padding changes no row's result). The sampler's
+    log-probs are kept when every batch has them."""
     prompt = max(b.prompt_length for b in batches)
     length = max(b.completion_ids.shape[1] for b in batches)
     parts = [(b, prompt - b.prompt_length, length - b.completion_ids.shape[1]) for b in batches]
@@ -59,11 +62,15 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     def pad(t, value, left, right):
         return torch.nn.functional.pad(t, (left, right), value=value)
 
+    sampler_lp = None
+    if all(b.sampler_logprobs is not None for b in batches):
+        sampler_lp = torch.cat([pad(b.sampler_logprobs, 0.0, 0, right) for b, _, right in parts])
+
     return Batch(torch.cat([pad(b.input_ids, pad_id, left, right) for b, left, right in parts]),
                  torch.cat([pad(b.attention_mask, 0, left, right) for b, left, right in parts]), prompt,
                  torch.cat([pad(b.completion_ids, pad_id, 0, right) for b, _, right in parts]),
                  torch.cat([pad(b.completion_mask, False, 0, right) for b, _, right in parts]),
-                 torch.cat([b.truncated for b in batches]))
+                 torch.cat([b.truncated for b in batches]), sampler_lp)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +84,9 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: list[bool], pad_id: int,
-               device) -> Batch:
-    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses."""
+               device, logprobs: list[list[float]] | None = None) -> Batch:
+    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses;
+    `logprobs` (one per response token) become its sampler_logprobs."""
     prompt, prompt_mask = left_pad(prompts, pad_id, device)
     length = max(1, max(len(r) for r in responses))
     completion = torch.full((len(responses), length), pad_id, dtype=torch.long)
@@ -86,48 +94,16 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: 
     for i, r in enumerate(responses):
         completion[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         completion_mask[i, :len(r)] = True
+    sampler_lp = None
+    if logprobs is not None:
+        sampler_lp = torch.zeros((len(responses), length), dtype=torch.float32)
+        for i, lp in enumerate(logprobs):
+            sampler_lp[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        sampler_lp = sampler_lp.to(device)
     completion, completion_mask = completion.to(device), completion_mask.to(device)
     return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
                  prompt.shape[1], completion, completion_mask,
-                 torch.tensor(truncated, dtype=torch.bool, device=device))
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int, temperature: float,
-             top_p: float, max_new_tokens: int, batch_size: int) -> Batch:
-    """group_size responses per prompt (rows i*G .. i*G+G-1 share prompt i); temperature 0 is greedy."""
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    greedy = temperature == 0
-    config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
-                              top_p=None if greedy else top_p, top_k=0, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
-    repeated = [p for p in prompt_ids for _ in range(group_size)]
-    ids, mask = left_pad(repeated, pad, device)
-    prompt_length = ids.shape[1]
-    was_training = model.training
-    model.eval()
-    parts = []
-    for start in range(0, len(repeated), batch_size):
-        chunk_ids, chunk_mask = ids[start: start + batch_size], mask[start: start + batch_size]
-        out = model.generate(input_ids=chunk_ids, attention_mask=chunk_mask, generation_config=config)
-        parts.append(_split_response(out, chunk_mask, prompt_length, eos, pad))
-    model.train(was_training)
-    return concat(parts, pad)
-
-
-def _split_response(out, prompt_mask, prompt_length, eos, pad) -> Batch:
-    completion = out[:, prompt_length:]
-    is_end = completion == eos
-    # Tokens after the first end token are not part of the response (generate pads them, but a
-    # model whose pad id equals its eos id would otherwise be ambiguous).
-    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
-    completion_mask = ~after_end
-    completion = completion.masked_fill(after_end, pad)
-    truncated = ~is_end.any(1)
-    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    return Batch(torch.cat([out[:, :prompt_length], completion], 1), attention_mask, prompt_length,
-                 completion, completion_mask, truncated)
+                 torch.tensor(truncated, dtype=torch.bool, device=device), sampler_lp)
 
 
 def decode(tokenizer, batch: Batch) -> list[str]:

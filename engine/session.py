@@ -26,6 +26,7 @@ from fusedrl.engine.metrics_log import MetricLogger, peak_memory_bytes
 from fusedrl.engine.model import load_policy, load_reference
 from fusedrl.engine.plots import write_plots
 from fusedrl.engine.rewards import load_reward, score
+from fusedrl.engine.samplers import make_sampler
 from fusedrl.engine.warm_start import warm_start
 
 
@@ -80,11 +81,14 @@ class Session:
         self.train_split, self.eval_split = load_splits(cfg.data, self.tokenizer, run.seed)
         self.task = load_task(cfg.data.task) if cfg.data.task else None
         self.reward_fn = self._reward_fn()
-        self.sampler = PromptSampler(len(self.train_split), run.seed)
+        self.prompt_order = PromptSampler(len(self.train_split), run.seed)
         reference_path = None
         if self.resume_from is not None and cfg.model.reference == "policy":
             reference_path = str(self.resume_from / "reference")
         self.reference = load_reference(cfg.model, self.model, self.device, reference_path)
+        # The sampler (rollout.engine) starts from the loaded policy: a resumed run's checkpoint.
+        self.sampler = make_sampler(cfg, self.model, self.tokenizer)
+        self.sampler.sync_weights(self.model)
         self.start_step = self.state["step"] if self.state else 0
         self.extra = dict(self.state["extra"]) if self.state else {}
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -111,6 +115,7 @@ class Session:
             rows = [{"prompt": p, **{k: v[i] for k, v in self.train_split.columns.items()}}
                     for i, p in enumerate(self.train_split.prompts)]
             seconds, loss = warm_start(self.model, self.tokenizer, self.task, rows, self.cfg.warm_start)
+            self.sampler.sync_weights(self.model)
             self.logger.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
                               f"final loss {loss:.3f}")
             if self.reference is not None and self.cfg.model.reference == "policy":
@@ -123,12 +128,12 @@ class Session:
                           f"({self._decoding()})")
 
     def restore(self, optimizer, scheduler) -> None:
-        """Optimizer, scheduler, sampler and RNG states from the checkpoint being resumed (if any)."""
+        """Optimizer, scheduler, prompt order and RNG states from the checkpoint being resumed (if any)."""
         if self.state is None:
             return
         optimizer.load_state_dict(self.state["optimizer"])
         scheduler.load_state_dict(self.state["scheduler"])
-        self.sampler.load_state_dict(self.state["sampler"])
+        self.prompt_order.load_state_dict(self.state["prompt_order"])
         checkpoint.set_rng_state(self.state["rng"])
 
     def steps(self):
@@ -145,9 +150,8 @@ class Session:
         """rollout.group_size responses to each of `prompts` (a Split) with the configured sampling; the
         responses of one prompt are adjacent rows."""
         r = self.cfg.rollout
-        return rollout.generate(self.model, self.tokenizer, prompts.prompt_ids, group_size=r.group_size,
-                                temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                batch_size=r.batch_size)
+        return self.sampler.generate(prompts.prompt_ids, r.group_size, temperature=r.temperature,
+                                     max_new_tokens=r.max_new_tokens)
 
     def score_groups(self, prompts, completions: list[str]) -> tuple[torch.Tensor, int]:
         """Rewards of the responses `generate(prompts)` made, each scored against its own prompt's row."""
@@ -160,9 +164,8 @@ class Session:
         cfg, split = self.cfg, self.eval_split
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)
-            batch = rollout.generate(self.model, self.tokenizer, split.prompt_ids, group_size=1,
-                                     temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
-                                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size)
+            batch = self.sampler.generate(split.prompt_ids, 1, temperature=cfg.eval.temperature,
+                                          max_new_tokens=cfg.rollout.max_new_tokens)
         rewards, failures = self.score(split.prompts, rollout.decode(self.tokenizer, batch), split.columns)
         return {"eval/accuracy": float((rewards >= 1).float().mean()), "eval/reward_mean": float(rewards.mean()),
                 "eval/mean_length": float(batch.lengths().float().mean()), "eval/reward_failures": failures}
@@ -172,11 +175,15 @@ class Session:
         return f"{len(self.eval_split)} prompts, " + ("greedy" if t == 0 else f"sampled at temperature {t}")
 
     def end_step(self, step: int, metrics: dict, optimizer, scheduler) -> Path | None:
-        """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due.
+        """Syncs the sampler with the updated policy, adds evaluation and peak memory to the step's
+        metrics, logs them, checkpoints when due.
 
         Returns the checkpoint directory written at this step (None if none), where a loop adds its own
         parts (PPO: the critic)."""
         cfg = self.cfg.run
+        sync_seconds = self.sampler.sync_weights(self.model)
+        if sync_seconds is not None:
+            metrics["time/weight_sync_s"] = sync_seconds
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 or step == cfg.steps:
             metrics.update(self.evaluate())
         metrics["memory/peak_bytes"] = peak_memory_bytes(self.device)
@@ -191,13 +198,14 @@ class Session:
         self._last_saved = checkpoint.save_checkpoint(
             self.output_dir / f"checkpoint-{step}", model=self.model, tokenizer=self.tokenizer,
             reference=self.reference if self.cfg.model.reference == "policy" else None,
-            optimizer=optimizer, scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra)
+            optimizer=optimizer, scheduler=scheduler, prompt_order=self.prompt_order, step=step, extra=self.extra)
         return self._last_saved
 
     def finish(self) -> dict:
         """Plots, the entropy-law fit and summary.json; prints accuracy before / after RL."""
         history = self.logger.history()
         self.logger.close()
+        self.sampler.close()
         plots, fit = write_plots(history, self.output_dir) if self.cfg.run.plots else ([], None)
         final = next((h for h in reversed(history) if "eval/accuracy" in h), {})
         before = self.extra.get("eval_before", {}).get("eval/accuracy")

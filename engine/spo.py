@@ -63,7 +63,7 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampl
     plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
     old_lp = per_token(model, batch, [plan], loss_fn)  # the rollout policy's, for the cutpoints
     boundaries, values, continuation_tokens = chain_values(
-        model, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
+        session.sampler, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
         threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling, scorer=scorer)
     advantages = chain_advantages(boundaries, values, rewards.tolist(), batch.completion_mask)
     response_tokens = int(batch.completion_mask.sum())
@@ -75,7 +75,7 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampl
 def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampling: Sampling, scorer: Scorer):
     """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
     tokenizer, spo = session.tokenizer, session.cfg.spo
-    trees, generated = sample_trees(session.model, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
+    trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
                                     branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
                                     sampling=sampling)
     leaf_rewards = score_leaves(tokenizer, trees, scorer)
@@ -86,9 +86,10 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampli
     metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows)}
     if not rows:
         return None, rewards, None, None, metrics
+    sampler_lp = [tree.response_logprobs(leaf) for tree, leaf, *_ in rows]
     batch = rollout.make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows],
                                [ids for _, _, ids, _, _ in rows], [not tree.finished[leaf] for tree, leaf, *_ in rows],
-                               tokenizer.pad_token_id, session.device)
+                               tokenizer.pad_token_id, session.device, None if None in sampler_lp else sampler_lp)
     width = batch.completion_ids.shape[1]
     token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
     loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)
@@ -106,11 +107,11 @@ def train(cfg: Config) -> dict:
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
     session.restore(optimizer, scheduler)
-    sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, r.batch_size)
+    sampling = Sampling(r.temperature, r.max_new_tokens, r.batch_size)
     step_fn = chain_step if cfg.run.algorithm == "spo_chain" else tree_step
     for step in session.steps():
         start = time.perf_counter()
-        prompts = session.train_split.select(session.sampler.next_indices(r.prompts_per_step))
+        prompts = session.train_split.select(session.prompt_order.next_indices(r.prompts_per_step))
         failures: list[int] = []
         batch, rewards, advantages, loss_mask, metrics = step_fn(session, loss_fn, prompts, sampling,
                                                                   make_scorer(session, prompts, failures))

@@ -18,13 +18,17 @@ Everything that depends on the loss's options is asked of the loss: the temperat
 the no-grad passes, each micro-batch's share of its mini-batch's loss (`micro_batch_share`) and the
 token count it divides by (`token_count_argument`). So the micro-batch layout, a memory knob, never
 changes the objective.
+
+A batch that carries the sampler's own log-probs (rollout.engine=vllm) always gets the no-grad pass
+of old log-probs: the mismatch between them and the sampler's is measured and corrected
+(engine/mismatch.py: weights into the loss as rollout_is_weights, or tokens masked out of it).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fusedrl.engine import rollout
+from fusedrl.engine import mismatch, rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.model import completion_hidden, output_projection, token_logprobs
 from fusedrl.engine.optim import accumulate_gradients, clip_gradients
@@ -106,7 +110,8 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     cfg, model = session.cfg, session.model
     optim = cfg.optim
     n = len(batch)
-    need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1
+    sampler_lp = batch.sampler_logprobs
+    need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1 or sampler_lp is not None
     passes = []
     for _ in range(optim.updates_per_batch):
         order = torch.randperm(n) if optim.mini_batches > 1 else torch.arange(n)
@@ -118,6 +123,11 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
         ref_lp = per_token(session.reference, batch, passes[0], loss_fn)
     sums, extremes, tokens_seen, losses, grad_norms = {}, {}, 0, [], []
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
+    rollout_weights, mismatch_metrics = None, {}
+    if sampler_lp is not None:
+        fix = mismatch.correct(old_lp, sampler_lp, mask, cfg.rollout.correction, cfg.rollout.correction_cap)
+        mask, rollout_weights, mismatch_metrics = mask & fix.keep, fix.weights, fix.metrics
+    off_policy_lp = sampler_lp if loss_fn.off_policy_mask_threshold is not None else None
     # Token counts per row, read once: the loop below then never waits on the device; the loss and its
     # metrics are summed as device tensors and read back once, at the end.
     row_tokens = mask.sum(1).tolist()
@@ -144,7 +154,9 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
                     old_logprobs=None if old_lp is None else old_lp[rows, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[rows, :length],
                     num_items_in_batch=loss_fn.token_count_argument(mini_tokens),
-                    selection=None if selection is None else selection.rows(rows, length))
+                    selection=None if selection is None else selection.rows(rows, length),
+                    rollout_is_weights=None if rollout_weights is None else rollout_weights[rows, :length],
+                    sampling_logprobs=None if off_policy_lp is None else off_policy_lp[rows, :length])
                 valid = sum(row_tokens[i] for i in rows.tolist())
                 share = loss_fn.micro_batch_share(len(rows), valid, mini_rows, mini_tokens)
                 (loss * share).backward()
@@ -168,4 +180,4 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
     out = metrics_to_floats(totals)
     out["lr"] = scheduler.get_last_lr()[0]
-    return out
+    return out | mismatch_metrics

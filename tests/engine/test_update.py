@@ -8,6 +8,7 @@ import torch
 
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
+from fusedrl.engine.samplers import HFSampler
 from fusedrl.engine.update import make_loss, micro_batches, update
 from fusedrl.engine.model import demo_tokenizer, load_policy, token_logprobs
 
@@ -25,8 +26,8 @@ def _batch(policy):
     model, tokenizer = policy
     torch.manual_seed(1)
     prompts = tokenizer(["1+2=", "345+6=", "78+901="])["input_ids"]
-    return rollout.generate(model, tokenizer, prompts, group_size=2, temperature=1.0, top_p=1.0,
-                            max_new_tokens=10, batch_size=4)
+    return HFSampler(model, tokenizer, top_p=1.0, batch_size=4).generate(prompts, 2, temperature=1.0,
+                                                                         max_new_tokens=10)
 
 
 def test_layout_and_masks(policy):

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
+from fusedrl.engine.samplers import HFSampler
 from fusedrl.engine.update import make_loss, update
 from fusedrl.engine.model import load_policy
 
@@ -19,8 +19,8 @@ def setup():
     model, tokenizer = load_policy(cfg.model, "builtin:demo", torch.device("cpu"))
     torch.manual_seed(1)
     prompts = tokenizer(["1+2=", "345+6=", "78+901="])["input_ids"]
-    batch = rollout.generate(model, tokenizer, prompts, group_size=2, temperature=1.0, top_p=1.0,
-                             max_new_tokens=10, batch_size=6)
+    batch = HFSampler(model, tokenizer, top_p=1.0, batch_size=6).generate(prompts, 2, temperature=1.0,
+                                                                          max_new_tokens=10)
     return model, batch
 
 
