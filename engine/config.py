@@ -141,7 +141,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Longest response in tokens; also the loss's max_completion_length (dr_grpo)."""
     batch_size: int = 256
-    """Sequences generated together."""
+    """Sequences generated together by hf (vLLM schedules its own batches)."""
     correction: str = "tis"
     """Sampler-to-trainer mismatch correction (vllm): tis, token_mask, sequence_mask or none (engine/mismatch.py)."""
     correction_cap: float = 2.0
