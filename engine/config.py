@@ -44,6 +44,8 @@ class RunConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     resume: Optional[str] = None
     """Continue from a checkpoint: a checkpoint directory, or "latest" in output_dir."""
+    allow_config_changes: bool = False
+    """On resume, accept settings that differ from the checkpoint's (the run is then no longer exact)."""
     progress: bool = True
     """Show a progress bar on the console."""
     tensorboard: bool = True
@@ -249,18 +251,29 @@ class EvalConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    """The run: algorithm, steps, output directory, seed, device, resume, logging."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (and reference) model."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out prompts: a built-in task or a local file."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Supervised steps before RL (built-in tasks)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of the responses."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward function."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Group-relative advantages and DAPO's reward shaping (GRPO)."""
     loss: LossOptions = field(default_factory=LossOptions)
     """The policy loss's options (fusedrl.loss.LossOptions), checked where they are declared."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO's critic, GAE and reference (run.algorithm=ppo)."""
     spo: SPOConfig = field(default_factory=SPOConfig)
+    """SPO's segments and value estimates (run.algorithm=spo_chain or spo_tree)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer, its schedule, mini-batches and the micro-batch token budget."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -290,6 +303,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Keys a resumed run may change without changing what it computes: where it logs and saves, how long
+# it runs, how often it evaluates.
+RESUME_SAFE_KEYS = {"run.resume", "run.allow_config_changes", "run.steps", "run.output_dir", "run.save_every",
+                    "run.progress", "run.tensorboard", "run.wandb", "run.wandb_project", "run.plots",
+                    "run.num_threads", "eval.every"}
+
+
+def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for every setting that differs from `saved`, a config
+    as to_dict wrote it into a checkpoint; keys absent from either side count as changed."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(saved), flat(to_dict(cfg))
+    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(old.keys() | new.keys())
+            if old.get(k, "<absent>") != new.get(k, "<absent>")]
 
 
 def _first_line(error: Exception) -> str:

@@ -53,7 +53,8 @@ class MetricLogger:
                                      TimeElapsedColumn(), TextColumn("{task.description}"),
                                      console=self.console, transient=False)
             self.task = self.progress.add_task("", total=cfg.steps, completed=start_step)
-            self.progress.start()
+            # Started by the first log line (step 0: held-out accuracy before RL), so that its clock
+            # does not run through the warm start, which prints its own lines.
 
     def _keep_until(self, step: int) -> None:
         kept = []
@@ -71,6 +72,9 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.progress is not None:
+            if not self.progress.live.is_started:
+                self.progress.start()
+                self.progress.reset(self.task, start=True, completed=self.progress.tasks[0].completed)
             parts = [f"{label} {metrics[key]:.3f}" for key, label in
                      (("reward/mean", "reward"), ("eval/accuracy", "held-out acc")) if key in metrics]
             summary = "  ".join(parts)

@@ -10,21 +10,23 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from omegaconf import OmegaConf
 from transformers.utils import logging as hf_logging
 
 from fusedrl.engine import checkpoint, rollout
-from fusedrl.engine.config import Config
+from fusedrl.engine.config import RESUME_SAFE_KEYS, Config, config_changes, to_dict
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.data import PromptSampler, load_splits, load_task
 from fusedrl.engine.metrics_log import MetricLogger, peak_memory_bytes
 from fusedrl.engine.model import load_policy, load_reference
-from fusedrl.engine.plots import write_plots
+from fusedrl.engine.plots import describe_fit, write_plots
 from fusedrl.engine.rewards import load_reward, score
 from fusedrl.engine.samplers import make_sampler
 from fusedrl.engine.warm_start import warm_start
@@ -60,7 +62,8 @@ class Session:
         self.cfg = cfg
         # The console shows one progress bar, the run's; save_pretrained's per-shard bars would interleave.
         hf_logging.disable_progress_bar()
-        self._clock = (time.perf_counter(), time.process_time())
+        # Wall time from the process's start (interpreter and imports included); CPU time likewise.
+        self._started = psutil.Process().create_time()
         run = cfg.run
         if run.num_threads:
             torch.set_num_threads(run.num_threads)
@@ -69,6 +72,8 @@ class Session:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.resume_from = checkpoint.find_checkpoint(run.resume, self.output_dir) if run.resume else None
         self.state = checkpoint.load_state(self.resume_from) if self.resume_from else None
+        if self.state is not None:
+            self._check_resumed_config()
         _seed_everything(run.seed)
 
         path = str(self.resume_from) if self.resume_from else cfg.model.path
@@ -91,17 +96,36 @@ class Session:
         self.sampler.sync_weights(self.model)
         self.start_step = self.state["step"] if self.state else 0
         self.extra = dict(self.state["extra"]) if self.state else {}
+        # The run's wall time in the processes before this one, up to the checkpoint it resumes from.
+        self._wall_before = self.extra.get("wall_seconds", 0.0)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.logger = MetricLogger(run, self.output_dir, self.start_step, OmegaConf.to_container(
             OmegaConf.structured(cfg)))
         self._last_saved = None
+
+    def _check_resumed_config(self) -> None:
+        """Says which settings differ from the checkpoint's; refuses the ones that break exact resume
+        unless run.allow_config_changes is set."""
+        saved = self.state["extra"].get("config")
+        if saved is None:  # a checkpoint written before checkpoints kept their config
+            return
+        changes = config_changes(saved, self.cfg)
+        if not changes:
+            return
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+        breaking = [k for k, *_ in changes if k not in RESUME_SAFE_KEYS]
+        if breaking and not self.cfg.run.allow_config_changes:
+            raise UsageError(f"run.resume: settings differ from the checkpoint's ({listed}); {', '.join(breaking)} "
+                             "would make the resumed run differ from an uninterrupted one: set them back, or set "
+                             "run.allow_config_changes=true to accept that")
+        print(f"fusedrl: resuming with changed settings: {listed}", file=sys.stderr)
 
     def _reward_fn(self):
         spec = self.cfg.reward.function
         if spec == "task":
             return self.task.reward
         if spec == "math":
-            from fusedrl.engine.rewards.math import reward
+            from fusedrl.engine.rewards.math_answer import reward
 
             return reward
         return load_reward(spec)
@@ -114,7 +138,10 @@ class Session:
         if self.cfg.warm_start.steps:
             rows = [{"prompt": p, **{k: v[i] for k, v in self.train_split.columns.items()}}
                     for i, p in enumerate(self.train_split.prompts)]
-            seconds, loss = warm_start(self.model, self.tokenizer, self.task, rows, self.cfg.warm_start)
+            steps = self.cfg.warm_start.steps
+            seconds, loss = warm_start(
+                self.model, self.tokenizer, self.task, rows, self.cfg.warm_start,
+                report=lambda step, loss, s: self.logger.print(f"warm start: step {step}/{steps}, loss {loss:.3f}, {s:.0f} s"))
             self.sampler.sync_weights(self.model)
             self.logger.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
                               f"final loss {loss:.3f}")
@@ -194,7 +221,12 @@ class Session:
             return self.save(step, optimizer, scheduler)
         return None
 
+    def _run_wall_seconds(self) -> float:
+        return self._wall_before + time.time() - self._started
+
     def save(self, step: int, optimizer, scheduler) -> Path:
+        self.extra["wall_seconds"] = self._run_wall_seconds()
+        self.extra["config"] = to_dict(self.cfg)
         self._last_saved = checkpoint.save_checkpoint(
             self.output_dir / f"checkpoint-{step}", model=self.model, tokenizer=self.tokenizer,
             reference=self.reference if self.cfg.model.reference == "policy" else None,
@@ -213,20 +245,22 @@ class Session:
                    "accuracy_after_rl": final.get("eval/accuracy"), "entropy_law_fit": fit,
                    "plots": [str(p) for p in plots], "checkpoint": str(self._last_saved),
                    "metrics": str(self.logger.path),
-                   "wall_seconds": time.perf_counter() - self._clock[0],
-                   "cpu_seconds": time.process_time() - self._clock[1]}
+                   "wall_seconds": time.time() - self._started, "run_wall_seconds": self._run_wall_seconds(),
+                   "cpu_seconds": time.process_time()}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if before is not None and summary["accuracy_after_rl"] is not None:
             self.logger.print(f"held-out accuracy ({self._decoding()}): {before:.3f} before RL -> "
                               f"{summary['accuracy_after_rl']:.3f} after RL "
                               f"({100 * (summary['accuracy_after_rl'] - before):+.1f} points)")
         if fit is not None:
-            self.logger.print(f"entropy law R = -{fit['a']:.4f} exp(H) + {fit['b']:.4f}; predicted reward "
-                              f"ceiling b - a = {fit['ceiling']:.4f}")
+            self.logger.print(describe_fit(fit))
         for p in plots:
             self.logger.print(f"plot: {p}")
         self.logger.print(f"metrics: {self.logger.path}  checkpoint: {self._last_saved}")
-        self.logger.print(f"wall time {summary['wall_seconds']:.0f} s, process CPU time {summary['cpu_seconds']:.0f} s")
+        wall = f"wall time {summary['wall_seconds']:.0f} s (start-up included)"
+        if self.resume_from is not None:
+            wall += f", {summary['run_wall_seconds']:.0f} s for the whole run since its first start"
+        self.logger.print(f"{wall}, process CPU time {summary['cpu_seconds']:.0f} s")
         return summary
 
 

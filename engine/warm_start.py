@@ -8,6 +8,7 @@ fused linear path like the RL loss: no logits tensor.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -24,8 +25,10 @@ def supervised_batch(tokenizer, prompts_ids: list[list[int]], responses: list[st
     return make_batch(prompts_ids, targets, [False] * len(targets), tokenizer.pad_token_id, device)
 
 
-def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -> tuple[float, float]:
-    """Trains `model` in place for cfg.steps steps; returns (seconds, last loss)."""
+def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig,
+               report: Callable[[int, float, float], None] | None = None) -> tuple[float, float]:
+    """Trains `model` in place for cfg.steps steps; returns (seconds, last loss). `report(step, loss,
+    seconds)` is called after every tenth of the steps (a line in a log, where a bar would print nothing)."""
     device = next(model.parameters()).device
     optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 10)
@@ -33,7 +36,8 @@ def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -
     prompt_ids = tokenizer([row["prompt"] for row in rows])["input_ids"]
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     model.train()
-    for _ in range(cfg.steps):
+    every = max(1, cfg.steps // 10)
+    for step in range(1, cfg.steps + 1):
         pick = torch.randint(len(rows), (cfg.batch_size,)).tolist()
         batch = supervised_batch(tokenizer, [prompt_ids[i] for i in pick],
                                  [task.reference_completion(rows[i]) for i in pick], device)
@@ -48,4 +52,6 @@ def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if report is not None and (step % every == 0 or step == cfg.steps):
+            report(step, float(loss.detach()), time.perf_counter() - start)
     return time.perf_counter() - start, float(loss.detach())

@@ -2,7 +2,8 @@
 
 Dotted overrides change any config field, e.g. `fusedrl train configs/demo.yaml run.steps=50
 optim.lr=2e-5 model.path=/models/qwen2.5-0.5b`. Problems with the config, data or model paths are
-printed as one line (exit status 2), not as a traceback.
+printed as one line (exit status 2), not as a traceback. `fusedrl config` prints every key with its
+default and meaning.
 """
 
 from __future__ import annotations
@@ -12,16 +13,26 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedrl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fusedrl", description=__doc__.splitlines()[0],
+        epilog="Configuration reference: `fusedrl config` prints every key, its default and what it does "
+               "(docs/engine.md explains them); configs/ holds the demo configs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a policy with RL as configured")
+    train = commands.add_parser("train", help="train a policy with RL as configured",
+                                epilog="Every key: `fusedrl config`.")
     train.add_argument("config", help="YAML config file (see configs/demo.yaml)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    commands.add_parser("config", help="print every config key with its default and meaning, as YAML")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "config":
+        from fusedrl.engine.config_reference import reference_yaml
+
+        print(reference_yaml())
+        return 0
     from fusedrl.engine.config import load_config
     from fusedrl.engine.errors import UsageError
 

@@ -20,7 +20,7 @@ counted (the `reward/failures` metric).
 """
 
 import importlib
-from math import isfinite  # not `import math`: the submodule rewards.math would shadow it
+from math import isfinite
 import signal
 import threading
 from typing import Callable

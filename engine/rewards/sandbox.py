@@ -11,9 +11,12 @@ Each program gets its own process tree (see sandbox_child.py for the launcher) w
   writable, size-capped tmpfs at /tmp/work where the program runs. The host's root is detached: the
   caller's files, /home, /root, the rest of /etc and the repository do not exist for the program,
   and nothing of the host's is writable;
-- no new privileges, no capabilities, and a seccomp filter that refuses the kernel keyring calls;
-- limits on CPU time, address space, file size and process count, a clean environment, and a
-  wall-clock timeout after which the caller kills the launcher's whole process group;
+- no new privileges, no capabilities, and a seccomp filter that refuses the kernel keyring calls and
+  the ways to hold memory that no process maps (memfd_create, memfd_secret, shmget);
+- a memory cgroup per run where one can be had (sandbox_cgroup.py), so the memory limit bounds the
+  whole program; and limits on CPU time, each process's address space, file size and process count,
+  a clean environment, and a wall-clock timeout after which the caller kills the launcher's whole
+  process group and what is left in the run's cgroup;
 - stdout and stderr read incrementally and capped: past `max_output_bytes` the run is killed.
 
 Two modes, chosen by who runs it. As root, the program runs as an unprivileged uid of its own
@@ -44,7 +47,9 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from fusedrl.engine.rewards.sandbox_cgroup import find_memory_cgroups
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 _FIRST_UID, _MAX_SLOTS = 2**24, 64  # far above the uids and subuid ranges distributions hand out
@@ -110,7 +115,8 @@ class Limits:
     timeout_s: float = 2.0
     """Wall-clock limit; the whole process tree is killed when it passes."""
     memory_bytes: int = 512 * 2**20
-    """Address-space limit (RLIMIT_AS) of each process."""
+    """Memory of the whole program (a memory cgroup: every process, shared memory, files in /tmp/work),
+    and the address-space limit (RLIMIT_AS) of each process; without a cgroup, the latter only."""
     max_processes: int = 16
     """Processes and threads the program may have at once (RLIMIT_NPROC; rootless, per user namespace)."""
     max_output_bytes: int = 2**20
@@ -159,8 +165,9 @@ class Sandbox:
         allow_unisolated_execution_UNSAFE: run programs without namespaces or the uid change when
             isolation is unavailable. Untrusted code then runs with the caller's privileges.
 
-    Attributes `rootless` (the mode: not root, so a user namespace per run) and `isolated` (False
-    only after the unsafe fallback) say how programs run.
+    Attributes `rootless` (the mode: not root, so a user namespace per run), `isolated` (False
+    only after the unsafe fallback) and `memory_scope` ("cgroup v1" or "cgroup v2": memory_bytes
+    bounds the whole program; "process": it bounds each process's address space) say how programs run.
     """
 
     def __init__(
@@ -182,6 +189,8 @@ class Sandbox:
         self.first_uid = first_uid
         self.isolated = True
         self.rootless = os.geteuid() != 0
+        self.cgroups = find_memory_cgroups(limits.memory_bytes)
+        self.memory_scope = f"cgroup v{self.cgroups.version}" if self.cgroups else "process"
         why = (_rootless_unsupported() if self.rootless else "") or self._probe()
         if why:
             if not allow_unisolated_execution_UNSAFE:
@@ -212,15 +221,28 @@ class Sandbox:
             raise ValueError(f"slot must be an int in [0, {_MAX_SLOTS}), got {slot!r}")
         start = time.monotonic()
         workdir = tempfile.mkdtemp(prefix="fusedrl-sandbox-")
+        cgroup = None
         try:
             program = os.path.join(workdir, "main.py")
             with open(program, "w", encoding="utf-8") as f:
                 f.write(source)
-            return self._launch(program, workdir, stdin.encode(), self.first_uid + slot, start)
+            try:
+                cgroup = self.cgroups.create() if self.cgroups else None
+            except OSError as exc:
+                return RunResult("refused", None, "", "", time.monotonic() - start, f"isolation failed: cgroup: {exc}")
+            result = self._launch(program, workdir, stdin.encode(), self.first_uid + slot, start, cgroup)
+            if cgroup and result.status == "exited" and result.returncode and self.cgroups.oom_kills(cgroup):
+                result = replace(result, reason=f"memory limit of {self.limits.memory_bytes} bytes exceeded "
+                                 f"({result.reason})")
+            return result
         finally:
+            if cgroup:
+                self.cgroups.remove(cgroup)
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _launch(self, program: str, workdir: str, stdin: bytes, uid: int, start: float) -> RunResult:
+    def _launch(
+        self, program: str, workdir: str, stdin: bytes, uid: int, start: float, cgroup: str | None
+    ) -> RunResult:
         status_r, status_w = os.pipe()
         cfg = {
             "isolate": self.isolated,
@@ -239,6 +261,7 @@ class Sandbox:
             # Rootless, the run's user namespace also holds the launcher and its init at this count.
             "processes": self.limits.max_processes + (2 if self.rootless and self.isolated else 0),
             "tmpfs_bytes": self.limits.tmpfs_bytes,
+            "cgroup_procs": cgroup and os.path.join(cgroup, "cgroup.procs"),
         }
         try:
             proc = subprocess.Popen(

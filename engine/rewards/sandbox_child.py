@@ -20,7 +20,10 @@ Process tree, and why each level exists:
        |                                  the host's, reaps orphans; when it exits the kernel kills
        |                                  everything left in the namespace
        +- program (pid 2)   rlimits, (as root) setuid to the sandbox uid, no new privileges, seccomp
-                            filter against the kernel keyrings, exec
+                            filter against the kernel keyrings and unmapped memory, exec
+
+The launcher first joins the run's memory cgroup when the caller made one, so all three levels are
+inside it.
 
 The program writes its status line "READY" to the status pipe just before exec; the pipe is
 close-on-exec, so the caller sees READY followed by end-of-file only when every isolation step
@@ -54,10 +57,13 @@ SYSTEM_FILES = ("/etc/ld.so.cache",)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 DEVICE_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
                 "/dev/stderr": "/proc/self/fd/2"}  # fmt: skip
-# Per architecture: seccomp's AUDIT_ARCH value, pivot_root's syscall number (glibc has no wrapper), and
-# add_key, request_key, keyctl. Keyrings belong to a uid, not to a namespace: in rootless mode the
-# program shares the caller's uid and could read the caller's keys (Kerberos tickets, for one).
-ARCHES = {"x86_64": (0xC000003E, 155, (248, 249, 250)), "aarch64": (0xC00000B7, 41, (217, 218, 219))}
+# Per architecture: seccomp's AUDIT_ARCH value, pivot_root's syscall number (glibc has no wrapper),
+# add_key, request_key, keyctl, and memfd_create, memfd_secret, shmget. Keyrings belong to a uid, not
+# to a namespace: in rootless mode the program shares the caller's uid and could read the caller's
+# keys (Kerberos tickets, for one). The other three hold memory that no process maps, which only a
+# memory cgroup would count; refused in every mode, so a program behaves alike on every host.
+ARCHES = {"x86_64": (0xC000003E, 155, (248, 249, 250), (319, 447, 29)),
+          "aarch64": (0xC00000B7, 41, (217, 218, 219), (279, 447, 194))}  # fmt: skip
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -193,9 +199,10 @@ def _apply_limits(cfg: dict) -> None:
         resource.setrlimit(which, value)
 
 
-def _deny_keyrings() -> None:
-    """Seccomp filter: add_key, request_key, keyctl and every call of another ABI fail with EPERM."""
-    audit_arch, _, denied = _arch()
+def _deny_syscalls() -> None:
+    """Seccomp filter: the keyring and unmapped-memory calls, and every call of another ABI, fail with EPERM."""
+    audit_arch, _, keyrings, unmapped_memory = _arch()
+    denied = keyrings + unmapped_memory
     ld_word, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
     # seccomp_data: the syscall number at offset 0, the arch at 4. Numbers from 0x40000000 are x32's.
@@ -218,12 +225,16 @@ def _restrict(cfg: dict) -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     # Set after the uid change, which clears it: the program dies with its namespace's init.
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
-    _deny_keyrings()
+    _deny_syscalls()
 
 
 def _program(cfg: dict, status_fd: int) -> None:
     """The program's process: final restrictions, READY, exec. Never returns."""
     try:
+        # The first the kernel kills when memory runs out, in the run's cgroup or on the host: never the
+        # launcher or init first (whose death would read as a failed setup), never the trainer first.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
         _apply_limits(cfg)
         if cfg["isolate"]:
             _restrict(cfg)
@@ -257,6 +268,9 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     status_fd = cfg["status_fd"]
     try:
+        if cfg["cgroup_procs"]:  # first: every process forked from here on is in the run's cgroup
+            with open(cfg["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
         with open(cfg["program_path"], "rb") as f:
             source = f.read()
         if not cfg["isolate"]:

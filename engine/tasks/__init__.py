@@ -16,5 +16,5 @@ TASKS maps the config's `data.task` names to those modules.
 
 TASKS = {
     "arithmetic": "fusedrl.engine.tasks.arithmetic",
-    "code": "fusedrl.engine.tasks.code",
+    "code": "fusedrl.engine.tasks.one_line_programs",
 }

@@ -22,6 +22,7 @@ AGGREGATION = {**{name: name for name in CLIP_LOSS_TYPES}, "cispo": "dapo", "sap
 KL_ESTIMATORS = ("k1", "k2", "k3")
 COV_MODES = (None, "clip_cov", "kl_cov")
 NORMALIZERS = ("valid", "selected")
+ENTROPY_TOKENS = ("high", "low")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 BACKENDS = ("auto", "triton", "torch")
 
@@ -76,6 +77,8 @@ class LossOptions:
     """Entropy bonus coefficient: the loss gets -entropy_coef * H."""
     top_entropy_fraction: float = 1.0
     """Train on this fraction of highest-entropy tokens of the batch (0.2 in the 80/20 paper; 1 keeps all)."""
+    entropy_tokens: str = "high"
+    """Which side of the top_entropy_fraction threshold trains: high (the top fraction) or low (the rest: the 80/20 paper's ablation)."""
     prob_mask_threshold: Optional[float] = None
     """SPO's probability mask: keep tokens whose rollout probability is below this (null: off)."""
     cov_mode: Optional[str] = None
@@ -113,7 +116,7 @@ class LossOptions:
 
     def __post_init__(self):
         for name, options in (("loss_type", LOSS_TYPES), ("kl_estimator", KL_ESTIMATORS), ("cov_mode", COV_MODES),
-                              ("normalize_by", NORMALIZERS), ("backend", BACKENDS),
+                              ("normalize_by", NORMALIZERS), ("backend", BACKENDS), ("entropy_tokens", ENTROPY_TOKENS),
                               ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
             _choice(name, getattr(self, name), options)
         # Numbers are stored as floats whatever the caller passed (YAML ints, numpy scalars).
@@ -170,6 +173,9 @@ class LossOptions:
                                            f"{self.cov_upper!r}")
         if self.cov_mode == "kl_cov" and self.dual_clip is not None:
             raise OptionError("dual_clip", "dual_clip must be None with cov_mode='kl_cov': KL-Cov drops the PPO clip")
+        if self.entropy_tokens == "low" and self.top_entropy_fraction == 1.0:
+            raise OptionError("entropy_tokens", "entropy_tokens='low' keeps the tokens below the top_entropy_fraction "
+                                                "threshold: set top_entropy_fraction < 1 (0.2 keeps the lowest 80%)")
         level = self.importance_sampling_level
         if self.cov_mode is not None and level != "token":
             raise OptionError("importance_sampling_level", "importance_sampling_level must be 'token' with cov_mode: "

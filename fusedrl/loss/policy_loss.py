@@ -251,7 +251,8 @@ class FusedPolicyLoss(nn.Module):
         if self.cov_mode is not None:
             metrics["mask/cov"] = frac(selection.covariance)
         if self.top_entropy_fraction < 1.0:
-            metrics["mask/top_entropy"] = frac(selection.high_entropy)
+            # The share of valid tokens the entropy mask keeps (the low side with entropy_tokens="low").
+            metrics["mask/top_entropy"] = frac(self._entropy_kept(selection))
         if self.prob_mask_threshold is not None:
             metrics["mask/probability"] = frac(selection.probability)
         if self.off_policy_mask_threshold is not None:
@@ -356,10 +357,14 @@ class FusedPolicyLoss(nn.Module):
         if self.cov_mode == "clip_cov":
             keep = keep & ~selection.covariance
         if self.top_entropy_fraction < 1.0:
-            keep = keep & selection.high_entropy
+            keep = keep & self._entropy_kept(selection)
         if self.prob_mask_threshold is not None:
             keep = keep & selection.probability
         return keep
+
+    def _entropy_kept(self, selection: Selection) -> torch.Tensor:
+        """The tokens the entropy mask keeps: the top fraction, or with entropy_tokens="low" the rest."""
+        return selection.high_entropy if self.entropy_tokens == "high" else ~selection.high_entropy
 
     def _check_selection(self, selection, shape) -> None:
         """A Selection fits this loss's options and this call's [B, T]."""

@@ -45,9 +45,11 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
+def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert main(_args(full, digit_reward)) == 0
+    # The warm start says how it goes, also into a log or a pipe, where a progress bar shows nothing.
+    assert "warm start: step 2/2, loss " in capsys.readouterr().out
     rows = _metrics(full / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert set(rows.pop(0)) == {"step", "eval/accuracy", "eval/reward_mean", "eval/mean_length",
@@ -69,6 +71,16 @@ def test_three_steps_then_resume_repeats_step_three(tmp_path, digit_reward):
 
     # Micro-batches of 96 tokens force gradient accumulation; the run above exercised it.
     _assert_resume_repeats_step_three(full, resumed, digit_reward)
+
+    # A resume that changes a setting the run depends on is refused, naming the change and the way out;
+    # with run.allow_config_changes it goes on and says what changed.
+    changed = [f"run.resume={full / 'checkpoint-2'}", "optim.lr=0.002"]
+    capsys.readouterr()
+    assert main(_args(tmp_path / "changed", digit_reward, *changed)) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.001 -> 0.002" in err and "run.allow_config_changes=true" in err and len(err.splitlines()) == 1
+    assert main(_args(tmp_path / "changed", digit_reward, *changed, "run.allow_config_changes=true")) == 0
+    assert "resuming with changed settings: optim.lr: 0.001 -> 0.002" in capsys.readouterr().err
 
 
 def _assert_resume_repeats_step_three(full, resumed, reward, *extra):

@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from fusedrl.engine.rewards.code import CaseResult, CodeExecutionReward, extract_code, outputs_match
+from fusedrl.engine.rewards.assert_cases import plan_assert
+from fusedrl.engine.rewards.program_tests import NOT_TEXT, CaseResult, CodeExecutionReward, extract_code, outputs_match
 
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-5, 5) == 0"}]
@@ -77,6 +78,91 @@ def test_an_early_clean_exit_does_not_pass_asserts(reward):
     hacks = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "def add(a, b):\n    return a + b\nexit()"]
     assert reward([""] * 3, hacks, tests=[ADD_TESTS] * 3) == [0.0, 0.0, 0.0]
     assert all(r.reason.startswith("exited before the test ran") for r in reward.last_results)
+
+
+# Each is a wrong add (it subtracts, so no case of ADD_TESTS holds), and each scored 1.0 when the
+# asserts ran in the program's own interpreter after it (checked on commit 07ae710).
+GAMED_ASSERTS = {
+    "__eq__ always true": """
+class Anything:
+    def __eq__(self, other):
+        return True
+    __hash__ = object.__hash__
+
+def add(a, b):
+    return Anything()
+""",
+    "success token from the code object's constants": """
+import sys
+def add(a, b):
+    return a - b
+for const in sys._getframe().f_code.co_consts:
+    if isinstance(const, str) and len(const) == 32 and set(const) <= set("0123456789abcdef"):
+        print(const)
+        sys.exit(0)
+""",
+    "settrace jumps over the assert": """
+import sys
+def add(a, b):
+    return a - b
+SOURCE = open(sys.argv[0]).read().splitlines()
+def tracer(frame, event, arg):
+    if event == "line" and frame.f_code.co_name == "<module>":
+        if SOURCE[frame.f_lineno - 1].lstrip().startswith("assert"):
+            frame.f_lineno += 3  # past `except AssertionError: raise SystemExit(86)` to the success print
+    return tracer
+sys._getframe().f_trace = tracer
+sys.settrace(tracer)
+""",
+    "reads the harness source": """
+import re, sys
+def add(a, b):
+    return a - b
+print(re.findall(r"[0-9a-f]{32}", open(sys.argv[0]).read())[-1])
+sys.exit(0)
+""",
+}
+
+
+@pytest.mark.parametrize("attack", GAMED_ASSERTS)
+def test_a_wrong_program_cannot_game_assert_cases(reward, attack):
+    assert reward([""], [GAMED_ASSERTS[attack]], tests=[ADD_TESTS]) == [0.0]
+    assert all(case.outcome in ("failed", "crashed") for case in reward.last_results[0].cases)
+
+
+def test_only_the_calls_reach_the_program():
+    """What runs after the program holds the calls of the asserts, never what they are compared with."""
+    plan = plan_assert("assert add(1, 2) == 31337\nassert math.isclose(area(7), 153.938, rel_tol=1e-4)")
+    assert "(add(1, 2)), (area(7))" in plan.harness
+    assert not any(secret in plan.harness for secret in ("31337", "153.938", "isclose", "assert"))
+    assert plan.checks == ("assert _fusedrl_values[0] == 31337",
+                           "assert math.isclose(_fusedrl_values[1], 153.938, rel_tol=0.0001)")
+    assert plan.modules == ("math",) and plan.local is None
+
+
+def test_asserts_the_parent_cannot_check_alone_go_to_a_judge(reward):
+    tests = [[{"assert": "assert math.isclose(area(2), 12.566, rel_tol=1e-3)"},
+              {"assert": "assert sorted(evens(6)) == [0, 2, 4]\nassert len(evens(3)) == 2"},
+              {"assert": "assert abs(area(1) - 3.1416) < 1e-3"}]]
+    right = "import math\ndef area(r):\n    return math.pi * r * r\n"
+    right += "def evens(n):\n    return {i for i in range(0, n, 2)}"
+    wrong = "def area(r):\n    return 3 * r * r\ndef evens(n):\n    return [i for i in range(n) if i % 2]"
+    anything = GAMED_ASSERTS["__eq__ always true"].replace("def add(a, b)", "def area(r)") + "evens = area"
+    assert reward([""] * 3, [right, wrong, anything], tests=tests * 3) == [1.0, 0.0, 0.0]
+    assert reward.last_results[1].cases[1].reason == (
+        "assertion failed: assert sorted(evens(6)) == [0, 2, 4]\nassert len(evens(3)) == 2"
+    )
+    assert "not plain data" in reward.last_results[2].cases[0].reason
+
+
+def test_a_completion_with_a_lone_surrogate_scores_zero(reward):
+    """A decoder may emit one; the call goes on and only that sample scores 0."""
+    completions = ["def add(a, b):\n    return a + b  # \ud800", "def add(a, b):\n    return a + b"]
+    assert reward(["", ""], completions, tests=[ADD_TESTS] * 2) == [0.0, 1.0]
+    assert reward.last_results[0].reason == NOT_TEXT
+    assert reward.stats()["code/no_code"] == 1.0
+    # Outside the code block it does no harm.
+    assert reward([""], ["\ud800 here:\n```python\ndef add(a, b):\n    return a + b\n```"], tests=[ADD_TESTS]) == [1.0]
 
 
 def test_a_run_whose_isolation_fails_is_refused_and_unscored(reward, tmp_path):
@@ -192,6 +278,14 @@ def test_bad_test_columns_are_rejected_before_running(reward):
         reward([""], ["print(1)"], tests=[[]])
     with pytest.raises(ValueError, match="each test case"):
         reward([""], ["print(1)"], tests=[[{"input": "1"}]])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        reward([""], ["print(1)"], tests=[[{"input": "\udc80", "output": ""}]])
+    with pytest.raises(ValueError, match="assert statements only"):
+        reward([""], ["print(1)"], tests=[[{"assert": "x = add(1, 2)\nassert x == 3"}]])
+    with pytest.raises(ValueError, match="call something the program defines"):
+        reward([""], ["print(1)"], tests=[[{"assert": "assert max(3, 4) == 4"}]])
+    with pytest.raises(ValueError, match="GeneratorExp outside a call"):
+        reward([""], ["print(1)"], tests=[[{"assert": "assert all(add(i, 0) == i for i in range(3))"}]])
     with pytest.raises(ValueError, match="mode"):
         CodeExecutionReward(mode="best")
 

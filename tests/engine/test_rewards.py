@@ -9,7 +9,7 @@ import pytest
 
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.rewards import load_reward, score
-from fusedrl.engine.rewards.math import extract_answer, last_boxed, reward as math_reward
+from fusedrl.engine.rewards.math_answer import extract_answer, last_boxed, reward as math_reward
 from fusedrl.engine.tasks import arithmetic
 
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 import pytest
+from _memory_attacks import MEMORY_ATTACKS
 
 from fusedrl.engine.rewards import sandbox as sandbox_module
 from fusedrl.engine.rewards.sandbox import Limits, Sandbox, SandboxPool, SandboxUnavailableError
@@ -87,6 +88,7 @@ seen = {
     "mount_tmpfs": outcome(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ctypes.c_ulong(0), None)),
     "ptrace_init": outcome(libc.ptrace(16, 1, None, None)),  # PTRACE_ATTACH to pid 1, which holds capabilities
     "keyctl": outcome(libc.syscall(KEYCTL, 0, ctypes.c_long(-3), 0)),  # KEYCTL_GET_KEYRING_ID, session
+    "memfd_create": outcome(libc.memfd_create(b"m", 0)), "shmget": outcome(libc.shmget(0, 4096, 0o1600)),
     "capabilities": [int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapAmb")],
     "no_new_privs": status["NoNewPrivs"], "environ_leaks": environ_leaks(), "tempdir": tempfile.gettempdir(),
     "ordinary": [sum(numbers), statistics.mean(numbers), str(fractions.Fraction(numbers[0], numbers[-1])),
@@ -158,6 +160,7 @@ def assert_minimal_world(result: dict, first_uid: int, slot: int, rootless: bool
     assert [d for d, outcome in seen["writes"].items() if outcome == "written"] == ["/tmp/work"], seen["writes"]
     assert seen["remount_root_rw"] == seen["umount_work"] == seen["mount_tmpfs"] == "EPERM"
     assert seen["keyctl"] == "EPERM"  # the seccomp filter
+    assert seen["memfd_create"] == seen["shmget"] == "EPERM"  # memory no process maps: refused in every mode
     assert seen["ptrace_init"] == "EPERM"  # rootless it is the same uid, but holds capabilities the program lacks
     assert seen["capabilities"] == [0, 0, 0, 0] and seen["no_new_privs"] == "1"
     if rootless:  # the namespace's own limit is 0; as root the host's sysctls decide
@@ -183,6 +186,13 @@ def test_the_programs_world_is_minimal_and_read_only(work_root, monkeypatch, lis
     assert counts == ["7\n", "7\n"]  # the program and 7 children: max_processes
 
 
+LOAD_SANDBOX = """
+for name in ("sandbox_cgroup", "sandbox"):  # standalone copies: the package may be unreadable to this user
+    spec = importlib.util.spec_from_file_location(name, os.path.join({dir}, name + ".py"))
+    sandbox = importlib.util.module_from_spec(spec)
+    sys.modules["fusedrl.engine.rewards." + name] = sandbox
+    spec.loader.exec_module(sandbox)
+"""
 ROOTLESS_SCRIPT = """
 import ctypes, dataclasses, importlib.util, json, os, sys, time
 params = json.loads(sys.argv[1])
@@ -207,9 +217,7 @@ def mine():
 
 
 before = mine()
-spec = importlib.util.spec_from_file_location("sandbox", params["module"])
-sandbox = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sandbox)
+""" + LOAD_SANDBOX.format(dir='os.path.dirname(params["module"])') + """
 box = sandbox.Sandbox(sandbox.Limits(timeout_s=1.5, max_processes=8))
 view = box.run(params["view"], "3 4 5\\n", slot=2)
 pool = sandbox.SandboxPool(box, 2)
@@ -230,7 +238,7 @@ def shared_dir():
     """A directory user nobody can read, holding copies of the sandbox modules (the repo may be private)."""
     path = tempfile.mkdtemp(prefix="fusedrl-rootless-", dir="/tmp")
     os.chmod(path, 0o755)
-    for name in ("sandbox.py", "sandbox_child.py"):
+    for name in ("sandbox.py", "sandbox_child.py", "sandbox_cgroup.py"):
         shutil.copy(os.path.join(os.path.dirname(sandbox_module.__file__), name), os.path.join(path, name))
     os.mkdir(os.path.join(path, "tmp"), 0o777)
     os.chmod(os.path.join(path, "tmp"), 0o777)
@@ -238,14 +246,31 @@ def shared_dir():
     shutil.rmtree(path)
 
 
-def _as_nobody(script: str, shared_dir: str, *args: str, env: dict | None = None) -> dict:
+# Run as root: move into a cgroup (only root may move a process out of a cgroup it does not own,
+# in v2), then become user nobody and run the script.
+JOIN_AS_NOBODY = f"""
+import os, sys
+with open(sys.argv[1], "w") as f:
+    f.write(str(os.getpid()))
+os.setgroups([])
+os.setresgid({NOBODY}, {NOBODY}, {NOBODY})
+os.setresuid({NOBODY}, {NOBODY}, {NOBODY})
+os.execv(sys.executable, [sys.executable, "-I", "-c", *sys.argv[2:]])
+"""
+
+
+def _as_nobody(script: str, shared_dir: str, *args: str, env: dict | None = None, cgroup_procs: str = "") -> dict:
     python = sandbox_module.default_python()
     if os.geteuid() != 0:
         pytest.skip("switching to user nobody needs root; as this user the other tests run rootless already")
     if not sandbox_module._world_executable(python):
         pytest.skip(f"no interpreter that user nobody may run (found {python})")
+    if cgroup_procs:
+        command, become = [python, "-I", "-c", JOIN_AS_NOBODY, cgroup_procs, script, *args], {}
+    else:
+        command, become = [python, "-I", "-c", script, *args], {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     out = subprocess.run(
-        [python, "-I", "-c", script, *args], user=NOBODY, group=NOBODY, extra_groups=[], cwd=shared_dir,
+        command, **become, cwd=shared_dir,
         env={"PATH": "/usr/bin:/bin", "TMPDIR": os.path.join(shared_dir, "tmp"), **(env or {})},
         capture_output=True, text=True, timeout=120,
     )
@@ -280,9 +305,7 @@ if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0:
                        ("/proc/self/gid_map", "1000 65534 1"), ("/proc/sys/user/max_user_namespaces", "0")):
         with open(path, "w") as f:
             f.write(text)
-spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
-sandbox = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sandbox)
+""" + LOAD_SANDBOX.format(dir='os.path.dirname(sys.argv[1])') + """
 try:
     sandbox.Sandbox()
     refused = ""
@@ -315,3 +338,56 @@ def test_rootless_mode_refuses_kernels_that_count_processes_per_host_uid(monkeyp
         Sandbox(python=sys.executable)
     monkeypatch.setattr(os, "uname", lambda: posix.uname_result(("Linux", "h", "5.14.0-rc1", "#1", "x86_64")))
     assert sandbox_module._rootless_unsupported() == ""
+
+
+MEMORY_SCRIPT = """
+import dataclasses, importlib.util, json, os, sys
+params = json.loads(sys.argv[1])
+""" + LOAD_SANDBOX.format(dir='os.path.dirname(params["module"])') + """
+box = sandbox.Sandbox(sandbox.Limits(memory_bytes=128 * 2**20, tmpfs_bytes=512 * 2**20, timeout_s=10.0))
+runs = {name: box.run(source) for name, source in params["attacks"].items()}
+print(json.dumps({"rootless": box.rootless, "scope": box.memory_scope, "parent": box.cgroups and box.cgroups.parent,
+                  "runs": {name: [r.returncode, r.stdout, r.reason] for name, r in runs.items()}}))
+"""
+
+
+@pytest.fixture
+def delegated_cgroup():
+    """A memory cgroup owned by user nobody, as systemd delegates one (Delegate=yes); its cgroup.procs to join."""
+    cgroups = sandbox_module.find_memory_cgroups(2**30)
+    if os.geteuid() != 0 or cgroups is None:
+        pytest.skip("delegating a memory cgroup needs root and a memory cgroup")
+    top = os.path.join(cgroups.parent, f"fusedrl-delegated-{os.getpid()}")
+    os.mkdir(top)
+    # v2: processes may not sit in a cgroup that enables controllers for its children, so nobody
+    # lives in a leaf and the sandbox creates its run cgroups beside it.
+    leaf = top if cgroups.version == 1 else os.path.join(top, "trainer")
+    if cgroups.version == 2:
+        with open(os.path.join(top, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory")
+        os.mkdir(leaf)
+    for directory in {top, leaf}:
+        for name in [".", *os.listdir(directory)]:
+            os.chown(os.path.join(directory, name), NOBODY, NOBODY)
+    yield os.path.join(leaf, "cgroup.procs")
+    for directory in sorted({top, leaf}, reverse=True):
+        for name in os.listdir(directory):
+            if os.path.isdir(os.path.join(directory, name)):
+                os.rmdir(os.path.join(directory, name))
+        if os.path.isdir(directory):
+            os.rmdir(directory)
+
+
+def test_rootless_mode_bounds_memory_in_a_delegated_cgroup(shared_dir, delegated_cgroup):
+    """As user nobody in a cgroup of its own: the same memory attacks as in test_sandbox.py are bounded."""
+    params = {"module": os.path.join(shared_dir, "sandbox.py"), "attacks": MEMORY_ATTACKS}
+    report = _as_nobody(MEMORY_SCRIPT, shared_dir, json.dumps(params), cgroup_procs=delegated_cgroup)
+    if "no_user_namespaces" in report:
+        pytest.skip("unprivileged user namespaces are unavailable here")
+    assert report["rootless"] is True and report["scope"].startswith("cgroup v")
+    # v1: the run cgroups go under nobody's own cgroup; v2: beside its leaf, in the delegated one.
+    assert report["parent"] == os.path.dirname(delegated_cgroup).removesuffix("/trainer")
+    runs = report["runs"]
+    assert runs["memfd"] == [1, "", "PermissionError: [Errno 1] Operation not permitted"]
+    assert runs["tmpfs files"][0] == 137 and runs["tmpfs files"][2].startswith("memory limit of 134217728 bytes")
+    assert runs["forks"][0] == 0 and 0 < int(runs["forks"][1].split()[1]) <= 128, runs["forks"]

@@ -133,7 +133,9 @@ def test_accumulated_micro_batches_equal_one_batch(policy, overrides):
      "loss.top_entropy_fraction=0.5", "optim.mini_batches=2"],
     ["loss.loss_type=dapo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.2"],
     ["loss.loss_type=bnpo", "loss.normalize_by=selected", "loss.prob_mask_threshold=0.01"],
-], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy", "dapo_selected", "bnpo_selected_probability"])
+    ["loss.loss_type=grpo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.2", "loss.entropy_tokens=low"],
+], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy", "dapo_selected", "bnpo_selected_probability",
+        "grpo_selected_low_entropy"])
 def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
     """The top-entropy threshold, the covariance selection and the selected-token count (normalize_by
     selected) cover the whole mini-batch: one row per micro-batch gives the same step as one

@@ -38,6 +38,10 @@ CASES = {
     "entropy_bonus": (dict(loss_type="bnpo", entropy_coef=0.05), {}),
     "top_entropy": (dict(loss_type="dapo", top_entropy_fraction=0.2), {}),
     "top_entropy_selected": (dict(loss_type="grpo", top_entropy_fraction=0.3, normalize_by="selected"), {}),
+    # The 80/20 paper's ablation: the 80% lowest-entropy tokens, the complement of the top 20%.
+    "low_entropy": (dict(loss_type="dapo", top_entropy_fraction=0.2, entropy_tokens="low"), {}),
+    "low_entropy_selected": (dict(loss_type="bnpo", top_entropy_fraction=0.4, entropy_tokens="low",
+                                  normalize_by="selected"), {}),
     "probability": (dict(loss_type="bnpo", prob_mask_threshold=0.6, normalize_by="selected"), {}),
     "clip_cov": (dict(loss_type="dapo", cov_mode="clip_cov", cov_ratio=0.1, cov_lower=0.02, cov_upper=4.0), {}),
     "kl_cov": (dict(loss_type="bnpo", cov_mode="kl_cov", cov_ratio=0.1, kl_cov_coef=0.7), {}),
@@ -114,7 +118,7 @@ def reference_loss(cfg, logits64, ids, mask, adv, old, ref, num_items=None):
         keep &= ~drawn
     if cfg.get("top_entropy_fraction", 1.0) < 1.0:
         tau = torch.quantile(h.detach()[valid], 1 - cfg["top_entropy_fraction"])
-        keep &= h.detach() >= tau
+        keep &= (h.detach() >= tau) if cfg.get("entropy_tokens", "high") == "high" else (h.detach() < tau)
     if cfg.get("prob_mask_threshold") is not None:
         keep &= olp.exp() < cfg["prob_mask_threshold"]
     per_token = pg * keep
@@ -411,6 +415,8 @@ def test_on_policy_when_old_logprobs_missing():
         (dict(normalize_by="tokens"), "normalize_by"),
         (dict(top_entropy_fraction=0.0), "top_entropy_fraction"),
         (dict(top_entropy_fraction=1.5), "top_entropy_fraction"),
+        (dict(entropy_tokens="middle", top_entropy_fraction=0.2), "entropy_tokens"),
+        (dict(entropy_tokens="low"), "entropy_tokens"),
         (dict(prob_mask_threshold=1.2), "prob_mask_threshold"),
         (dict(cov_ratio=0.0), "cov_ratio"),
         (dict(cov_mode="clip_cov", cov_lower=5.0, cov_upper=1.0), "cov_lower"),

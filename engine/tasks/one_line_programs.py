@@ -1,6 +1,6 @@
 """Write a one-line Python program from a description: the built-in code task.
 
-Two forms, both checked by running the response in the sandbox (fusedrl.engine.rewards.code):
+Two forms, both checked by running the response in the sandbox (fusedrl.engine.rewards.program_tests):
 
     prompt "function g(x) returns x times 7\\n"     reference "def g(x):\\n    return x * 7"
         tested by call-and-assert cases: assert g(3) == 21, ...
@@ -22,7 +22,7 @@ import os
 import random
 import zlib
 
-from fusedrl.engine.rewards.code import CodeExecutionReward
+from fusedrl.engine.rewards.program_tests import CodeExecutionReward
 
 EVAL_PERCENT = 10
 CONSTANTS = range(1, 100)

@@ -5,33 +5,28 @@ Test cases come in the `tests` column, one list per row; each case is one of
     {"input": "3 4\\n", "output": "7\\n"}    stdin/stdout: the program reads `input`; it passes when
                                             its stdout equals `output` up to trailing whitespace on
                                             each line and trailing blank lines (APPS-style).
-    {"assert": "assert add(3, 4) == 7"}     call-and-assert: the statement runs after the program;
-                                            it passes when it completes without an exception.
+    {"assert": "assert add(3, 4) == 7"}     call-and-assert: one or more assert statements, judged
+                                            outside the program's reach (assert_cases.py): only the
+                                            program's return values, as plain data, leave its sandbox.
 
 Every case runs as its own program in the sandbox (fusedrl.engine.rewards.sandbox), so one case's
 crash or timeout cannot affect another. The reward of a response is the fraction of its cases that
 pass (mode "fraction") or 1 only if all pass (mode "all", which stops at the first case that does
 not pass). Xu et al. 2024 (docs/algorithms.md section 4) trained PPO on APPS with exactly this signal.
-
-A call-and-assert case passes only if the harness prints a fresh random token after the statement,
-so a program that exits early with status 0 (sys.exit(0), os._exit(0)) does not pass. A program
-that reads its own source file can still find the token; the sandbox contains such a program but
-this check does not claim to defeat it.
 """
 
 import re
-import secrets
 import signal
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+from fusedrl.engine.rewards import assert_cases
 from fusedrl.engine.rewards.sandbox import Limits, RunResult, Sandbox, SandboxPool
 
 OUTCOMES = ("passed", "failed", "timed_out", "crashed", "refused")
-_ASSERT_FAILED = 86  # exit status the harness uses for an AssertionError; any other failure is a crash
 NO_CODE = "no code in the response"
+NOT_TEXT = "the response's code is not valid Unicode (a lone surrogate)"
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -73,11 +68,23 @@ class SampleResult:
     """Empty when every case passed; otherwise the first reason a case did not pass."""
 
 
+def _is_text(text: str) -> bool:
+    """False for a string holding a lone surrogate, which no UTF-8 file or pipe can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_case(case) -> None:
+    if isinstance(case, dict) and any(isinstance(v, str) and not _is_text(v) for v in case.values()):
+        raise ValueError(f"a test case holds a lone surrogate, not valid text: {repr(case)[:200]}")
     if isinstance(case, dict) and set(case) == {"input", "output"}:
         if isinstance(case["input"], str) and isinstance(case["output"], str):
             return
     if isinstance(case, dict) and set(case) == {"assert"} and isinstance(case["assert"], str):
+        assert_cases.plan_assert(case["assert"])  # raises ValueError for what it cannot judge
         return
     raise ValueError(
         'each test case must be {"input": str, "output": str} or {"assert": str}, got ' + repr(case)[:200]
@@ -93,24 +100,34 @@ def _judge(run: RunResult, passed: bool, failed_reason: str) -> CaseResult:
         return CaseResult("crashed", run.reason)
     if passed:
         return CaseResult("passed", "")
-    if run.returncode in (0, _ASSERT_FAILED):
+    if run.returncode == 0:
         return CaseResult("failed", failed_reason)
     return CaseResult("crashed", run.reason)
+
+
+def _assert_case(run, program: str, text: str) -> CaseResult:
+    """The program and the calls the asserts make, in the sandbox; the asserts themselves outside it."""
+    plan = assert_cases.plan_assert(text)
+    result = run(program + plan.harness, "")
+    values = assert_cases.read_values(result.stdout) if result.status == "exited" else None
+    if values is None:
+        return _judge(result, False, f"exited before the test ran: {text[:200]}")
+    if plan.local is not None:
+        passed, why = assert_cases.check_locally(plan, values)
+    else:
+        verdict = run(assert_cases.JUDGE_SOURCE, assert_cases.judge_request(plan, values))
+        if verdict.status != "exited" or verdict.returncode != 0:
+            judged = _judge(verdict, False, "")
+            return CaseResult(judged.outcome, f"the judge of the values did not finish: {judged.reason}")
+        outcome = assert_cases.read_verdict(verdict.stdout)
+        passed, why = outcome["outcome"] == "passed", outcome["why"]
+    return _judge(result, passed, f"assertion failed: {text[:200]}" + (f" ({why})" if why else ""))
 
 
 def run_case(run, program: str, case: dict) -> CaseResult:
     """Run one test case; `run(source, stdin)` executes a program in the sandbox."""
     if "assert" in case:
-        token = secrets.token_hex(16)
-        harness = (
-            f"{program}\n\n\ntry:\n{textwrap.indent(case['assert'], '    ')}\n"
-            f"except AssertionError:\n    raise SystemExit({_ASSERT_FAILED})\nprint({token!r})\n"
-        )
-        result = run(harness, "")
-        lines = result.stdout.rstrip().splitlines()
-        passed = result.status == "exited" and result.returncode == 0 and lines[-1:] == [token]
-        why = "assertion failed" if result.returncode == _ASSERT_FAILED else "exited before the test ran"
-        return _judge(result, passed, f"{why}: {case['assert'][:200]}")
+        return _assert_case(run, program, case["assert"])
     result = run(program, case["input"])
     passed = result.status == "exited" and result.returncode == 0 and outputs_match(result.stdout, case["output"])
     return _judge(result, passed, f"wrong output: expected {case['output'][:100]!r}, got {result.stdout[:100]!r}")
@@ -179,7 +196,7 @@ class CodeExecutionReward:
         self._busy_s += time.monotonic() - start
         for sample in self.last_results:
             self._counts.update(case.outcome for case in sample.cases)
-            self._counts["no_code"] += sample.reason == NO_CODE
+            self._counts["no_code"] += sample.reason in (NO_CODE, NOT_TEXT)
         return [sample.reward for sample in self.last_results]
 
     def _score(self, run, item) -> SampleResult:
@@ -187,6 +204,8 @@ class CodeExecutionReward:
         program = extract_code(completion)
         if program is None:
             return SampleResult(0.0, (), NO_CODE)
+        if not _is_text(program):  # a decoder can emit lone surrogates
+            return SampleResult(0.0, (), NOT_TEXT)
         results = []
         for case in cases:
             results.append(run_case(run, program, case))
