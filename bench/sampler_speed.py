@@ -8,10 +8,16 @@ after, and the whole run's wall time (start-up and evaluations included).
 docs/vllm.md holds the committed results, with the machine named.
 
     .venv-vllm/bin/python bench/sampler_speed.py configs/demo.yaml run.steps=4 warm_start.steps=0
+
+With --rollout-only it times generation alone, in one process on one loaded model: the same
+prompts_per_step x group_size rollout from each engine in turn, `--rounds` times, so that the two see
+the same machine load (the way to compare on a shared machine), after one untimed warm-up call each;
+it also reports the process's CPU seconds per rollout, which the machine's load inflates far less.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -52,10 +58,58 @@ def _responses_per_step(out: Path) -> int:
     return cfg.rollout.prompts_per_step * cfg.rollout.group_size
 
 
+def rollout_only(config: str, overrides: list[str], rounds: int) -> None:
+    import torch
+
+    from fusedrl.engine.config import load_config
+    from fusedrl.engine.data import load_splits
+    from fusedrl.engine.model import load_policy
+    from fusedrl.engine.samplers import HFSampler
+    from fusedrl.engine.vllm_sampler import VLLMSampler
+
+    cfg = load_config(config, ["rollout.engine=vllm", *overrides])
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    torch.manual_seed(cfg.run.seed)
+    model, tokenizer = load_policy(cfg.model, cfg.model.path, torch.device("cpu"))
+    prompts = load_splits(cfg.data, tokenizer, cfg.run.seed)[0].prompt_ids[: cfg.rollout.prompts_per_step]
+    start = time.perf_counter()
+    vllm = VLLMSampler(cfg, model, tokenizer)
+    vllm.sync_weights(model)
+    startup = time.perf_counter() - start
+    engines = {"hf": HFSampler(model, tokenizer, top_p=1.0, batch_size=cfg.rollout.batch_size), "vllm": vllm}
+    tokens, seconds, cpu = ({k: 0 for k in engines}, {k: 0.0 for k in engines}, {k: 0.0 for k in engines})
+    r = cfg.rollout
+    for name, engine in engines.items():  # warm-up
+        engine.generate(prompts, r.group_size, temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            batch = engine.generate(prompts, r.group_size, temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+            seconds[name] += time.perf_counter() - start
+            cpu[name] += time.process_time() - cpu_start
+            tokens[name] += int(batch.completion_mask.sum())
+    vllm.close()
+    print(f"config {config} {' '.join(overrides)}; {rounds} rounds of {len(prompts)} x {r.group_size} responses "
+          f"of up to {r.max_new_tokens} tokens; vLLM start-up and first sync {startup:.1f} s")
+    print("| engine | rollout tokens/s | s per rollout | process CPU s per rollout | tokens per CPU second |")
+    print("|---|---|---|---|---|")
+    for name in engines:
+        print(f"| {name} | {tokens[name] / seconds[name]:.3g} | {seconds[name] / rounds:.3g} | {cpu[name] / rounds:.3g} "
+              f"| {tokens[name] / cpu[name]:.3g} |")
+
+
 def main(argv: list[str]) -> None:
-    if not argv:
-        raise SystemExit(__doc__)
-    config, overrides = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rollout-only", action="store_true", help="time generation alone, engines in turn")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rollouts per engine (--rollout-only)")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    if args.rollout_only:
+        rollout_only(args.config, args.overrides, args.rounds)
+        return
+    config, overrides = args.config, args.overrides
     with tempfile.TemporaryDirectory(prefix="fusedrl-bench-") as tmp:
         results = [run(config, engine, overrides, Path(tmp) / engine) for engine in ("hf", "vllm")]
     keys = list(results[0])
