@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from fusedrl.engine.checkpoint import rng_state, set_rng_state
 from fusedrl.engine.config import Config
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.rollout import Batch, make_batch
@@ -48,11 +49,15 @@ class VLLMSampler:
         self._dir = tempfile.TemporaryDirectory(prefix="fusedrl-vllm-")
         model.config.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
+        # In this process vLLM seeds python's, numpy's and torch's global generators with its seed; the
+        # run's own states are put back, so that starting vLLM leaves the run's random streams as they were.
+        rng = rng_state()
         self.llm = LLM(model=self._dir.name, dtype=self.dtype, load_format="dummy", seed=cfg.run.seed,
                        max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                        kv_cache_memory_bytes=int(settings.kv_cache_gib * _GIB), enforce_eager=settings.enforce_eager,
                        logprobs_mode="processed_logprobs", generation_config="vllm",
                        enable_sleep_mode=self.sleeps)
+        set_rng_state(rng)
 
     def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int) -> Batch:
         from vllm import SamplingParams

@@ -27,9 +27,11 @@ def engines():
         # to ties that float rounding decides.
         for p in model.parameters():
             p.mul_(8.0)
+    before = torch.get_rng_state()
     sampler = make_sampler(cfg, model, tokenizer)
+    started_unseeded = torch.equal(torch.get_rng_state(), before)
     sampler.sync_weights(model)
-    yield model, tokenizer, sampler
+    yield model, tokenizer, sampler, started_unseeded
     sampler.close()
 
 
@@ -46,7 +48,7 @@ def _assert_same_batch(a, b):
 def test_greedy_equals_hf_before_and_after_a_weight_sync(engines):
     """Same Batch tensors as transformers' greedy generate, responses that end and responses cut at
     max_new_tokens alike; after the policy changes, a sync makes vLLM follow it."""
-    model, tokenizer, sampler = engines
+    model, tokenizer, sampler, _ = engines
     prompts = tokenizer(PROMPTS)["input_ids"]
     before = sampler.generate(prompts, 2, temperature=0, max_new_tokens=24)
     _assert_same_batch(before, _hf(model, tokenizer, prompts, 2, temperature=0, max_new_tokens=24))
@@ -71,7 +73,7 @@ def test_sampled_layout_and_logprobs_agree_with_the_trainer(engines):
     """Sampled at temperature 0.7: groups adjacent, masks ending at the end token, and vLLM's log-probs
     of the sampled tokens equal the trainer's fused ones (same temperature) to fp32 rounding: at most
     1e-3 per token (logits here reach a few hundred, where fp32 spacing is ~3e-5) and 1e-4 on average."""
-    model, tokenizer, sampler = engines
+    model, tokenizer, sampler, _ = engines
     prompts = tokenizer(PROMPTS)["input_ids"]
     torch.manual_seed(1)
     batch = sampler.generate(prompts, 4, temperature=0.7, max_new_tokens=24)
@@ -90,3 +92,8 @@ def test_sampled_layout_and_logprobs_agree_with_the_trainer(engines):
     torch.manual_seed(1)
     assert torch.equal(sampler.generate(prompts, 4, temperature=0.7, max_new_tokens=24).completion_ids,
                        batch.completion_ids)
+
+
+def test_starting_vllm_leaves_torchs_generator_alone(engines):
+    """In-process vLLM seeds the global generators with its own seed; the sampler puts the run's back."""
+    assert engines[3]
