@@ -4,7 +4,11 @@ Implementations:
 - fusedrl_triton: the fused kernels (GPU only);
 - fusedrl_torch: fusedrl's plain-PyTorch backend, streaming over row chunks;
 - eager: log_softmax + gather + entropy in PyTorch, upcast to fp32 (the usual RL-library code);
-- compiled: torch.compile of the same eager function.
+- compiled: torch.compile of the same eager function;
+- fusedrl_{triton,torch}_{top_k50,top_p0.95} and fusedrl_triton_batch_invariant: the op's other modes
+  (the sampler's kept set at vLLM-style settings; batch invariance), for each mode's cost relative to
+  the plain op in the same run. The kept-set modes compute another distribution, so the float64
+  full-softmax check skips them (tests/kernels/test_kept_set.py holds them to float64).
 
 bytes_moved is the minimum the op must move: the forward reads the logits once (and writes 8
 bytes of output a row); forward + backward also reads them again and writes the gradient once.
@@ -39,6 +43,13 @@ IMPLS = {
     "eager": eager,
     "compiled": lambda x, y: _compiled(x, y),
 }
+MODES = {"top_k50": {"top_k": 50}, "top_p0.95": {"top_p": 0.95}, "batch_invariant": {"batch_invariant": True}}
+for _backend in ("triton", "torch"):
+    for _mode, _kwargs in MODES.items():
+        if (_backend, _mode) != ("torch", "batch_invariant"):  # one row at a time: not a GPU path
+            IMPLS[f"fusedrl_{_backend}_{_mode}"] = (
+                lambda x, y, b=_backend, k=_kwargs: logprobs_and_entropy(x, y, backend=b, **k))
+KEPT_SET_IMPLS = tuple(name for name in IMPLS if "top_" in name)
 
 
 def _shapes():
@@ -49,15 +60,16 @@ def _shapes():
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_logprobs_entropy(benchmark, ceilings, device, on_gpu, impl, mode, shape):
-    if impl == "fusedrl_triton" and not on_gpu:
+    if impl.startswith("fusedrl_triton") and not on_gpu:
         pytest.skip("the Triton backend is benchmarked on a GPU only (the CPU interpreter is not a kernel)")
     n_rows, vocab = shape
     dtype = torch.bfloat16
     logits = torch.randn(n_rows, vocab, device=device, dtype=dtype)
     targets = torch.randint(0, vocab, (n_rows,), device=device)
     fn = IMPLS[impl]
-    with torch.no_grad():
-        check_against_float64(*fn(logits[:512], targets[:512]), logits[:512], targets[:512], dtype)
+    if impl not in KEPT_SET_IMPLS:
+        with torch.no_grad():
+            check_against_float64(*fn(logits[:512], targets[:512]), logits[:512], targets[:512], dtype)
     element = logits.element_size()
     if mode == "fwd":
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fusedrl.engine.errors import ConfigError
@@ -46,6 +47,10 @@ class RunConfig:
     """Continue from a checkpoint: a checkpoint directory, or "latest" in output_dir."""
     allow_config_changes: bool = False
     """On resume, accept settings that differ from the checkpoint's (the run is then no longer exact)."""
+    overwrite: bool = False
+    """Let a fresh run start in an output_dir that holds a run, deleting its checkpoints and metrics."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints of this output_dir (0: keep all)."""
     progress: bool = True
     """Show a progress bar on the console."""
     tensorboard: bool = True
@@ -56,6 +61,8 @@ class RunConfig:
     """Weights & Biases project name."""
     plots: bool = True
     """Write PNG plots of reward and entropy against step at the end."""
+    cpu_offload: bool = False
+    """Under torchrun: keep the FSDP2 parameter shards, gradients and optimizer state in CPU memory."""
 
 
 @dataclass
@@ -237,7 +244,12 @@ class OptimConfig:
     mini_batches: int = 1
     """Optimizer steps per pass (the rollout batch is split into this many mini-batches)."""
     micro_batch_tokens: int = 8192
-    """Token budget of a forward/backward (rows x padded length); gradients accumulate across them."""
+    """Token budget of a forward/backward (packed: the sequences' tokens; padded: rows x padded length);
+    gradients accumulate across them."""
+    micro_batch_layout: str = "auto"
+    """packed (sequences end to end, no padding), padded, or auto: packed where the model's attention can."""
+    max_skipped_steps: int = 3
+    """Optimizer steps with a non-finite gradient are skipped; this many in a row stop the run."""
 
 
 @dataclass
@@ -284,7 +296,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            layers.append(OmegaConf.load(path))
+            layers.append(_read_yaml(Path(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
@@ -301,6 +313,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _read_yaml(path: Path) -> DictConfig:
+    """The config file as an OmegaConf mapping; a file that is not YAML, or whose top level is not a
+    mapping of sections, is a ConfigError naming the file (and the line, where YAML gives one)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML "
+                          f"({getattr(e, 'problem', None) or _first_line(e)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 text") from None
+    except OSError as e:
+        if e.errno is not None:
+            raise ConfigError(f"config file {str(path)!r}: cannot read it ({e.strerror})") from None
+        # OmegaConf's "Invalid loaded object type": the file holds a bare scalar.
+        raise ConfigError(f"config file {str(path)!r}: {_NOT_A_MAPPING}, got a scalar") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {str(path)!r}: {_NOT_A_MAPPING}, got a list")
+    return loaded
+
+
+_NOT_A_MAPPING = "the top level must be a mapping of sections (run:, model:, data:, ...)"
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -309,7 +346,8 @@ def to_dict(cfg: Config) -> dict:
 # it runs, how often it evaluates.
 RESUME_SAFE_KEYS = {"run.resume", "run.allow_config_changes", "run.steps", "run.output_dir", "run.save_every",
                     "run.progress", "run.tensorboard", "run.wandb", "run.wandb_project", "run.plots",
-                    "run.num_threads", "eval.every"}
+                    "run.num_threads", "eval.every", "run.overwrite", "run.keep_checkpoints",
+                    "optim.max_skipped_steps", "run.cpu_offload"}
 
 
 def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
@@ -363,6 +401,7 @@ def validate(cfg: Config) -> None:
     _choice("run.device", run.device, ("auto", "cpu", "cuda"))
     _at_least("run.num_threads", run.num_threads, 0)
     _at_least("run.save_every", run.save_every, 0)
+    _at_least("run.keep_checkpoints", run.keep_checkpoints, 0)
     if model.dtype == "float16":
         # fp16's range underflows small gradients without loss scaling, which the engine does not do.
         _fail("model.dtype", "float16 training needs loss scaling, which the engine does not do; "
@@ -424,6 +463,8 @@ def validate(cfg: Config) -> None:
     _at_least("optim.max_grad_norm", optim.max_grad_norm, 0)
     _at_least("optim.updates_per_batch", optim.updates_per_batch, 1)
     _at_least("optim.mini_batches", optim.mini_batches, 1)
+    _choice("optim.micro_batch_layout", optim.micro_batch_layout, ("auto", "packed", "padded"))
+    _at_least("optim.max_skipped_steps", optim.max_skipped_steps, 1)
     if run.algorithm != "spo_tree" and optim.mini_batches > rollout.prompts_per_step * rollout.group_size:
         _fail("optim.mini_batches", f"must be <= the responses per step "
                                     f"({rollout.prompts_per_step * rollout.group_size})")

@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fusedrl.engine.model import packed_hidden
+from fusedrl.engine.packing import PackedRows
+
 HEAD_FILE = "value_head.pt"
 
 
@@ -76,3 +79,12 @@ class ValueModel(nn.Module):
                             use_cache=False)
         hidden = out.last_hidden_state[:, prompt_length - 1: prompt_length - 1 + completion_length]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def packed_forward(self, micro: PackedRows) -> torch.Tensor:
+        """Values [k, micro.width] (float32, 0 past each response) of a packed micro-batch's response
+        tokens, read where `forward` reads them: at the hidden state that predicts each token."""
+        packed, flat = micro.token_index()
+        hidden = packed_hidden(self.backbone, micro)[0, packed]
+        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+        out = values.new_zeros(len(micro.rows) * micro.width).index_put((flat,), values)
+        return out.view(len(micro.rows), micro.width)

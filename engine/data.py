@@ -49,8 +49,13 @@ def read_rows(path: str, key: str) -> list[dict]:
     if not file.is_file():
         raise DataError(f"{key} {path!r}: no such file")
     if file.suffix in (".jsonl", ".json"):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = file.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataError(f"{key} {path!r}, line {line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
         rows = []
-        for number, line in enumerate(file.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -58,10 +63,18 @@ def read_rows(path: str, key: str) -> list[dict]:
                     raise DataError(f"{key} {path!r}, line {number}: not valid JSON ({e.msg})") from None
         return rows
     if file.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(file).to_pylist()
+        try:
+            return pq.read_table(file).to_pylist()
+        except (pa.ArrowException, OSError) as e:  # ArrowInvalid for a corrupt footer or page
+            raise DataError(f"{key} {path!r}: not a readable Parquet file ({_first_line(e)})") from None
     raise DataError(f"{key} {path!r}: expected a .jsonl or .parquet file")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[Split, Split]:

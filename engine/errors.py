@@ -1,4 +1,5 @@
-"""The engine's user-facing errors: shown as one line (exit status 2) by the command line, not as a traceback."""
+"""The engine's user-facing errors: shown as one line by the command line, not as a traceback (exit status 2
+for a usage error, 1 for a run that cannot go on)."""
 
 
 class UsageError(ValueError):
@@ -7,3 +8,7 @@ class UsageError(ValueError):
 
 class ConfigError(UsageError):
     """An invalid configuration; the message names the key."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (it diverged); shown as one line (exit status 1) by the command line."""

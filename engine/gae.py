@@ -154,7 +154,10 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
     err_clipped = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask, process_group)
-    clip_frac = masked_mean((err_clipped > err).to(values.dtype), mask, process_group)
+    # Only where the clip acts: elsewhere V_clip equals V up to rounding, and comparing the two squared
+    # errors would count rounding noise.
+    acting = (values - old_values).abs() > value_clip
+    clip_frac = masked_mean((acting & (err_clipped > err)).to(values.dtype), mask, process_group)
     return loss, clip_frac.detach()
 
 

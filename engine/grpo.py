@@ -10,7 +10,8 @@ holds `prompts_per_step` of them (the last round's surplus is cut) or `max_gener
 were sampled; then it trains on the groups it has (none: no update). The reward metrics describe every
 response sampled in the step's rounds. The policy update (engine/update.py) is the one PPO and SPO
 share: FusedPolicyLoss on the fused linear path, mini-batches and micro-batches, the batch-wide token
-selection over each mini-batch.
+selection over each mini-batch. Under torchrun each rank samples its share of every round's prompts
+and the filter's counts, the cut and the metrics are global (engine/distributed.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from fusedrl.engine import rollout
 from fusedrl.engine.advantages import group_advantages, informative_groups, overlong_penalty
 from fusedrl.engine.config import Config
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.distributed import World
+from fusedrl.engine.optim import make_optimizer
 from fusedrl.engine.session import Session, make_scheduler
 from fusedrl.engine.update import make_loss, update
 
@@ -42,8 +44,8 @@ class Round:
 def sample_round(session: Session) -> Round:
     """The sampler's next `prompts_per_step` prompts, their responses, rewards and shaped rewards."""
     r, a = session.cfg.rollout, session.cfg.advantage
-    prompts = session.train_split.select(session.prompt_order.next_indices(r.prompts_per_step))
-    batch = session.generate(prompts)
+    prompts, seeds = session.next_prompts(r.prompts_per_step)
+    batch = session.generate(prompts, seeds)
     rewards, failures = session.score_groups(prompts, rollout.decode(session.tokenizer, batch))
     penalty = overlong_penalty(batch.lengths().cpu(), r.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
     return Round(batch, rewards, rewards + penalty, failures)
@@ -56,49 +58,61 @@ class Groups:
     batch: rollout.Batch | None  # the training groups, a group's rows adjacent; None when there are none
     shaped: torch.Tensor  # their shaped rewards
     rounds: list[Round]
-    kept: int  # groups the filter kept over all rounds, the cut ones included
+    kept: int  # groups the filter kept over all rounds, the cut ones included (all ranks)
+    trained: int  # training groups on all ranks
 
 
 def collect_groups(sample: Callable[[], Round], *, group_size: int, groups: int, dynamic_sampling: bool,
-                   max_rounds: int, pad_id: int) -> Groups:
-    """The step's training groups from rounds drawn with `sample`.
+                   max_rounds: int, pad_id: int, world: World = World()) -> Groups:
+    """The step's training groups from rounds drawn with `sample` (this rank's share of each round).
 
     Without dynamic sampling: one round, every group. With it (DAPO): the informative groups (rewards
     not all equal) of round after round, in sampling order, until `groups` are collected or `max_rounds`
     rounds were drawn; the last round's groups past `groups` are cut. Stopped by the cap, the step
-    trains on the groups collected, possibly none.
+    trains on the groups collected, possibly none. Across ranks, sampling order is round by round,
+    ranks in order (the order of the prompts): the counts are summed and the cut falls where it falls
+    in one process.
     """
-    wanted, allowed = groups * group_size, max_rounds if dynamic_sampling else 1
-    rounds, batches, shaped, kept = [], [], [], 0
-    while len(rounds) < allowed and sum(map(len, shaped)) < wanted:
+    allowed = max_rounds if dynamic_sampling else 1
+    rounds, batches, shaped, kept, trained = [], [], [], 0, 0
+    while len(rounds) < allowed and trained < groups:
         current = sample()
         rounds.append(current)
         keep = (informative_groups(current.shaped, group_size) if dynamic_sampling
                 else torch.ones(len(current.shaped), dtype=torch.bool))
-        kept += int(keep.sum()) // group_size
-        rows = keep.nonzero().squeeze(1)[: wanted - sum(map(len, shaped))]  # rows past `groups` are cut
+        here = int(keep.sum()) // group_size
+        per_rank = world.sum([here if r == world.rank else 0 for r in range(world.size)])
+        kept += int(sum(per_rank))
+        mine = max(0, min(here, groups - trained - int(sum(per_rank[: world.rank]))))  # groups past `groups` are cut
+        trained += min(int(sum(per_rank)), groups - trained)
+        rows = keep.nonzero().squeeze(1)[: mine * group_size]
         if len(rows):
             batches.append(current.batch.rows(rows))
             shaped.append(current.shaped[rows])
     if not batches:
-        return Groups(None, torch.zeros(0), rounds, kept)
-    return Groups(rollout.concat(batches, pad_id), torch.cat(shaped), rounds, kept)
+        return Groups(None, torch.zeros(0), rounds, kept, trained)
+    return Groups(rollout.concat(batches, pad_id), torch.cat(shaped), rounds, kept, trained)
 
 
-def rollout_metrics(groups: Groups, group_size: int, dynamic_sampling: bool) -> dict:
-    """Reward and length metrics over every response sampled in the step's rounds, and the filter's counts."""
-    rewards = torch.cat([r.rewards for r in groups.rounds])
-    lengths = torch.cat([r.batch.lengths().cpu() for r in groups.rounds])
-    truncated = torch.cat([r.batch.truncated.cpu() for r in groups.rounds])
+def rollout_metrics(groups: Groups, group_size: int, dynamic_sampling: bool, world: World = World()) -> dict:
+    """Reward and length metrics over every response sampled in the step's rounds (on every rank), and
+    the filter's counts."""
+    parts = world.gather([(r.rewards.tolist(), r.batch.lengths().tolist(), r.batch.truncated.tolist(), r.failures)
+                          for r in groups.rounds])
+    # Round by round, ranks in order: the order of one process's responses.
+    rounds = [p[i] for i in range(len(groups.rounds)) for p in parts]
+    rewards = torch.tensor([v for r in rounds for v in r[0]], dtype=torch.float32)
+    lengths = torch.tensor([v for r in rounds for v in r[1]])
+    truncated = torch.tensor([v for r in rounds for v in r[2]], dtype=torch.bool)
     metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-               "reward/failures": sum(r.failures for r in groups.rounds),
+               "reward/failures": sum(r[3] for r in rounds),
                "accuracy": float((rewards >= 1).float().mean()),
                "completions/mean_length": float(lengths.float().mean()),
                "completions/truncated": float(truncated.float().mean()),
                "groups/kept": groups.kept * group_size / len(rewards)}
     if dynamic_sampling:
         metrics["dynamic_sampling/rounds"] = len(groups.rounds)
-        metrics["groups/trained"] = len(groups.shaped) // group_size
+        metrics["groups/trained"] = groups.trained
     return metrics
 
 
@@ -107,9 +121,9 @@ def train(cfg: Config) -> dict:
     session = Session(cfg)
     session.prepare()
     model, tokenizer, r, a = session.model, session.tokenizer, cfg.rollout, cfg.advantage
-    loss_fn = make_loss(cfg)
-    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    loss_fn = make_loss(cfg, session.world.group)
+    optimizer = make_optimizer(model.parameters(), sharded=session.world.sharded, lr=cfg.optim.lr,
+                               weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     total_updates = cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches
     scheduler = make_scheduler(optimizer, cfg, total_updates)
     session.restore(optimizer, scheduler)
@@ -119,16 +133,21 @@ def train(cfg: Config) -> dict:
         # sampling keeps the groups that carry signal, sampling more rounds until prompts_per_step do.
         groups = collect_groups(lambda: sample_round(session), group_size=r.group_size,
                                 groups=r.prompts_per_step, dynamic_sampling=a.dynamic_sampling,
-                                max_rounds=a.max_generation_rounds, pad_id=tokenizer.pad_token_id)
+                                max_rounds=a.max_generation_rounds, pad_id=tokenizer.pad_token_id,
+                                world=session.world)
         sampled = time.perf_counter()
-        metrics = rollout_metrics(groups, r.group_size, a.dynamic_sampling)
-        # Advantages within each group, then the policy update through the fused loss.
-        if groups.batch is not None:
-            advantages = group_advantages(groups.shaped, r.group_size, normalize_std=a.normalize_std, eps=a.eps)
-            metrics.update(update(session, loss_fn, optimizer, scheduler, groups.batch,
-                                  advantages.to(groups.batch.input_ids.device)))
+        metrics = rollout_metrics(groups, r.group_size, a.dynamic_sampling, session.world)
+        # Advantages within each group, then the policy update through the fused loss (on every rank
+        # while any rank has groups: one without joins the collectives with batch=None).
+        if groups.trained:
+            advantages = None
+            if groups.batch is not None:
+                advantages = group_advantages(groups.shaped, r.group_size, normalize_std=a.normalize_std,
+                                              eps=a.eps).to(groups.batch.input_ids.device)
+            metrics.update(update(session, loss_fn, optimizer, scheduler, groups.batch, advantages))
         elapsed = time.perf_counter() - start
-        metrics["tokens_per_second"] = sum(float(g.batch.attention_mask.sum()) for g in groups.rounds) / elapsed
+        tokens = session.world.sum([sum(float(g.batch.attention_mask.sum()) for g in groups.rounds)])[0]
+        metrics["tokens_per_second"] = tokens / elapsed
         metrics["time/rollout_s"] = sampled - start
         metrics["time/step_s"] = elapsed
         session.end_step(step, metrics, optimizer, scheduler)

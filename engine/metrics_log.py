@@ -32,8 +32,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 class MetricLogger:
     def __init__(self, cfg: RunConfig, output_dir: Path, start_step: int, config: dict):
         self.path = output_dir / "metrics.jsonl"
-        self._keep_until(start_step)
         self.console = Console()
+        self._keep_until(start_step)
         self.tensorboard = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,9 +59,29 @@ class MetricLogger:
     def _keep_until(self, step: int) -> None:
         kept = []
         if step > 0 and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line, record in self._records() if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+    def _records(self) -> list[tuple[str, dict]]:
+        """metrics.jsonl's lines and records. A run killed while writing a line leaves it cut short (no
+        newline at the end of the file): that line is dropped, and said so (the resumed run writes its
+        step again); any other line that is not a record is an error naming the file and line."""
+        text = self.path.read_text(errors="replace")
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            self.print(f"{self.path}: dropped its last line, cut short by an interrupted write: {lines[-1][:60]!r}")
+            lines.pop()
+        out = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{self.path}, line {number}: not a metrics record: {line[:60]!r}") from None
+            out.append((line, record))
+        return out
 
     def log(self, step: int, metrics: dict) -> None:
         with self.path.open("a") as f:
@@ -86,7 +106,7 @@ class MetricLogger:
         self.console.print(message, highlight=False, soft_wrap=True)
 
     def history(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [record for _, record in self._records()]
 
     def close(self) -> None:
         if self.progress is not None:

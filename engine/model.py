@@ -3,6 +3,8 @@
 The engine never asks a model for logits during training: it runs the backbone to its final hidden
 states and hands them, with the output embedding's weight (and bias), to the fused log-prob ops.
 `token_logprobs` does that for a no-grad pass (old policy, reference), the loop does it with grad.
+A micro-batch is either padded ([left-padded prompt | right-padded response] rows: `completion_hidden`)
+or packed (engine/packing.py: `packed_hidden`, `packed_token_logprobs`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 
 from fusedrl.engine.config import ModelConfig
+from fusedrl.engine.distributed import backbone_hidden
 from fusedrl.engine.errors import UsageError
+from fusedrl.engine.packing import ATTENTION, PackedRows
 from fusedrl.kernels import linear_logprobs_and_entropy
 
 BUILTIN_DEMO = "builtin:demo"
@@ -115,7 +119,8 @@ def _check_fused_compatible(model, path: str) -> None:
 
 
 def output_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output embedding's weight [V, H] and bias [V] (or None): the fused ops' inputs."""
+    """The output embedding's weight [V, H] and bias [V] (or None): the fused ops' inputs. Under FSDP2,
+    called after the root's forward, while the root unit (which holds them) is unsharded."""
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
@@ -123,10 +128,12 @@ def output_projection(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, L, H] after the last norm, with left-padding-aware positions."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False)
-    return out.last_hidden_state
+    # Under FSDP2 the backbone runs as the sharded root's registered forward, which gathers the
+    # embedding, final norm and output embedding (engine/distributed.py).
+    forward = getattr(model, "fusedrl_hidden", None)
+    if forward is None:
+        return backbone_hidden(model, input_ids, attention_mask, position_ids)
+    return forward(input_ids, attention_mask, position_ids)
 
 
 def completion_hidden(model, input_ids, attention_mask, prompt_length: int, completion_length: int):
@@ -143,3 +150,32 @@ def token_logprobs(model, batch, temperature: float, backend: str = "auto") -> t
     weight, bias = output_projection(model)
     return linear_logprobs_and_entropy(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature,
                                        backend=backend)
+
+
+def packed_hidden(model, micro: PackedRows) -> torch.Tensor:
+    """Final hidden states [1, N, H] of a packed row; `model` is a causal LM or a bare backbone (the
+    critic's). Positions restart at each sequence and the attention stays inside it (engine/packing.py)."""
+    backbone = getattr(model, model.base_model_prefix, model)
+    implementation = model.config._attn_implementation
+    flash = implementation.startswith("flash_attention")
+    if not flash and implementation != ATTENTION:
+        # transformers' own SDPA would build an [N x N] block mask for the packed row.
+        raise ValueError(f"a packed forward needs the packing attention (engine.packing.use_packing), "
+                         f"the model has {implementation!r}")
+    out = backbone(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False,
+                   **micro.attention_kwargs(on_device=flash))
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def packed_token_logprobs(model, micro: PackedRows, temperature: float,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 (lp, H, flat index), each [R], of every response token of a packed row: the fused op sees the
+    response tokens' hidden states only. The flat index places them in the [k, micro.width] layout."""
+    packed, flat = micro.token_index()
+    hidden = packed_hidden(model, micro)[0, packed]
+    weight, bias = output_projection(model)
+    targets = micro.input_ids[0, packed + 1]  # the token each hidden state predicts: the next one in its sequence
+    lp, entropy = linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
+                                              backend=backend)
+    return lp, entropy, flat

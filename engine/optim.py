@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedrl.engine.errors import RunError
+
 
 class MasterWeightAdamW(torch.optim.AdamW):
     """torch.optim.AdamW over `params` (one group), stepping fp32 copies of the 16-bit ones."""
@@ -82,6 +84,13 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 
+def make_optimizer(params, *, sharded: bool, **adamw) -> torch.optim.Optimizer:
+    """The loops' AdamW: MasterWeightAdamW in one process; plain AdamW over FSDP2's parameters, whose fp32
+    shards already are the master weights (MixedPrecisionPolicy computes in 16 bits from them, and
+    reduce-scatters the gradients into fp32 shards)."""
+    return torch.optim.AdamW(params, **adamw) if sharded else MasterWeightAdamW(params, **adamw)
+
+
 def accumulate_gradients(optimizer: torch.optim.Optimizer) -> None:
     """After each micro-batch's backward: MasterWeightAdamW sums 16-bit gradients into fp32; any other
     optimizer (over fp32 parameters, such as the tests' SGD) keeps accumulating in `.grad` as usual."""
@@ -91,6 +100,40 @@ def accumulate_gradients(optimizer: torch.optim.Optimizer) -> None:
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the gradients the optimizer will step (fp32 ones for
-    MasterWeightAdamW's 16-bit parameters); returns the total norm before clipping."""
+    MasterWeightAdamW's 16-bit parameters, all ranks' shards under FSDP2); returns the total norm
+    before clipping."""
     accumulate_gradients(optimizer)
-    return torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+    # Over FSDP2's sharded gradients the norm is a DTensor; its full value is the global norm.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class StepGuard:
+    """Steps the optimizer only on a finite gradient: one NaN or inf step would corrupt every weight
+    (and AdamW's moments) for good. A skipped step is counted; `limit` skipped in a row stop the run
+    with a RunError, since a run that keeps producing them has diverged. The check reads the gradient
+    norm on the host: one sync per optimizer step."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[torch.Tensor, bool]:
+        """Clips to max_norm (0: no clipping) and steps unless the norm is not finite; returns
+        (the norm before clipping, whether the optimizer stepped). The caller zeroes the gradients."""
+        if max_norm > 0:
+            norm = clip_gradients(optimizer, max_norm)
+        else:
+            accumulate_gradients(optimizer)
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
+        if bool(torch.isfinite(norm)):
+            optimizer.step()
+            self.in_a_row = 0
+            return norm, True
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise RunError(f"{self.in_a_row} optimizer steps in a row had a non-finite gradient (norm {float(norm)}) "
+                           f"and were skipped (optim.max_skipped_steps={self.limit}): the run has diverged; "
+                           f"try a lower optim.lr or resume from an earlier checkpoint")
+        return norm, False

@@ -1,4 +1,4 @@
-"""The batch layout the losses read, whichever sampler (engine/samplers.py) made the responses.
+"""Sampling responses with transformers' generate, and the batch layout the losses read.
 
 Every sequence is [left-padded prompt | response right-padded], with one prompt length P for the
 whole batch, so that the hidden state at column P - 1 + t predicts response token t for every row.
@@ -7,14 +7,22 @@ that reaches max_new_tokens without one is marked truncated.
 
 The loss recomputes log-probs from the full softmax at the sampling temperature (top_p only shapes
 what is sampled), so the rollout keeps token ids; a sampler that is not the trained model itself
-(vLLM) also keeps its own log-probs of them, to measure and correct the mismatch (engine/mismatch.py).
+(vLLM, engine/samplers.py) also keeps its own log-probs of them, to measure and correct the mismatch
+(engine/mismatch.py).
+
+With `seeds` (one per prompt) each response draws its tokens from its own uniform stream, seeded by
+its prompt's seed and its index in the group (the way vLLM takes a seed per request): a response then
+does not depend on which other prompts share its batch, so one process and any number of ranks, each
+sampling its share of the prompts, draw the same responses (engine/distributed.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -53,8 +61,7 @@ class Batch:
 
 def concat(batches: list[Batch], pad_id: int) -> Batch:
     """One batch from several: prompts left-padded to the longest, responses right-padded to the longest
-    (positions follow the attention mask, so extra left padding changes no row's result). The sampler's
-    log-probs are kept when every batch has them."""
+    (positions follow the attention mask, so extra left padding changes no row's result)."""
     prompt = max(b.prompt_length for b in batches)
     length = max(b.completion_ids.shape[1] for b in batches)
     parts = [(b, prompt - b.prompt_length, length - b.completion_ids.shape[1]) for b in batches]
@@ -104,6 +111,87 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: 
     return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
                  prompt.shape[1], completion, completion_mask,
                  torch.tensor(truncated, dtype=torch.bool, device=device), sampler_lp)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed from non-negative integer keys (numpy's SeedSequence: distinct keys, independent streams)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+class KeyedSampler(LogitsProcessor):
+    """Samples each row's next token at `temperature` within the top-p set, by inverting its CDF (tokens
+    by decreasing probability) at the row's next uniform; returns scores that are 0 at the drawn token
+    and -inf elsewhere, so that greedy decoding emits it."""
+
+    def __init__(self, uniforms: torch.Tensor, prompt_length: int, temperature: float, top_p: float):
+        self.uniforms, self.prompt_length = uniforms, prompt_length  # uniforms [rows, max_new_tokens]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = self.uniforms[:, input_ids.shape[1] - self.prompt_length].to(scores.device)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        if self.top_p < 1.0:  # the smallest prefix holding top_p of the mass, as transformers' TopPLogitsWarper
+            probs = probs * ((probs.cumsum(-1) - probs) < self.top_p)
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=cdf.shape[1] - 1)
+        drawn = torch.full_like(scores, -torch.inf)
+        return drawn.scatter_(1, order.gather(1, pick), 0.0)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int, temperature: float,
+             top_p: float, max_new_tokens: int, batch_size: int, seeds: list[int] | None = None) -> Batch:
+    """group_size responses per prompt (rows i*G .. i*G+G-1 share prompt i); temperature 0 is greedy.
+
+    seeds: one per prompt; response j of prompt i then samples from derive_seed(seeds[i], j) alone.
+    Without them, sampling draws from the torch RNG (and depends on the batch's composition)."""
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = temperature == 0
+    keyed = seeds is not None and not greedy
+    if seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"seeds must hold one seed per prompt ({len(prompt_ids)}), got {len(seeds)}")
+    sample = not greedy and not keyed
+    # synced_gpus=False: under FSDP, transformers would otherwise keep every rank generating until all
+    # are done; the engine generates with the parameters gathered instead (distributed.gathered).
+    config = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
+                              top_p=top_p if sample else None, top_k=0 if sample else None, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+    repeated = [p for p in prompt_ids for _ in range(group_size)]
+    uniforms = None
+    if keyed:
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(
+            derive_seed(s, j))) for s in seeds for j in range(group_size)])
+    ids, mask = left_pad(repeated, pad, device)
+    prompt_length = ids.shape[1]
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(repeated), batch_size):
+        chunk_ids, chunk_mask = ids[start: start + batch_size], mask[start: start + batch_size]
+        processors = LogitsProcessorList()
+        if keyed:
+            processors.append(KeyedSampler(uniforms[start: start + batch_size], prompt_length, temperature, top_p))
+        out = model.generate(input_ids=chunk_ids, attention_mask=chunk_mask, generation_config=config,
+                             logits_processor=processors, synced_gpus=False)
+        parts.append(_split_response(out, chunk_mask, prompt_length, eos, pad))
+    model.train(was_training)
+    return concat(parts, pad)
+
+
+def _split_response(out, prompt_mask, prompt_length, eos, pad) -> Batch:
+    completion = out[:, prompt_length:]
+    is_end = completion == eos
+    # Tokens after the first end token are not part of the response (generate pads them, but a
+    # model whose pad id equals its eos id would otherwise be ambiguous).
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
+    completion_mask = ~after_end
+    completion = completion.masked_fill(after_end, pad)
+    truncated = ~is_end.any(1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    return Batch(torch.cat([out[:, :prompt_length], completion], 1), attention_mask, prompt_length,
+                 completion, completion_mask, truncated)
 
 
 def decode(tokenizer, batch: Batch) -> list[str]:

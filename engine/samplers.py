@@ -1,8 +1,9 @@
 """Samplers: where the responses come from (rollout.engine), behind one seam the loops share.
 
 A sampler answers two calls:
-- `generate(prompt_ids, n, *, temperature, max_new_tokens)`: n responses to each prompt (rows
-  i*n .. i*n+n-1 share prompt i) as a rollout.Batch; temperature 0 is greedy. A sampler that is not
+- `generate(prompt_ids, n, *, temperature, max_new_tokens, seeds=None)`: n responses to each prompt
+  (rows i*n .. i*n+n-1 share prompt i) as a rollout.Batch; temperature 0 is greedy; with `seeds` (one
+  per prompt) response j of prompt i samples from its own stream, derive_seed(seeds[i], j). A sampler that is not
   the trained model itself also returns its own log-probs of the sampled tokens (Batch.sampler_logprobs).
 - `sync_weights(policy)`: make the sampler's weights the policy's; the seconds it took, or None for a
   sampler that samples from the policy object itself.
@@ -17,15 +18,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-from transformers import GenerationConfig
-
+from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
-from fusedrl.engine.rollout import Batch, concat, left_pad
+from fusedrl.engine.rollout import Batch
 
 
 class Sampler(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int) -> Batch:
+    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+                 seeds: list[int] | None = None) -> Batch:
         ...
 
     def sync_weights(self, policy) -> float | None:
@@ -45,32 +45,16 @@ def make_sampler(cfg: Config, model, tokenizer) -> Sampler:
 
 
 class HFSampler:
-    """transformers' generate on the policy, `batch_size` sequences per call, prompts left-padded."""
+    """transformers' generate on the policy (rollout.generate), `batch_size` sequences per call."""
 
     def __init__(self, model, tokenizer, *, top_p: float, batch_size: int):
         self.model, self.tokenizer, self.top_p, self.batch_size = model, tokenizer, top_p, batch_size
 
-    @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int) -> Batch:
-        model, tokenizer = self.model, self.tokenizer
-        device = next(model.parameters()).device
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        greedy = temperature == 0
-        config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
-                                  top_p=None if greedy else self.top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                  eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
-        repeated = [p for p in prompt_ids for _ in range(n)]
-        ids, mask = left_pad(repeated, pad, device)
-        prompt_length = ids.shape[1]
-        was_training = model.training
-        model.eval()
-        parts = []
-        for start in range(0, len(repeated), self.batch_size):
-            chunk_ids, chunk_mask = ids[start: start + self.batch_size], mask[start: start + self.batch_size]
-            out = model.generate(input_ids=chunk_ids, attention_mask=chunk_mask, generation_config=config)
-            parts.append(_split_response(out, chunk_mask, prompt_length, eos, pad))
-        model.train(was_training)
-        return concat(parts, pad)
+    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+                 seeds: list[int] | None = None) -> Batch:
+        return rollout.generate(self.model, self.tokenizer, prompt_ids, group_size=n, temperature=temperature,
+                                top_p=self.top_p, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                                seeds=seeds)
 
     def sync_weights(self, policy) -> None:
         """Nothing to do: generate runs on the policy itself."""
@@ -79,17 +63,3 @@ class HFSampler:
 
     def close(self) -> None:
         pass
-
-
-def _split_response(out, prompt_mask, prompt_length, eos, pad) -> Batch:
-    completion = out[:, prompt_length:]
-    is_end = completion == eos
-    # Tokens after the first end token are not part of the response (generate pads them, but a
-    # model whose pad id equals its eos id would otherwise be ambiguous).
-    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
-    completion_mask = ~after_end
-    completion = completion.masked_fill(after_end, pad)
-    truncated = ~is_end.any(1)
-    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    return Batch(torch.cat([out[:, :prompt_length], completion], 1), attention_mask, prompt_length,
-                 completion, completion_mask, truncated)

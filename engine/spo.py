@@ -21,6 +21,10 @@ the values along a chain are estimates of one and the same return. The update is
 FusedPolicyLoss with per-token advantages; the paper trains with the probability mask
 (loss.prob_mask_threshold=0.9, loss.normalize_by=selected), which the demo configs set. The sampling
 overhead, generated tokens per trained token, is logged as spo/sampling_overhead.
+
+Under torchrun each rank samples its share of the prompts; SPO-chain's continuations are seeded per
+prefix, so that its values do not depend on the number of ranks (SPO-tree's branches draw from the
+torch RNG: a run on N ranks is one valid run, not the one-process run).
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ import time
 
 import torch
 
-from fusedrl.engine import rollout
+from fusedrl.engine import distributed, rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.data import Split
-from fusedrl.engine.optim import MasterWeightAdamW
+from fusedrl.engine.optim import make_optimizer
 from fusedrl.engine.segments import chain_advantages, tree_values_and_advantages
 from fusedrl.engine.session import Session, make_scheduler
 from fusedrl.engine.update import make_loss, micro_batches, per_token, update
@@ -53,38 +57,45 @@ def make_scorer(session: Session, prompts: Split, failures: list[int]) -> Scorer
     return scorer
 
 
-def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampling: Sampling, scorer: Scorer):
+def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds: list[int], sampling: Sampling,
+               scorer: Scorer):
     """Rollout, boundary values and per-token advantages of one SPO-chain step."""
     cfg, model, tokenizer, r = session.cfg, session.model, session.tokenizer, session.cfg.rollout
-    batch = session.generate(prompts)
+    batch = session.generate(prompts, seeds)
     repeat = [i for i in range(len(prompts)) for _ in range(r.group_size)]
     rewards = torch.tensor(scorer(repeat, rollout.decode(tokenizer, batch)))
     rewards = rewards.masked_fill(batch.truncated.cpu(), 0.0)
-    plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens)
-    old_lp = per_token(model, batch, [plan], loss_fn)  # the rollout policy's, for the cutpoints
-    boundaries, values, continuation_tokens = chain_values(
-        session.sampler, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
-        threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling, scorer=scorer)
+    plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens, session.packed)
+    old_lp = per_token(model, batch, [plan], loss_fn, session.packed)  # the rollout policy's, for the cutpoints
+    with distributed.gathered(model):
+        boundaries, values, continuation_tokens = chain_values(
+            session.sampler, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
+            threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling,
+            scorer=scorer, seeds=seeds)
     advantages = chain_advantages(boundaries, values, rewards.tolist(), batch.completion_mask)
-    response_tokens = int(batch.completion_mask.sum())
-    metrics = {"spo/segments_mean": sum(map(len, boundaries)) / len(boundaries),
+    segments, responses, response_tokens, continuation_tokens = session.world.sum(
+        [sum(map(len, boundaries)), len(boundaries), int(batch.completion_mask.sum()), continuation_tokens])
+    metrics = {"spo/segments_mean": segments / responses,
                "spo/sampling_overhead": (response_tokens + continuation_tokens) / max(1, response_tokens)}
     return batch, rewards, advantages, None, metrics
 
 
-def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampling: Sampling, scorer: Scorer):
+def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds: list[int], sampling: Sampling,
+              scorer: Scorer):
     """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
     tokenizer, spo = session.tokenizer, session.cfg.spo
-    trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
-                                    branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
-                                    sampling=sampling)
+    with distributed.gathered(session.model):
+        trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
+                                        branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
+                                        sampling=sampling)
     leaf_rewards = score_leaves(tokenizer, trees, scorer)
     advantages = [tree_values_and_advantages(t.parents, lr, std_normalize=spo.tree_std_normalize)[1]
                   for t, lr in zip(trees, leaf_rewards)]
     rows = tree_training_rows(trees, advantages)
     rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
-    metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows)}
-    if not rows:
+    leaves, kept, generated = session.world.sum([len(rewards), len(rows), generated])
+    metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - kept}
+    if not rows:  # update() still runs on every rank while another has rows (batch=None here)
         return None, rewards, None, None, metrics
     sampler_lp = [tree.response_logprobs(leaf) for tree, leaf, *_ in rows]
     batch = rollout.make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows],
@@ -93,7 +104,7 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampli
     width = batch.completion_ids.shape[1]
     token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
     loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)
-    metrics["spo/sampling_overhead"] = generated / max(1, int(loss_mask.sum()))
+    metrics["spo/sampling_overhead"] = generated / max(1, session.world.sum([int(loss_mask.sum())])[0])
     return batch, rewards, token_adv, loss_mask, metrics
 
 
@@ -102,30 +113,37 @@ def train(cfg: Config) -> dict:
     session = Session(cfg)
     session.prepare()
     model, r = session.model, cfg.rollout
-    loss_fn = make_loss(cfg)
-    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    loss_fn = make_loss(cfg, session.world.group)
+    optimizer = make_optimizer(model.parameters(), sharded=session.world.sharded, lr=cfg.optim.lr,
+                               weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
     session.restore(optimizer, scheduler)
     sampling = Sampling(r.temperature, r.max_new_tokens, r.batch_size)
     step_fn = chain_step if cfg.run.algorithm == "spo_chain" else tree_step
     for step in session.steps():
         start = time.perf_counter()
-        prompts = session.train_split.select(session.prompt_order.next_indices(r.prompts_per_step))
+        prompts, seeds = session.next_prompts(r.prompts_per_step)
         failures: list[int] = []
-        batch, rewards, advantages, loss_mask, metrics = step_fn(session, loss_fn, prompts, sampling,
+        batch, rewards, advantages, loss_mask, metrics = step_fn(session, loss_fn, prompts, seeds, sampling,
                                                                   make_scorer(session, prompts, failures))
         sampled = time.perf_counter()
-        metrics.update({"reward/mean": float(rewards.mean()), "reward/failures": sum(failures),
+        # Over every rank's responses, ranks in order: one process's.
+        parts = session.world.gather((rewards.tolist(), sum(failures),
+                                      [] if batch is None else batch.lengths().tolist(),
+                                      [] if batch is None else batch.truncated.tolist(),
+                                      0.0 if batch is None else float(batch.attention_mask.sum())))
+        rewards = torch.tensor([v for p in parts for v in p[0]])
+        lengths = torch.tensor([v for p in parts for v in p[2]], dtype=torch.float32)
+        metrics.update({"reward/mean": float(rewards.mean()), "reward/failures": sum(p[1] for p in parts),
                         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                         "accuracy": float((rewards >= 1).float().mean())})
-        if batch is not None:
-            metrics["completions/mean_length"] = float(batch.lengths().float().mean())
-            metrics["completions/truncated"] = float(batch.truncated.float().mean())
+        if len(lengths):
+            metrics["completions/mean_length"] = float(lengths.mean())
+            metrics["completions/truncated"] = float(torch.tensor([v for p in parts for v in p[3]]).float().mean())
             metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, loss_mask=loss_mask))
         elapsed = time.perf_counter() - start
-        if batch is not None:
-            metrics["tokens_per_second"] = float(batch.attention_mask.sum()) / elapsed
+        if len(lengths):
+            metrics["tokens_per_second"] = sum(p[4] for p in parts) / elapsed
         metrics["time/rollout_s"] = sampled - start
         metrics["time/step_s"] = elapsed
         session.end_step(step, metrics, optimizer, scheduler)

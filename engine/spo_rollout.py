@@ -22,10 +22,11 @@ from typing import Callable
 
 import torch
 
-from fusedrl.engine.rollout import Batch
+from fusedrl.engine.rollout import Batch, derive_seed
 from fusedrl.engine.segments import chain_boundaries, tree_paths
 
 Scorer = Callable[[list[int], list[str]], list[float]]
+_CONTINUATIONS = 2  # derive_seed's tag of continuation streams
 
 
 @dataclass
@@ -44,11 +45,13 @@ def _to_host(batch: Batch) -> tuple[list[int], list[bool], list[list[int]]]:
 
 
 def continuation_values(sampler, tokenizer, prefixes: list[tuple[int, list[int], list[int]]], *, k: int,
-                        sampling: Sampling, scorer: Scorer) -> tuple[list[float], int]:
+                        sampling: Sampling, scorer: Scorer, seeds: list[int] | None = None) -> tuple[list[float], int]:
     """(V of each prefix, tokens generated): V = mean reward of k sampled continuations.
 
     prefixes: (prompt_index, prompt_ids, response_prefix_ids); a continuation may add
     max_new_tokens - len(response_prefix_ids) tokens and scores 0 unless it ends within them.
+    seeds: one per prefix (rollout.generate's), so that a prefix's continuations do not depend on the
+    call it is batched in.
     """
     budgets = [sampling.max_new_tokens - len(p[2]) for p in prefixes]
     if any(b < 1 for b in budgets):
@@ -60,7 +63,8 @@ def continuation_values(sampler, tokenizer, prefixes: list[tuple[int, list[int],
     for start in range(0, len(order), per_call):
         chunk = order[start: start + per_call]
         out = sampler.generate([prefixes[i][1] + prefixes[i][2] for i in chunk], k,
-                               temperature=sampling.temperature, max_new_tokens=budgets[chunk[0]])
+                               temperature=sampling.temperature, max_new_tokens=budgets[chunk[0]],
+                               seeds=None if seeds is None else [seeds[i] for i in chunk])
         lengths, truncated, ids = _to_host(out)
         for row, length in enumerate(lengths):
             i = chunk[row // k]
@@ -79,24 +83,33 @@ def continuation_values(sampler, tokenizer, prefixes: list[tuple[int, list[int],
 
 def chain_values(sampler, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], batch: Batch,
                  old_logprobs: torch.Tensor, *, k: int, threshold: float, interval: int,
-                 sampling: Sampling, scorer: Scorer) -> tuple[list[list[int]], list[list[float]], int]:
+                 sampling: Sampling, scorer: Scorer,
+                 seeds: list[int] | None = None) -> tuple[list[list[int]], list[list[float]], int]:
     """(boundaries, their values, tokens generated) for every response of `batch`.
 
     prompt_ids[p] are the token ids of prompt p; prompt_index[i] is the prompt of batch row i.
+    seeds: one per prompt (the responses'); a prefix's continuations are then seeded by its prompt's
+    seed, its response's place in the group and its boundary.
     """
     boundaries = chain_boundaries(old_logprobs, batch.completion_mask, threshold=threshold, interval=interval)
     root_slot = {p: slot for slot, p in enumerate(sorted(set(prompt_index)))}
     prefixes = [(p, prompt_ids[p], []) for p in root_slot]
-    slots = []
+    keys = [(p, 0, 0) for p in root_slot]  # (prompt, 1 + response's place in its group, boundary)
+    slots, place = [], {}
     responses = batch.completion_ids.tolist()
     for i, starts in enumerate(boundaries):
-        response = responses[i]
-        row = [root_slot[prompt_index[i]]]
+        response, p = responses[i], prompt_index[i]
+        place[p] = place.get(p, 0) + 1
+        row = [root_slot[p]]
         for b in starts[1:]:
             row.append(len(prefixes))
-            prefixes.append((prompt_index[i], prompt_ids[prompt_index[i]], response[:b]))
+            prefixes.append((p, prompt_ids[p], response[:b]))
+            keys.append((p, place[p], b))
         slots.append(row)
-    values, generated = continuation_values(sampler, tokenizer, prefixes, k=k, sampling=sampling, scorer=scorer)
+    # The leading tag keeps these streams apart from the responses' own (derive_seed(seeds[p], j)).
+    prefix_seeds = None if seeds is None else [derive_seed(_CONTINUATIONS, seeds[p], j, b) for p, j, b in keys]
+    values, generated = continuation_values(sampler, tokenizer, prefixes, k=k, sampling=sampling, scorer=scorer,
+                                            seeds=prefix_seeds)
     return boundaries, [[values[s] for s in row] for row in slots], generated
 
 

@@ -7,8 +7,8 @@ policy reaches vLLM one way, and no weights are ever written for it. The engine 
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a sync hands vLLM's loader the policy's tensors by reference,
 one at a time, converted to vLLM's dtype (`reload_weights`, vLLM's in-place reload, checked on 0.32).
 
-Sampling: one request per response, each seeded from torch's generator, so that a run and its resume
-sample the same tokens; vLLM returns each sampled token's log-prob after temperature
+Sampling: one request per response, each seeded (from the prompt's seed as the HF sampler derives its
+streams, or else from torch's generator), so that a run and its resume sample the same tokens; vLLM returns each sampled token's log-prob after temperature
 (logprobs_mode="processed_logprobs"), the quantity the trainer's fused log-probs recompute. top_p < 1
 is refused in the config until the loss computes log-probs over the sampler's kept set.
 
@@ -29,7 +29,7 @@ import torch
 from fusedrl.engine.checkpoint import rng_state, set_rng_state
 from fusedrl.engine.config import Config
 from fusedrl.engine.model import DTYPES
-from fusedrl.engine.rollout import Batch, make_batch
+from fusedrl.engine.rollout import Batch, derive_seed, make_batch
 
 _GIB = 1 << 30
 
@@ -59,16 +59,20 @@ class VLLMSampler:
                        enable_sleep_mode=self.sleeps)
         set_rng_state(rng)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int) -> Batch:
+    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+                 seeds: list[int] | None = None) -> Batch:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._wake()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         prompts = [p for p in prompt_ids for _ in range(n)]
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        if seeds is None:
+            request_seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        else:  # the HF sampler's per-response streams; vLLM takes seeds below 2**63
+            request_seeds = [derive_seed(seed, j) % 2**63 for seed in seeds for j in range(n)]
         params = [SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, logprobs=0, seed=seed,
-                                 stop_token_ids=[eos], detokenize=False) for seed in seeds]
+                                 stop_token_ids=[eos], detokenize=False) for seed in request_seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         responses, logprobs = [], []
         for out in outputs:

@@ -1,15 +1,19 @@
 """The command line: `fusedrl train CONFIG.yaml [key=value ...]`.
 
 Dotted overrides change any config field, e.g. `fusedrl train configs/demo.yaml run.steps=50
-optim.lr=2e-5 model.path=/models/qwen2.5-0.5b`. Problems with the config, data or model paths are
-printed as one line (exit status 2), not as a traceback. `fusedrl config` prints every key with its
-default and meaning.
+optim.lr=2e-5 model.path=/models/qwen2.5-0.5b`. Problems with the config, data, model paths or
+checkpoints are printed as one line (exit status 2), not as a traceback; so is a run that had to stop
+(it diverged: exit status 1). `fusedrl config` prints every key with its default and meaning.
+
+`torchrun --nproc_per_node N -m fusedrl.cli train CONFIG.yaml` trains on N ranks with FSDP2
+(docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,16 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         print(reference_yaml())
         return 0
     from fusedrl.engine.config import load_config
-    from fusedrl.engine.errors import UsageError
+    from fusedrl.engine.errors import RunError, UsageError
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from fusedrl.engine.train import train
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        # The engine's warnings (a checkpoint that run.resume=latest skips) read as one line each, too.
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"fusedrl: warning: {message}", file=sys.stderr)
+        try:
+            cfg = load_config(args.config, args.overrides)
+            from fusedrl.engine.train import train
 
-        train(cfg)
-    except UsageError as e:
-        print(f"fusedrl: error: {e}", file=sys.stderr)
-        return 2
+            train(cfg)
+        except UsageError as e:
+            print(f"fusedrl: error: {e}", file=sys.stderr)
+            return 2
+        except RunError as e:
+            print(f"fusedrl: error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -65,10 +65,14 @@ def check_targets(targets: torch.Tensor, leading_shape: torch.Size, vocab_size: 
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """One device for all the tensors given, and not "meta" (shapes without data: no value to compute)."""
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")
+    for name, device in devices.items():
+        if device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (a shape without data): move it to a real device first")
 
 
 def device_guard(t: torch.Tensor):

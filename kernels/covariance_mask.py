@@ -81,15 +81,23 @@ def covariance_mask(
             tensors' device); on any device, a CPU generator draws the same mask as for CPU tensors.
         process_group: a torch.distributed group over which the batch is spread.
 
-    Returns a bool tensor of logprobs' shape, at most k tokens set over all ranks. On a GPU, never syncs with the host.
+    Returns a bool tensor of logprobs' shape, at most k tokens set over all ranks. A NaN or inf
+    log-prob or advantage at a valid position is refused (ValueError): its covariance would order
+    arbitrarily. On a GPU that check is the one host sync.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     r = check_fraction("ratio", ratio)
     if mode == "clip_cov" and not float(lower) < float(upper):
         raise ValueError(f"lower must be below upper for clip_cov, got lower={lower!r}, upper={upper!r}")
-    cov = token_covariance(logprobs, advantages, mask, process_group)
+    cov = token_covariance(logprobs, advantages, mask, process_group)  # checks the arguments first
     valid = check_mask("mask", mask, logprobs.shape)
+    adv = broadcast_advantages(advantages, logprobs.shape)
+    # Every rank learns of a bad value on any rank, so that all raise together rather than some waiting.
+    flags = torch.stack([(valid & ~torch.isfinite(t)).any() for t in (logprobs.detach(), adv.detach())])
+    for name, bad in zip(("logprobs", "advantages"), all_reduce(flags.to(torch.int64), process_group).tolist()):
+        if bad:
+            raise ValueError(f"{name} must be finite at valid positions (mask nonzero); found NaN or inf")
     n = all_reduce(valid.sum().to(torch.int64), process_group)
     # int(r * N) as Python computes it: the float64 product, truncated.
     k = (r * n.to(torch.float64)).floor().to(torch.int64).clamp(min=1)

@@ -51,63 +51,34 @@ import triton.language as tl
 from fusedrl.kernels import reference
 from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
-
-
-@triton.jit
-def _grouped(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
-    """Flat program id -> (row block, column index), GROUP_N row blocks side by side (L2 reuse)."""
-    per_group = GROUP_N * n_cols
-    first = (pid // per_group) * GROUP_N
-    size = tl.minimum(n_row_blocks - first, GROUP_N)
-    return first + (pid % per_group) % size, (pid % per_group) // size
-
-
-@triton.jit
-def _logit_tile(
-    hidden_ptr, weight_ptr, bias_ptr,
-    rows, cols,  # int64 row / vocabulary indices of the tile
-    n_rows, hidden_size, k_stop, vocab_size, stride_h, stride_w, inv_temperature,  # k_stop: H, or 0 to skip
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """(h[rows] @ W[cols]^T + b[cols]) / T in fp32; lanes past V are -inf so they add nothing.
-
-    k_stop = 0 skips the matmul (tiles whose rows are all ignored: prompt tokens in RL batches)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    row_ok = rows < n_rows
-    col_ok = cols < vocab_size
-    h_ptrs = hidden_ptr + rows[:, None] * stride_h + offs_h[None, :]
-    w_ptrs = weight_ptr + cols[None, :] * stride_w + offs_h[:, None]  # W^T tile, [BLOCK_H, BLOCK_V]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, k_stop, BLOCK_H):
-        h_ok = offs_h + k < hidden_size  # masked, so any H works (not only multiples of BLOCK_H)
-        h = tl.load(h_ptrs + k, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs + k, mask=h_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+from fusedrl.kernels._kept_set import PieceHistograms, check_top_k, check_top_p, effective, kept_threshold
+from fusedrl.kernels._linear_kept_set import SEARCH_ROWS, _logits_kernel, triton_linear_pieces
+from fusedrl.kernels._linear_tiles import grouped, logit_tile
+from fusedrl.kernels._vocab_parallel import check_vocab_slices, combine_lse_slices, sum_hidden_grad
 
 
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V] (if HAS_BIAS), [N] int64
     stats_ptr,  # [4, N, n_splits] fp32: running max m, sum exp(z - m), sum exp(z - m) (z - m), target logit
+    threshold_ptr,  # [N] fp32 lowest kept logit of each row (if HAS_THRESHOLD): the sampler's kept set
     n_rows, hidden_size, vocab_size, n_splits, tiles_per_split, ignore_index,
+    vocab_start,  # vocabulary id of weight row 0 (a vocabulary-parallel slice; else 0)
     stride_h, stride_w,
     inv_temperature,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pid_n, split = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
+    pid_n, split = grouped(pid, tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
     any_live = tl.max((row_ok & (y != ignore_index)).to(tl.int32), 0) > 0
     k_stop = tl.where(any_live, hidden_size, 0)
+    tau = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    if HAS_THRESHOLD:
+        tau = tl.load(threshold_ptr + rows, mask=row_ok, other=float("-inf"))
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
@@ -116,9 +87,10 @@ def _forward_kernel(
     last = tl.where(any_live, tl.minimum(first + tiles_per_split, tl.cdiv(vocab_size, BLOCK_V)), first)
     for vt in range(first, last):
         cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
-                        stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-                        UPCAST_DOT)
+        # Outside the kept set (if HAS_THRESHOLD) z = -inf: p = 0, and a target there gets lp = -inf.
+        z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
+                       stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                       UPCAST_DOT, tau if HAS_THRESHOLD else None)
         m_new = tl.maximum(m, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: keep exp() finite
         alpha = tl.exp(m - m_safe)
@@ -127,7 +99,7 @@ def _forward_kernel(
         e = tl.exp(zc)
         t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * zc, 0.0), 1)  # p = 0 adds 0, not 0 * -inf
         s = alpha * s + tl.sum(e, 1)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        zy += tl.sum(tl.where(cols[None, :] + vocab_start == y[:, None], z, 0.0), 1)
         m = m_new
     out = stats_ptr + rows * n_splits + split
     plane = tl.cast(n_rows, tl.int64) * n_splits  # N * splits passes 2^31 at a few million rows
@@ -141,32 +113,39 @@ def _forward_kernel(
 def _dlogits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # one chunk: [n, H], [v, H], [v], [n]
     lse_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,  # [n] fp32; the gradients are 0 on ignored rows
+    threshold_ptr,  # [n] fp32 lowest kept logit (if HAS_THRESHOLD)
     dlogits_ptr,  # [n, v] workspace in the input dtype
     dbias_ptr,  # [cdiv(n, BLOCK_N), v] fp32 column sums of dz per row block (if BIAS_GRAD)
     n_rows, hidden_size, vocab_size, col_offset, ignore_index,  # col_offset: vocabulary id of column 0
     stride_h, stride_w,
     inv_temperature,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pid_n, pid_v = _grouped(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_N)
+    pid_n, pid_v = grouped(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab_size, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     y = tl.load(targets_ptr + rows, mask=rows < n_rows, other=-1)
     live = (rows < n_rows) & (y != ignore_index)
     k_stop = tl.where(tl.max(live.to(tl.int32), 0) > 0, hidden_size, 0)
     col_ok = cols < vocab_size
-    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
+    z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, hidden_size, k_stop, vocab_size,
                     stride_h, stride_w, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
                     UPCAST_DOT)
     lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
     ent = tl.load(entropy_ptr + rows, mask=live, other=0.0)
     g_lp = tl.load(grad_lp_ptr + rows, mask=live, other=0.0)
     g_ent = tl.load(grad_entropy_ptr + rows, mask=live, other=0.0)
+    is_target = cols[None, :] + col_offset == y[:, None]
+    if HAS_THRESHOLD:
+        kept = z >= tl.load(threshold_ptr + rows, mask=rows < n_rows, other=float("-inf"))[:, None]
+        z = tl.where(kept, z, float("-inf"))
+        is_target = is_target & kept  # a target outside the kept set has lp = -inf: no one-hot term
     p = tl.exp(z - lse[:, None])  # exactly 0 on -inf logits and on masked lanes
     ent_term = tl.where(p > 0.0, p * (z - lse[:, None] + ent[:, None]), 0.0)
-    onehot = (cols[None, :] + col_offset == y[:, None]).to(tl.float32)
+    onehot = is_target.to(tl.float32)
     dz = (g_lp[:, None] * (onehot - p) - g_ent[:, None] * ent_term) * inv_temperature
     dz = tl.where(live[:, None] & col_ok[None, :], dz, 0.0)  # ignored rows: exactly 0, whatever z was
     tl.store(dlogits_ptr + rows[:, None] * vocab_size + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
@@ -178,14 +157,19 @@ def _dlogits_kernel(
 @triton.jit
 def _matmul_acc_kernel(
     a_ptr, b_ptr, c_ptr,  # a: [M, K] (or [K, M] stored if A_TRANSPOSED), b: [K, N], c: [M, N] fp32; rows contiguous
+    k_targets_ptr,  # [K] int64 targets (if MASK_K): rows k of b whose target is ignore_index read as 0
     M, N, K,
     stride_a, stride_b, stride_c,  # row strides
+    ignore_index,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, MASK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """c += a @ b with fp32 accumulation; one program per c tile, so the sum order is fixed."""
+    """c += a @ b with fp32 accumulation; one program per c tile, so the sum order is fixed.
+
+    MASK_K (the weight gradient dz^T @ h): an ignored row's hidden state is never read, so that a NaN
+    or inf there (padding) cannot turn its zero dz into 0 * NaN = NaN in every column."""
     pid = tl.program_id(0).to(tl.int64)
-    pid_m, pid_n = _grouped(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -202,7 +186,10 @@ def _matmul_acc_kernel(
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k + k < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b_ok = k_ok
+        if MASK_K:
+            b_ok = k_ok & (tl.load(k_targets_ptr + offs_k + k, mask=k_ok, other=ignore_index) != ignore_index)
+        b = tl.load(b_ptrs, mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST_DOT:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -229,6 +216,8 @@ class _Blocks:
     dot_precision: str
     upcast_dot: bool = False  # Triton 3.9's interpreter multiplies bf16 dot operands wrongly; fp32 copies
     # of them give the same exact products that a bf16 tensor-core dot sums in fp32
+    kept_forward_stages: int = 0  # the forward's stages with a kept-set threshold; 0: num_stages. Stages
+    # only schedule loads, so the logits are the same bits either way.
 
 
 GROUP_N = 8  # row blocks side by side: 8 hidden blocks (8 MiB at H = 4096) stay in L2 while weights stream
@@ -236,7 +225,8 @@ TILES_PER_SPLIT = 32  # vocabulary tiles per forward work item: at N = 8192, V =
 _GPU_16BIT = _Blocks(128, 128, 64, 8, 3, (128, 128, 64), 8, 3, 2048, 32768, 8192, "ieee")  # 16-bit products are exact
 # Exact fp32 products run on FMA units: small tiles; the GEMM takes 8 warps because 4 leave a stack
 # frame on sm_90 under Triton 3.6 (the GPU image's version).
-_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 8, 3, 1024, 16384, 16384, "ieee")
+# With a kept-set threshold its forward spills 24 bytes on sm_90 at 2 stages (compile check), so it takes 1.
+_GPU_FP32 = _Blocks(64, 64, 32, 4, 2, (64, 64, 16), 8, 3, 1024, 16384, 16384, "ieee", kept_forward_stages=1)
 # fp32 where torch.matmul may use TF32 (e.g. set_float32_matmul_precision("high")): tensor-core products (10-bit
 # mantissa, as torch.matmul then uses) on the 16-bit path's tile sizes with BLOCK_K 32, which compile
 # without spills on sm_80 / sm_90 under Triton 3.6 and 3.9; fp32's chunk budget.
@@ -287,54 +277,100 @@ def _vocab_splits(n_row_blocks: int, n_tiles: int, n_sm: int) -> tuple[int, int]
     return triton.cdiv(n_tiles, tiles), tiles
 
 
-def _forward(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
-    """lp, H and lse for [N, H] hidden, [V, H] weight and [N] int64 targets (all fp32, [N])."""
+def _work_items(n_rows: int, vocab_size: int, cfg: "_Blocks", device, batch_invariant: bool):
+    """(row blocks, vocabulary ranges per row block, tiles per range) of the forward kernel.
+
+    batch_invariant: the ranges depend on V only (TILES_PER_SPLIT tiles each), so a row's partials
+    and their merge are the same whatever N is; otherwise small batches get more ranges to fill the
+    GPU (_vocab_splits), which changes the order in which a row's ranges are merged."""
+    n_row_blocks = triton.cdiv(n_rows, cfg.block_n)
+    n_tiles = triton.cdiv(vocab_size, cfg.block_v)
+    if batch_invariant:
+        return n_row_blocks, *_vocab_splits(1, n_tiles, 0)
+    return n_row_blocks, *_vocab_splits(n_row_blocks, n_tiles, _num_sms(device))
+
+
+def _forward_stages(cfg: "_Blocks", kept: bool) -> int:
+    return cfg.kept_forward_stages if kept and cfg.kept_forward_stages else cfg.num_stages
+
+
+def _forward_stats(hidden, weight, bias, targets, options: "_Options", tau=None):
+    """The forward kernel's per-range partials [4, N, splits] (over the kept set {z >= tau} if given)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     cfg = _blocks(hidden)
-    n_row_blocks = triton.cdiv(n_rows, cfg.block_n)
-    if n_rows == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty, empty
-    splits, tiles = _vocab_splits(n_row_blocks, triton.cdiv(vocab_size, cfg.block_v), _num_sms(hidden.device))
+    n_row_blocks, splits, tiles = _work_items(n_rows, vocab_size, cfg, hidden.device, options.batch_invariant)
     stats = torch.empty(4, n_rows, splits, dtype=torch.float32, device=hidden.device)  # each slot written once
     _forward_kernel[(n_row_blocks * splits,)](
-        hidden, weight, weight if bias is None else bias, targets, stats,
-        n_rows, hidden_size, vocab_size, splits, tiles, ignore_index,
+        hidden, weight, weight if bias is None else bias, targets, stats, stats if tau is None else tau,
+        n_rows, hidden_size, vocab_size, splits, tiles, options.ignore_index, options.vocab_start,
         hidden.stride(0), weight.stride(0),
-        inv_temperature,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+        options.inv_temperature,
+        HAS_BIAS=bias is not None, HAS_THRESHOLD=tau is not None,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
         GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=_forward_stages(cfg, tau is not None),
     )
-    return _combine(stats, targets != ignore_index)
+    return stats
 
 
-def _combine(stats: torch.Tensor, valid: torch.Tensor):
-    """Merge the per-range partials of each row (the same algebra as the kernel's online update)."""
+def _threshold(hidden, weight, bias, options: "_Options"):
+    """tau [N] of the kept set (kernels/_kept_set.py), searched on the op's own logit tiles."""
+    pieces = triton_linear_pieces(hidden, weight, bias, options.inv_temperature, _blocks(hidden), GROUP_N)
+    source = PieceHistograms(pieces, 1.0, hidden.device)
+    return kept_threshold(source, hidden.shape[0], options.top_k, options.top_p, hidden.device,
+                          options.process_group, block_rows=SEARCH_ROWS)
+
+
+def _forward(hidden, weight, bias, targets, options: "_Options", tau=None):
+    """lp, H and lse for [N, H] hidden, [V, H] weight and [N] int64 targets (all fp32, [N]); with
+    vocab_start > 0 of a vocabulary slice, whose rows with a target elsewhere get a meaningless lp."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    stats = _forward_stats(hidden, weight, bias, targets, options, tau)
+    return _combine(stats, targets != options.ignore_index, options.batch_invariant)
+
+
+def _combine(stats: torch.Tensor, valid: torch.Tensor, in_order: bool = False):
+    """Merge the per-range partials of each row (the same algebra as the kernel's online update).
+
+    in_order: add the ranges one at a time, first to last (a few elementwise launches per range), so
+    that a row's sums do not depend on how torch splits a reduction over an [N, ranges] tensor."""
     m, s, t, target_logit = stats.unbind(0)
     top = m.amax(1, keepdim=True)
     top = torch.where(top == float("-inf"), 0.0, top)
     scale = torch.exp(m - top)
     shift = torch.where(scale > 0, m - top, 0.0)  # ranges that saw only -inf logits add nothing
-    total = (scale * s).sum(1)
+    weighted = scale * (t + shift * s)
+    scale_s = scale * s
+    if in_order:
+        total, weighted_sum, target_sum = scale_s[:, 0], weighted[:, 0], target_logit[:, 0]
+        for j in range(1, m.shape[1]):
+            total, weighted_sum = total + scale_s[:, j], weighted_sum + weighted[:, j]
+            target_sum = target_sum + target_logit[:, j]
+    else:
+        total, weighted_sum, target_sum = scale_s.sum(1), weighted.sum(1), target_logit.sum(1)
     log_total = torch.log(total)
     lse = top.squeeze(1) + log_total
-    entropy = log_total - (scale * (t + shift * s)).sum(1) / total
-    logprobs = target_logit.sum(1) - lse
+    entropy = log_total - weighted_sum / total
+    logprobs = target_sum - lse
     # Rows of fully ignored blocks were skipped (no partials): lse there is meaningless, so 0.
     return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), torch.where(valid, lse, 0.0)
 
 
-def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks) -> None:
-    """c (fp32) += a @ b, where a is row-major or the transpose of a row-major tensor."""
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: _Blocks,
+                k_targets: torch.Tensor | None = None, ignore_index: int = 0) -> None:
+    """c (fp32) += a @ b, where a is row-major or the transpose of a row-major tensor; with k_targets,
+    the rows of b whose target is ignore_index read as zeros."""
     (m, k), n = a.shape, b.shape[1]
     transposed = a.stride(0) == 1 and a.stride(1) != 1
     stride_a = a.stride(1) if transposed else a.stride(0)
     bm, bn, bk = cfg.gemm_block
     _matmul_acc_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-        a, b, c, m, n, k, stride_a, b.stride(0), c.stride(0),
+        a, b, c, c if k_targets is None else k_targets, m, n, k, stride_a, b.stride(0), c.stride(0), ignore_index,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_N, A_TRANSPOSED=transposed,
+        MASK_K=k_targets is not None,
         DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
         num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
     )
@@ -376,7 +412,7 @@ def _loop_order(n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dty
     return VOCAB_OUTER if extra[VOCAB_OUTER] < extra[ROWS_OUTER] else ROWS_OUTER
 
 
-def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, options, needs):
+def _backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, grad_entropy, options, needs):
     """Gradients for (hidden, weight, bias), each None where not needed; see the module docstring."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
@@ -388,6 +424,9 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
     order = _loop_order(n_rows, vocab_size, hidden_size, hidden.dtype, needs, cfg)
     rows, cols = _chunks(order, n_rows, vocab_size, cfg)
     in_place = hidden.dtype == torch.float32  # fp32 gradients are their own accumulators
+    # With a process group the ranks' partial hidden gradients are summed in fp32, then rounded once.
+    hidden_grad_dtype = hidden.dtype if options.process_group is None else torch.float32
+    in_place_h = hidden_grad_dtype == torch.float32
     workspace = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
     dbias_blocks = (torch.empty(triton.cdiv(rows, cfg.block_n) * cols, dtype=torch.float32, device=hidden.device)
                     if need_b else None)
@@ -401,11 +440,12 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
         _dlogits_kernel[(n_row_blocks * triton.cdiv(c1 - c0, cfg.block_v),)](
             hidden[r0:r1], weight[c0:c1], weight if bias is None else bias[c0:c1], targets[r0:r1],
             lse[r0:r1], entropy[r0:r1], grad_lp[r0:r1], grad_entropy[r0:r1],
+            lse if tau is None else tau[r0:r1],
             dz, grad_lp if dbias_blocks is None else dbias_blocks,  # an fp32 stand-in: never touched
-            r1 - r0, hidden_size, c1 - c0, c0, options.ignore_index,
+            r1 - r0, hidden_size, c1 - c0, c0 + options.vocab_start, options.ignore_index,
             hidden.stride(0), weight.stride(0),
             options.inv_temperature,
-            HAS_BIAS=bias is not None, BIAS_GRAD=need_b,
+            HAS_BIAS=bias is not None, HAS_THRESHOLD=tau is not None, BIAS_GRAD=need_b,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             GROUP_N=GROUP_N, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
             num_warps=cfg.num_warps,
@@ -416,7 +456,7 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
         if need_h:
             _matmul_acc(dz, weight[c0:c1], dh, cfg)
         if need_w:
-            _matmul_acc(dz.t(), hidden[r0:r1], dw, cfg)
+            _matmul_acc(dz.t(), hidden[r0:r1], dw, cfg, targets[r0:r1], options.ignore_index)
 
     def fp32_zeros(*shape):
         return torch.zeros(*shape, dtype=torch.float32, device=hidden.device)
@@ -427,18 +467,18 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
         # gradient needs all rows, so it accumulates in fp32 [V, H] and is converted once at the end.
         dw = fp32_zeros(vocab_size, hidden_size) if need_w else None
         if need_h:
-            grad_hidden = torch.empty_like(hidden)
-            dh_chunk = None if in_place else fp32_zeros(rows, hidden_size)
+            grad_hidden = torch.empty(hidden.shape, dtype=hidden_grad_dtype, device=hidden.device)
+            dh_chunk = None if in_place_h else fp32_zeros(rows, hidden_size)
         for r0 in range(0, n_rows, rows):
             r1 = min(n_rows, r0 + rows)
             dh = None
             if need_h:
-                dh = grad_hidden[r0:r1] if in_place else dh_chunk[: r1 - r0]
+                dh = grad_hidden[r0:r1] if in_place_h else dh_chunk[: r1 - r0]
                 dh.zero_()
             for c0 in range(0, vocab_size, cols):
                 c1 = min(vocab_size, c0 + cols)
                 step(r0, r1, c0, c1, dh, None if dw is None else dw[c0:c1])
-            if need_h and not in_place:
+            if need_h and not in_place_h:
                 grad_hidden[r0:r1] = dh
         if need_w:
             grad_weight = dw.to(weight.dtype)  # a no-op for fp32; else the fp32 buffer dies on return
@@ -461,7 +501,9 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
             if need_w and not in_place:
                 grad_weight[c0:c1] = dw
         if need_h:
-            grad_hidden = dh.to(hidden.dtype)
+            grad_hidden = dh.to(hidden_grad_dtype)
+    if options.process_group is not None:
+        grad_hidden = sum_hidden_grad(grad_hidden, hidden.dtype, options.process_group, options.batch_invariant)
     return grad_hidden, grad_weight, None if db is None else db.to(bias.dtype)
 
 
@@ -469,24 +511,35 @@ def _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy
 class _Options:
     inv_temperature: float
     ignore_index: int
+    process_group: object = None  # vocabulary parallelism: the ranks that hold the other slices
+    vocab_start: int = 0  # vocabulary id of this rank's first weight row
+    top_k: int | None = None  # the sampler's kept set (kernels/_kept_set.py), effective() settings
+    top_p: float | None = None
+    batch_invariant: bool = False  # vocabulary ranges fixed by V (_work_items); ranges merged in order
 
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: _Options):
         with device_guard(hidden):
-            logprobs, entropy, lse = _forward(hidden, weight, bias, targets, options.inv_temperature,
-                                              options.ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+            keeps_all = options.top_k is None and options.top_p is None
+            tau = None if keeps_all or hidden.shape[0] == 0 else _threshold(hidden, weight, bias, options)
+            logprobs, entropy, lse = _forward(hidden, weight, bias, targets, options, tau)
+        if options.process_group is not None:
+            valid = targets != options.ignore_index
+            logprobs, entropy, lse = combine_lse_slices(logprobs, entropy, lse, targets, valid, options.vocab_start,
+                                                        weight.shape[0], options.process_group)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, tau)
         ctx.options = options
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_lp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, tau = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         with device_guard(hidden):
-            grads = _backward(hidden, weight, bias, targets, lse, entropy, grad_lp, grad_entropy, ctx.options, needs)
+            grads = _backward(hidden, weight, bias, targets, lse, entropy, tau, grad_lp, grad_entropy, ctx.options,
+                              needs)
         return (*grads, None, None)
 
 
@@ -502,6 +555,11 @@ def linear_logprobs_and_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: int = 0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of `targets` and entropy under softmax((hidden @ weight.T + bias) / temperature).
 
@@ -514,6 +572,21 @@ def linear_logprobs_and_entropy(
         ignore_index: rows whose target equals it get lp = H = 0 and add nothing to any gradient.
         backend: "triton" (fused kernels; CUDA, or the interpreter with TRITON_INTERPRET=1), "torch"
             (chunked plain PyTorch, fusedrl.kernels.reference), or "auto" (triton on CUDA, else torch).
+        process_group: vocabulary parallelism (a torch.distributed group, or None): each rank passes the
+            same hidden states and targets (global ids) and its slice weight[V_r, H] (and bias[V_r]) of
+            the output embedding, starting at id `vocab_start`; the slices, in rank order, must tile
+            [0, V). lp and H are those of the full softmax on every rank. The hidden gradient is the
+            full one on every rank (the op sums the ranks' parts in fp32: do not all-reduce it again);
+            weight and bias get their slice's gradient. See docs/linear_logprobs_and_entropy.md.
+        vocab_start: the vocabulary id of this rank's first weight row; 0 without a process_group.
+        top_k, top_p: the sampler's kept set, as in fusedrl.kernels.logprobs_and_entropy (vLLM's order;
+            a target outside gets lp = -inf; gradients through the kept set only). The threshold search
+            recomputes the logits: top-k costs 4 extra forward matmuls, top-p 5, both 8 (Triton backend;
+            docs/linear_logprobs_and_entropy.md).
+        batch_invariant: every row's lp, H and hidden gradient bitwise the same whether the row is
+            computed alone or in any batch, at any offset (docs/linear_logprobs_and_entropy.md, "Batch
+            invariance": the Triton backend then splits the vocabulary by V only; the torch backend
+            multiplies one row at a time, which is slow).
 
     Returns:
         (logprobs, entropy), float32, of the leading shape. Differentiable with respect to hidden, weight
@@ -543,7 +616,12 @@ def linear_logprobs_and_entropy(
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    check_targets(targets, hidden.shape[:-1], vocab_size, ignore_index)
+    top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+    if not isinstance(batch_invariant, bool):
+        raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
+    full_vocab = check_vocab_slices(vocab_start, vocab_size, process_group, hidden.device)
+    check_targets(targets, hidden.shape[:-1], full_vocab, ignore_index)
+    top_k, top_p = effective(top_k, top_p, full_vocab)
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -551,7 +629,9 @@ def linear_logprobs_and_entropy(
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
         return reference.linear_logprobs_and_entropy_torch(
-            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            process_group=process_group, vocab_start=vocab_start, top_k=top_k, top_p=top_p,
+            batch_invariant=batch_invariant,
         )
 
     leading = hidden.shape[:-1]
@@ -562,7 +642,9 @@ def linear_logprobs_and_entropy(
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    options = _Options(inv_temperature=1.0 / temperature, ignore_index=int(ignore_index))
+    options = _Options(inv_temperature=1.0 / temperature, ignore_index=int(ignore_index),
+                       process_group=process_group, vocab_start=int(vocab_start), top_k=top_k, top_p=top_p,
+                       batch_invariant=batch_invariant)
     targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
     logprobs, entropy = _LinearLogprobsEntropy.apply(hidden_2d, weight, bias, targets_1d, options)
     return logprobs.view(leading), entropy.view(leading)
@@ -585,28 +667,40 @@ def _specs() -> list[CompileSpec]:
         tile = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h, "GROUP_N": GROUP_N,
                 "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False, "HAS_BIAS": True}
         common = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64"}
+        sizes = {"n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "n_splits": "i32",
+                 "tiles_per_split": "i32", "ignore_index": "i32"}
+        # The kept-set variants (top-k / top-p threshold) where the tile shape differs: 16-bit and exact fp32.
+        kept_variants = (False, True) if label in ("bf16", "fp32") else (False,)
+        for kept in kept_variants:
+            suffix = "_kept" if kept else ""
+            specs.append(spec(
+                f"forward{suffix}_{label}", _forward_kernel,
+                {**common, "stats_ptr": "*fp32", "threshold_ptr": "*fp32", **sizes, "vocab_start": "i32",
+                 "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"},
+                {**tile, "HAS_THRESHOLD": kept}, cfg.num_warps, _forward_stages(cfg, kept),
+            ))
+            specs.append(spec(
+                f"dlogits{suffix}_{label}", _dlogits_kernel,
+                {**common, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
+                 "grad_entropy_ptr": "*fp32", "threshold_ptr": "*fp32", "dlogits_ptr": f"*{name}", "dbias_ptr": "*fp32",
+                 "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32", "ignore_index": "i32",
+                 "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"},
+                {**tile, "HAS_THRESHOLD": kept, "BIAS_GRAD": True}, cfg.num_warps, cfg.num_stages,
+            ))
         specs.append(spec(
-            f"forward_{label}", _forward_kernel,
-            {**common, "stats_ptr": "*fp32", "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32",
-             "n_splits": "i32", "tiles_per_split": "i32", "ignore_index": "i32", "stride_h": "i32", "stride_w": "i32",
+            f"logits_{label}", _logits_kernel,
+            {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "out_ptr": "*fp32",
+             "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "stride_h": "i32", "stride_w": "i32",
              "inv_temperature": "fp32"},
             tile, cfg.num_warps, cfg.num_stages,
-        ))
-        specs.append(spec(
-            f"dlogits_{label}", _dlogits_kernel,
-            {**common, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_lp_ptr": "*fp32",
-             "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{name}", "dbias_ptr": "*fp32",
-             "n_rows": "i32", "hidden_size": "i32", "vocab_size": "i32", "col_offset": "i32", "ignore_index": "i32",
-             "stride_h": "i32", "stride_w": "i32", "inv_temperature": "fp32"},
-            {**tile, "BIAS_GRAD": True}, cfg.num_warps, cfg.num_stages,
         ))
         bm, bn, bk = cfg.gemm_block
         specs.extend(spec(
             f"matmul_acc_{label}{'_at' if transposed else ''}", _matmul_acc_kernel,
-            {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-             "stride_a": "i32", "stride_b": "i32", "stride_c": "i32"},
+            {"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32", "k_targets_ptr": "*i64", "M": "i32",
+             "N": "i32", "K": "i32", "stride_a": "i32", "stride_b": "i32", "stride_c": "i32", "ignore_index": "i32"},
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_N, "A_TRANSPOSED": transposed,
-             "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False},
+             "MASK_K": transposed, "DOT_PRECISION": cfg.dot_precision, "UPCAST_DOT": False},
             cfg.gemm_warps, cfg.gemm_stages,
         ) for transposed in (False, True))
     return specs

@@ -36,16 +36,19 @@ from torch.autograd.function import once_differentiable
 
 from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
+from fusedrl.kernels._kept_set import check_top_k, check_top_p, effective, logits_threshold
 from fusedrl.kernels._rows import RowLayout, row_layout, rows_are_disjoint
+from fusedrl.kernels._vocab_parallel import check_vocab_slices, combine_slices, owner_mask
 from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
 
 
-@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index", "vocab_start"])
 def _forward_kernel(
     logits_ptr, targets_ptr, lp_ptr, entropy_ptr, max_ptr, log_sum_ptr,
+    threshold_ptr,  # [N] fp32 lowest kept logit of each row (if HAS_THRESHOLD): the sampler's kept set
     n_rows, vocab, inner_rows, stride_outer, stride_inner,  # row r at (r // inner) * so + (r % inner) * si
-    inv_temperature, ignore_index,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
+    inv_temperature, ignore_index, vocab_start,  # vocab_start: id of column 0 (a vocabulary-parallel slice)
+    HAS_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < n_rows
@@ -57,6 +60,9 @@ def _forward_kernel(
     inner = (rows.to(tl.int32) % inner_rows).to(tl.int64)
     row_ptr = logits_ptr + outer * stride_outer + inner * stride_inner
     cols = tl.arange(0, BLOCK_V)
+    tau = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    if HAS_THRESHOLD:
+        tau = tl.load(threshold_ptr + rows, mask=in_rows, other=float("-inf"))
 
     # Online statistics relative to the running max m of the raw logits, with d = (x - m) / T:
     # s = sum exp(d) and t = sum exp(d) d, per lane, reduced once at the end. Subtracting before
@@ -71,6 +77,8 @@ def _forward_kernel(
         mask = active[:, None] & (offs < vocab)[None, :]
         # Lanes past V load -inf: exp(-inf) = 0 adds nothing (other=0 would add exp(-m / T)).
         x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_THRESHOLD:
+            x = tl.where(x >= tau[:, None], x, float("-inf"))  # outside the kept set: p = 0
         m_new = tl.maximum(m, tl.max(x, axis=1))
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
         alpha = tl.exp((m - ref) * inv_temperature)[:, None]
@@ -85,20 +93,26 @@ def _forward_kernel(
     s_row = tl.sum(s, axis=1)
     log_s = tl.log(s_row)  # an all -inf row has no distribution: S = 0, and lp, H are nan
     entropy = log_s - tl.sum(t, axis=1) / s_row
-    x_target = tl.load(row_ptr + targets, mask=active, other=0.0).to(tl.float32)
+    local = targets - vocab_start
+    has_target = active & (local >= 0) & (local < vocab)  # always, without vocabulary parallelism
+    x_target = tl.load(row_ptr + local, mask=has_target, other=0.0).to(tl.float32)
+    if HAS_THRESHOLD:
+        x_target = tl.where(x_target >= tau, x_target, float("-inf"))  # a target outside: lp = -inf
     lp = (x_target - m) * inv_temperature - log_s
-    tl.store(lp_ptr + rows, tl.where(active, lp, 0.0), mask=in_rows)
+    tl.store(lp_ptr + rows, tl.where(has_target, lp, 0.0), mask=in_rows)
     tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_rows)
     # lse = max / T + log S, kept as its two parts for the same precision in the backward.
     tl.store(max_ptr + rows, m, mask=in_rows)
     tl.store(log_sum_ptr + rows, log_s, mask=in_rows)
 
 
-@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index", "vocab_start"])
 def _backward_kernel(
     logits_ptr, grad_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_lp_ptr, grad_entropy_ptr,
+    threshold_ptr,
     n_rows, vocab, inner_rows, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
-    inv_temperature, ignore_index,
+    inv_temperature, ignore_index, vocab_start,
+    HAS_THRESHOLD: tl.constexpr,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,  # which outputs carry a gradient
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -121,16 +135,26 @@ def _backward_kernel(
     inner = (rows.to(tl.int32) % inner_rows).to(tl.int64)
     in_ptr = logits_ptr + outer * stride_outer + inner * stride_inner
     out_ptr = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+    local = targets - vocab_start  # matches no column when the target is on another rank's slice
+    tau = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    if HAS_THRESHOLD:
+        tau = tl.load(threshold_ptr + rows, mask=in_rows, other=float("-inf"))
     cols = tl.arange(0, BLOCK_V)
     for start in tl.range(0, vocab, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
         in_vocab = (offs < vocab)[None, :]
         x = tl.load(in_ptr[:, None] + offs[None, :], mask=active[:, None] & in_vocab, other=float("-inf"))
-        logp = (x.to(tl.float32) - row_max[:, None]) * inv_temperature - log_s[:, None]
+        x = x.to(tl.float32)
+        is_target = offs[None, :] == local[:, None]
+        if HAS_THRESHOLD:
+            kept = x >= tau[:, None]
+            x = tl.where(kept, x, float("-inf"))
+            is_target = is_target & kept  # a target outside the kept set has lp = -inf: no one-hot term
+        logp = (x - row_max[:, None]) * inv_temperature - log_s[:, None]
         p = tl.exp(logp)
         d = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         if HAS_GRAD_LP:
-            d += tl.where(offs[None, :] == targets[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
+            d += tl.where(is_target, g_lp[:, None], 0.0) - g_lp[:, None] * p
         if HAS_GRAD_ENTROPY:
             # log p = -inf means p = 0: the term is 0, never 0 * -inf.
             d -= g_h[:, None] * tl.where(logp == float("-inf"), 0.0, p * (logp + entropy[:, None]))
@@ -162,9 +186,9 @@ def _grid(n_rows: int, block_n: int) -> tuple[int]:
     return (triton.cdiv(n_rows, block_n),)
 
 
-def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, options: LogprobsEntropyOptions):
+def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, options: LogprobsEntropyOptions, tau):
     """lp, H, row max and log S (lse = max / T + log S), each fp32 [N], of validated logits [..., V]
-    and flat int64 targets [N]."""
+    and flat int64 targets [N]; over the kept set {x >= tau} where tau [N] is given."""
     n_rows, vocab = layout.n_rows, logits.shape[-1]
     lp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     entropy, row_max, log_sum = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
@@ -173,16 +197,18 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout, opt
     block_n, block_v, num_warps, num_stages = _config(vocab)
     with device_guard(logits):
         _forward_kernel[_grid(n_rows, block_n)](
-            logits, targets, lp, entropy, row_max, log_sum,
+            logits, targets, lp, entropy, row_max, log_sum, lp if tau is None else tau,
             n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner,
-            1.0 / options.temperature, options.ignore_index,
-            BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
+            1.0 / options.temperature, options.ignore_index, options.vocab_start,
+            HAS_THRESHOLD=tau is not None, BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages,
+            num_warps=num_warps,
         )  # fmt: skip
     return lp, entropy, row_max, log_sum
 
 
 def _backward(
-    logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, layout: RowLayout, options: LogprobsEntropyOptions
+    logits, targets, row_max, log_sum, entropy, tau, grad_lp, grad_entropy, layout: RowLayout,
+    options: LogprobsEntropyOptions,
 ):
     """d logits in the logits' dtype; written over the logits when options.inplace_backward allows it
     and no two rows share memory."""
@@ -205,8 +231,10 @@ def _backward(
         _backward_kernel[_grid(layout.n_rows, block_n)](
             logits, grad, targets, row_max, log_sum, entropy,
             grad_lp if grad_lp is not None else entropy, grad_entropy if grad_entropy is not None else entropy,
+            entropy if tau is None else tau,
             layout.n_rows, vocab, layout.inner, layout.stride_outer, layout.stride_inner, *grad_strides,
-            1.0 / options.temperature, options.ignore_index,
+            1.0 / options.temperature, options.ignore_index, options.vocab_start,
+            HAS_THRESHOLD=tau is not None,
             HAS_GRAD_LP=grad_lp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
             BLOCK_N=block_n, BLOCK_V=block_v, NUM_STAGES=num_stages, num_warps=num_warps,
         )  # fmt: skip
@@ -218,8 +246,17 @@ class _LogprobsEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, options: LogprobsEntropyOptions):
         layout = row_layout(logits)
         flat_targets = targets.reshape(-1).long().contiguous()  # the kernels index it densely
-        lp, entropy, row_max, log_sum = _forward(logits, flat_targets, layout, options)
-        ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy)
+        tau = logits_threshold(logits, options.top_k, options.top_p, options.temperature, options.chunk_bytes,
+                               options.process_group)
+        lp, entropy, row_max, log_sum = _forward(logits, flat_targets, layout, options, tau)
+        if options.process_group is not None:
+            valid = flat_targets != options.ignore_index
+            owner = owner_mask(flat_targets, options.vocab_start, logits.shape[-1]) & valid
+            row_max, log_sum, entropy, lp = combine_slices(
+                row_max, log_sum, entropy, lp, owner, 1.0 / options.temperature, options.process_group
+            )
+            lp, entropy = torch.where(valid, lp, 0.0), torch.where(valid, entropy, 0.0)
+        ctx.save_for_backward(logits, flat_targets, row_max, log_sum, entropy, tau)
         ctx.layout, ctx.options = layout, options
         ctx.set_materialize_grads(False)
         return lp.view(targets.shape), entropy.view(targets.shape)
@@ -229,8 +266,10 @@ class _LogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_lp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
         if grad_lp is None and grad_entropy is None:
             return None, None, None
-        logits, targets, row_max, log_sum, entropy = ctx.saved_tensors
-        grad = _backward(logits, targets, row_max, log_sum, entropy, grad_lp, grad_entropy, ctx.layout, ctx.options)
+        logits, targets, row_max, log_sum, entropy, tau = ctx.saved_tensors
+        grad = _backward(
+            logits, targets, row_max, log_sum, entropy, tau, grad_lp, grad_entropy, ctx.layout, ctx.options
+        )
         return grad, None, None
 
 
@@ -240,7 +279,10 @@ BACKENDS = ("auto", "triton", "torch")
 _INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
-def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_backward) -> LogprobsEntropyOptions:
+def _check_inputs(
+    logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start, top_k, top_p,
+    batch_invariant,
+) -> LogprobsEntropyOptions:
     check_float("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
@@ -264,8 +306,22 @@ def _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_b
         n_rows = logits[..., 0].numel()
         if n_rows >= 2**31:
             raise ValueError(f"logits must have fewer than 2^31 rows for backend='triton', got {n_rows}")
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)  # reads the targets: last
-    return LogprobsEntropyOptions(temperature=temperature, ignore_index=ignore_index, inplace_backward=inplace_backward)
+    top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+    if not isinstance(batch_invariant, bool):
+        raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
+    vocab = check_vocab_slices(vocab_start, logits.shape[-1], process_group, logits.device)
+    check_targets(targets, logits.shape[:-1], vocab, ignore_index)  # reads the targets: last
+    top_k, top_p = effective(top_k, top_p, vocab)
+    return LogprobsEntropyOptions(
+        temperature=temperature,
+        ignore_index=ignore_index,
+        inplace_backward=inplace_backward,
+        process_group=process_group,
+        vocab_start=int(vocab_start),
+        top_k=top_k,
+        top_p=top_p,
+        batch_invariant=batch_invariant,
+    )
 
 
 def _resolve_backend(backend: str, logits: torch.Tensor) -> str:
@@ -282,6 +338,11 @@ def logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start: int = 0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of the targets and full-vocabulary entropy, at temperature T.
 
@@ -302,6 +363,22 @@ def logprobs_and_entropy(
         inplace_backward: allow the backward to write the gradient into the logits' own storage
             (saves an [N, V] allocation; the logits' values are destroyed, so only use it when
             nothing else needs them afterwards). Ignored when rows share memory (e.g. expanded logits).
+        process_group: vocabulary parallelism (a torch.distributed group, or None). Each rank passes
+            its slice logits[..., V_r] of the vocabulary, which starts at id `vocab_start`; the slices
+            of the ranks, in rank order, must tile [0, V). targets hold global ids, the same on every
+            rank. lp and H are those of the full softmax, the same on every rank (three collectives
+            of [N] floats); the gradient is that of the rank's own slice, and needs the same upstream
+            gradients on every rank (docs/logprobs_and_entropy.md, "Vocabulary parallelism").
+        vocab_start: the global id of this rank's first column; 0 without a process_group.
+        top_k, top_p: the sampler's kept set (None: every token). lp and H are those of the
+            renormalised distribution on the tokens that vLLM's sampler keeps after temperature, then
+            top-k (ties at the k-th logit all kept), then top-p (a value threshold: tied logits are
+            kept or dropped together); exact rules in fusedrl/kernels/_kept_set.py and the docs page.
+            A target outside the kept set gets lp = -inf and no one-hot gradient term. Gradients flow
+            through the kept set only. top_k >= V and top_p = 1 are the plain op, bit for bit.
+        batch_invariant: every row's lp, H and gradient bitwise the same whether the row is computed
+            alone or in any batch, at any offset. The Triton kernels always are (their tiles and
+            reduction order depend on V only); the torch backend then processes one row at a time.
 
     Returns:
         (lp, H): two float32 tensors of the leading shape, both differentiable with respect to
@@ -320,7 +397,10 @@ def logprobs_and_entropy(
         last dimension, target ids outside [0, V) other than ignore_index, a temperature that is not
         a finite number > 0, or an unknown backend.
     """
-    options = _check_inputs(logits, targets, temperature, ignore_index, backend, inplace_backward)
+    options = _check_inputs(
+        logits, targets, temperature, ignore_index, backend, inplace_backward, process_group, vocab_start, top_k, top_p,
+        batch_invariant,
+    )
     if row_layout(logits) is None:
         logits = logits.contiguous()
     if _resolve_backend(backend, logits) == "torch":
@@ -336,15 +416,17 @@ def _spec(fn, name, dtype, vocab, **flags) -> CompileSpec:
     block_n, block_v, num_warps, num_stages = _config(vocab)
     constexprs = {**flags, "BLOCK_N": block_n, "BLOCK_V": block_v, "NUM_STAGES": num_stages}
     pointers = {
-        _forward_kernel: ("logits", "targets", "lp", "entropy", "max", "log_sum"),
-        _backward_kernel: ("logits", "grad", "targets", "max", "log_sum", "entropy", "grad_lp", "grad_entropy"),
+        _forward_kernel: ("logits", "targets", "lp", "entropy", "max", "log_sum", "threshold"),
+        _backward_kernel: ("logits", "grad", "targets", "max", "log_sum", "entropy", "grad_lp", "grad_entropy",
+                           "threshold"),
     }[fn]
     types = {"logits": f"*{dtype}", "grad": f"*{dtype}", "targets": "*i64"}
     signature = {f"{p}_ptr": types.get(p, "*fp32") for p in pointers}
     signature |= {"n_rows": "i32", "vocab": "i32", "inner_rows": "i32", "stride_outer": "i64", "stride_inner": "i64"}
     if fn is _backward_kernel:
         signature |= {"grad_stride_outer": "i64", "grad_stride_inner": "i64"}
-    signature |= {"inv_temperature": "fp32", "ignore_index": "i32"} | {k: "constexpr" for k in constexprs}
+    signature |= {"inv_temperature": "fp32", "ignore_index": "i32", "vocab_start": "i32"}
+    signature |= {k: "constexpr" for k in constexprs}
     multiples_of_v = ("vocab", "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner")
     aligned_rows = vocab % 16 == 0
     divisible = tuple(a for a, ty in signature.items() if ty.startswith("*") or (aligned_rows and a in multiples_of_v))
@@ -363,16 +445,23 @@ def _compile_specs() -> list[CompileSpec]:
     """Every kernel variant at the production vocabulary (V = 151,936: one row per 8192-wide tile,
     aligned) in each dtype; the same tile at an unpadded vocabulary (GPT-2's V = 50,257: rows not
     16-byte aligned, so one load per element); and the other tile shapes _config picks (a single
-    2048-wide tile; several short rows per tile, aligned or not) in bf16."""
+    2048-wide tile; several short rows per tile, aligned or not) in bf16; and the kept-set (top-k /
+    top-p threshold) variants at the production vocabulary and at a short one."""
     specs = []
+    plain = {"HAS_THRESHOLD": False}
     grad_flags = {"bwd": (True, True), "bwd_lp": (True, False), "bwd_h": (False, True)}
     for dtype in ("bf16", "fp16", "fp32"):
-        specs.append(_spec(_forward_kernel, "fwd", dtype, 151936))
+        specs.append(_spec(_forward_kernel, "fwd", dtype, 151936, **plain))
         for name, (has_lp, has_h) in grad_flags.items():
-            specs.append(_spec(_backward_kernel, name, dtype, 151936, HAS_GRAD_LP=has_lp, HAS_GRAD_ENTROPY=has_h))
+            specs.append(_spec(_backward_kernel, name, dtype, 151936, **plain, HAS_GRAD_LP=has_lp,
+                               HAS_GRAD_ENTROPY=has_h))
     for vocab in (50257, 2048, 1024, 1000, 100, 3):
-        specs.append(_spec(_forward_kernel, "fwd", "bf16", vocab))
-        specs.append(_spec(_backward_kernel, "bwd", "bf16", vocab, HAS_GRAD_LP=True, HAS_GRAD_ENTROPY=True))
+        specs.append(_spec(_forward_kernel, "fwd", "bf16", vocab, **plain))
+        specs.append(_spec(_backward_kernel, "bwd", "bf16", vocab, **plain, HAS_GRAD_LP=True, HAS_GRAD_ENTROPY=True))
+    for vocab in (151936, 1000):
+        kept = {"HAS_THRESHOLD": True}
+        specs.append(_spec(_forward_kernel, "fwd_kept", "bf16", vocab, **kept))
+        specs.append(_spec(_backward_kernel, "bwd_kept", "bf16", vocab, **kept, HAS_GRAD_LP=True, HAS_GRAD_ENTROPY=True))
     return specs
 
 

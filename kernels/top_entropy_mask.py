@@ -52,7 +52,9 @@ def entropy_quantile(entropy: torch.Tensor, valid: torch.Tensor, q: float, proce
     low_key = kth_smallest_key(keys, valid, below, _key_bits(dtype), process_group)
     # The next order statistic: the same key while it repeats past `below`, else the smallest larger key.
     at_most = all_reduce((valid & (keys <= low_key)).sum().to(torch.int64), process_group)
-    larger = torch.where(valid & (keys > low_key), keys, torch.iinfo(torch.int64).max).min()
+    # The sentinel keeps the minimum defined on a rank holding no tokens (it still joins the all-reduce).
+    sentinel = keys.new_full((1,), torch.iinfo(torch.int64).max)
+    larger = torch.cat([torch.where(valid & (keys > low_key), keys, sentinel).reshape(-1), sentinel]).min()
     if process_group is not None:
         dist.all_reduce(larger, op=dist.ReduceOp.MIN, group=process_group)
     high_key = torch.where((above == below) | (at_most > above), low_key, larger)

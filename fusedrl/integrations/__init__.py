@@ -2,8 +2,9 @@
 
 - `fusedrl.integrations.trl`: `FusedGRPOTrainer`, a `trl.GRPOTrainer` whose loss runs through
   `FusedPolicyLoss` on the fused linear path (needs `trl`).
-- `fusedrl.integrations.verl`: fusedrl's entropy-aware losses in verl's policy-loss registry and a
-  model-forward patch returning per-token log-probs and entropy from the fused linear op.
+- `fusedrl.integrations.verl`: verl's PPO, Clip-Cov and KL-Cov losses computed by `FusedPolicyLoss`
+  with fusedrl's token masks set from verl's config, and a fused-kernel model forward (needs `verl`;
+  installed into verl by the `verl.plugins` entry point).
 
 Each module imports its trainer library on import and says clearly when it is missing; importing this
 package alone imports neither.

@@ -52,6 +52,7 @@ except ImportError as err:  # pragma: no cover - exercised only where trl is abs
         "`pip install 'fusedrl[trl]'` or `pip install trl`."
     ) from err
 
+from fusedrl.integrations._output_layer import check_plain_logits, head_operands
 from fusedrl.loss import FusedPolicyLoss
 from fusedrl.loss.options import CLIP_LOSS_TYPES, LOSS_TYPES
 from fusedrl.kernels import linear_logprobs_and_entropy
@@ -131,7 +132,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             # just before it, as TRL's fused LM head does.
             hidden = hidden.last_hidden_state[:, -completion_ids.size(1) - 1 : -1]
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            hidden, weight, bias = _head_operands(hidden, head, self.args.cast_lm_head_to_fp32)
+            hidden, weight, bias = head_operands(hidden, head, self.args.cast_lm_head_to_fp32)
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -222,10 +223,7 @@ def _check_supported(trainer: GRPOTrainer) -> None:
     names = [name for name, is_set in refused.items() if is_set]
     if names:
         raise ValueError(f"FusedGRPOTrainer does not support these GRPOConfig options as set: {names}")
-    text_config = trainer.model.config.get_text_config()
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        if getattr(text_config, name, None) not in (None, 1.0):
-            raise ValueError(f"FusedGRPOTrainer does not support models that transform their logits ({name} is set)")
+    check_plain_logits(trainer.model, "FusedGRPOTrainer")
 
 
 def _objective_options(trainer: GRPOTrainer) -> dict:
@@ -239,26 +237,6 @@ def _objective_options(trainer: GRPOTrainer) -> dict:
         return {"sapo_temperature_pos": args.sapo_temperature_pos, "sapo_temperature_neg": args.sapo_temperature_neg}
     return {"vespo_k_pos": args.vespo_k_pos, "vespo_lambda_pos": args.vespo_lambda_pos,
             "vespo_k_neg": args.vespo_k_neg, "vespo_lambda_neg": args.vespo_lambda_neg}
-
-
-def _head_operands(hidden: torch.Tensor, head: torch.nn.Module, fp32: bool):
-    """hidden, weight, bias in one dtype for the fused op, as the LM head's matmul would see them.
-
-    Under autocast the LM head would run in the autocast dtype; with `cast_lm_head_to_fp32` in float32.
-    FSDP2 shards the head as DTensors: the fused op needs the full weight, as TRL's head does.
-    """
-    weight, bias = head.weight, head.bias
-    if hasattr(weight, "full_tensor"):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
-    if fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-    else:
-        dtype = weight.dtype
-    hidden = hidden.to(device=weight.device, dtype=dtype)
-    return hidden, weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _add_fusedrl_forward(model: torch.nn.Module, temperature: float, fp32: bool) -> None:
@@ -283,7 +261,7 @@ def _add_fusedrl_forward(model: torch.nn.Module, temperature: float, fp32: bool)
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         if fusedrl_hidden_states:
             return BaseModelOutput(last_hidden_state=hidden)
-        hidden, weight, bias = _head_operands(hidden[:, :-1], self.get_output_embeddings(), fp32)
+        hidden, weight, bias = head_operands(hidden[:, :-1], self.get_output_embeddings(), fp32)
         labels = labels[:, 1:].to(weight.device)
         log_probs, entropy = linear_logprobs_and_entropy(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=-100

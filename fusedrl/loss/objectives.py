@@ -99,8 +99,8 @@ def off_policy_keep(lp, sampling_lp, valid, adv, threshold: float) -> torch.Tens
     return (adv >= 0) | (mean <= threshold)
 
 
-def check_rollout_weights(weights, shape: torch.Size) -> torch.Tensor:
-    """rollout_is_weights [B] or [B, T] as a detached float [B, T]."""
+def check_rollout_weights(weights, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """rollout_is_weights [B] or [B, T] as a detached [B, T] of the loss's dtype."""
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
         raise ValueError(f"rollout_is_weights must be a float tensor, got {type(weights).__name__}")
     if weights.dim() == 1 and weights.shape[0] == shape[0]:
@@ -109,7 +109,7 @@ def check_rollout_weights(weights, shape: torch.Size) -> torch.Tensor:
         raise ValueError(
             f"rollout_is_weights must have shape ({shape[0]},) or {tuple(shape)}, got {tuple(weights.shape)}"
         )
-    return weights.detach().float()
+    return weights.detach().to(dtype)
 
 
 def clip_metrics(ratio, adv, valid, epsilon_low: float, epsilon_high: float, per_response: bool) -> dict:
@@ -130,8 +130,13 @@ def share(flag: torch.Tensor, valid: torch.Tensor, per_response: bool) -> torch.
     """The share of flagged tokens among the valid ones, or (per_response: the flag is constant along
     each row) of flagged responses among all rows."""
     if per_response:
-        return flag.any(-1).float().mean()
+        return row_mean(flag.any(-1).float())
     return (flag & valid).sum() / valid.sum().clamp(min=1)
+
+
+def row_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over responses [B]; 0 for an empty batch (0 rows), where .mean() gives NaN."""
+    return values.mean() if values.shape[0] else values.sum()
 
 
 def response_shares(flag: torch.Tensor, valid: torch.Tensor, per_response: bool) -> torch.Tensor:
@@ -146,6 +151,7 @@ def response_shares(flag: torch.Tensor, valid: torch.Tensor, per_response: bool)
 def nan_extreme(values: torch.Tensor, largest: bool) -> torch.Tensor:
     """max (largest) or min of the non-NaN entries as a 0-dim tensor, NaN when there are none; no host sync."""
     fill = -torch.inf if largest else torch.inf
-    filled = torch.where(values.isnan(), fill, values)
+    # One fill entry more: amax / amin of an empty batch (0 rows) would raise.
+    filled = torch.cat([torch.where(values.isnan(), fill, values).reshape(-1), values.new_full((1,), fill)])
     extreme = filled.amax() if largest else filled.amin()
     return torch.where(values.isnan().all(), torch.nan, extreme)

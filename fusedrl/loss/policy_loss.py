@@ -77,6 +77,8 @@ class FusedPolicyLoss(nn.Module):
         process_group: a torch.distributed group for the batch statistics (entropy quantile, covariance
             means, top-k, selected counts), so that every rank selects from the global batch.
         generator: the random source of Clip-Cov's draw (seeded, runs reproduce).
+        check_values: refuse (ValueError naming the argument) ignore_index in completion_ids and NaN / inf
+            advantages, old or reference log-probs at valid positions; one device-to-host sync per call.
 
     The loss answers what a trainer that splits a batch into micro-batches must know (`batch_wide`,
     `micro_batch_share`, `token_count_argument`), so that no caller re-derives it from the loss type.
@@ -84,7 +86,7 @@ class FusedPolicyLoss(nn.Module):
 
     def __init__(self, options: LossOptions | None = None, /, *, temperature: float = 1.0,
                  max_completion_length: int | None = None, ignore_index: int = -100, process_group=None,
-                 generator: torch.Generator | None = None, **option_fields):
+                 generator: torch.Generator | None = None, check_values: bool = True, **option_fields):
         super().__init__()
         if options is None:
             options = LossOptions(**option_fields)
@@ -105,6 +107,7 @@ class FusedPolicyLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.generator = generator
+        self.check_values = bool(check_values)
 
     def __getattr__(self, name: str):
         # The options read as attributes of the loss (loss_fn.loss_type, loss_fn.cov_mode, ...).
@@ -158,6 +161,8 @@ class FusedPolicyLoss(nn.Module):
         hidden: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        logprobs: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
         old_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -169,7 +174,13 @@ class FusedPolicyLoss(nn.Module):
 
         completion_ids [B, T] (the sampled tokens), completion_mask [B, T] (nonzero = valid),
         advantages [B] or [B, T]; then either logits [B, T, V] or hidden [B, T, H] with weight [V, H]
-        (and bias [V]). old_logprobs / ref_logprobs [B, T]; old_logprobs=None means on-policy.
+        (and bias [V]); hidden may instead be [N, H], the valid tokens' hidden states only, in row-major
+        order of completion_mask (a packed micro-batch: the fused op then sees no padding); or logprobs
+        [B, T]: the sampled tokens' log-probs that the caller's own forward
+        computed (a trainer such as verl; differentiable), with their entropy [B, T] where the options
+        read it (top_entropy_fraction < 1, entropy_coef), and completion_ids may then be None; the loss
+        is computed in logprobs' dtype (float64 stays float64), else in float32.
+        old_logprobs / ref_logprobs [B, T]; old_logprobs=None means on-policy.
         selection: these rows of a Selection that `select` made over the whole batch
         (`Selection.rows`); without it the batch-wide masks come from this call's tokens alone.
         rollout_is_weights [B] or [B, T]: constant weights of each token's policy-gradient term, the
@@ -177,19 +188,29 @@ class FusedPolicyLoss(nn.Module):
         importance_sampling_ratio, verl's rollout_is_weights); vespo folds them into its weight instead.
         sampling_logprobs [B, T]: the sampling engine's log-probs, for off_policy_mask_threshold
         (default: old_logprobs); NaN where the sampler gave none.
-        Gradients flow to logits, or to hidden, weight and bias.
+        Gradients flow to logits, or to hidden, weight and bias, or to logprobs (and entropy).
 
-        Metrics: entropy/mean, loss/pg, mask/*, kl (with ref_logprobs), and the loss type's clip
-        statistics: clip_ratio/low_mean, high_mean, region_mean (shares of valid tokens; of responses
-        when the weight is per response, a sequence level with advantages [B]) and clip_ratio/low_min,
-        high_max (the least and most clipped response's share, NaN without one) for the PPO clip;
-        clip_ratio/cispo_mean (weight above the cap with A > 0) for cispo; vespo/phi_mean for vespo.
+        Metrics: entropy/mean (where H is known), loss/pg, mask/*, kl (with ref_logprobs), and the loss
+        type's clip statistics: clip_ratio/low_mean, high_mean, region_mean (shares of valid tokens; of
+        responses when the weight is per response, a sequence level with advantages [B]) and
+        clip_ratio/low_min, high_max (the least and most clipped response's share, NaN without one) for
+        the PPO clip; clip_ratio/cispo_mean (weight above the cap with A > 0) for cispo; vespo/phi_mean
+        for vespo.
+
+        A batch of 0 rows (B = 0) gives a zero loss, still differentiable (zero gradients), and the
+        metrics of a batch without valid tokens: means 0, extremes NaN (cov/max -inf).
+        Values: ignore_index in completion_ids, or a NaN / inf advantage, old or reference log-prob, at a
+        valid position raises ValueError naming the argument (see `check_values`); padding may hold anything.
         """
-        if not isinstance(completion_ids, torch.Tensor) or completion_ids.dim() != 2:
-            raise ValueError(f"completion_ids must be a [B, T] tensor, got {getattr(completion_ids, 'shape', completion_ids)!r}")
-        shape = completion_ids.shape
+        name, first = ("completion_ids", completion_ids)
+        if completion_ids is None and logprobs is not None:
+            name, first = "logprobs", logprobs
+        if not isinstance(first, torch.Tensor) or first.dim() != 2:
+            raise ValueError(f"{name} must be a [B, T] tensor, got {getattr(first, 'shape', first)!r}")
+        shape = first.shape
         valid = check_mask("completion_mask", completion_mask, shape)
-        adv = broadcast_advantages(advantages, shape).detach().float()
+        dtype = torch.float32 if logprobs is None else torch.promote_types(logprobs.dtype, torch.float32)
+        adv = broadcast_advantages(advantages, shape).detach().to(dtype)
         if sampling_logprobs is not None and self.off_policy_mask_threshold is None:
             raise ValueError("sampling_logprobs is read only with off_policy_mask_threshold set")
         for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("sampling_logprobs", sampling_logprobs)):
@@ -200,23 +221,28 @@ class FusedPolicyLoss(nn.Module):
         if self.beta > 0 and ref_logprobs is None:
             raise ValueError("ref_logprobs must be given when beta > 0")
         if rollout_is_weights is not None:
-            rollout_is_weights = objectives.check_rollout_weights(rollout_is_weights, shape)
+            rollout_is_weights = objectives.check_rollout_weights(rollout_is_weights, shape, dtype)
         check_same_device(completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
-                          logits=logits, hidden=hidden, weight=weight, bias=bias, old_logprobs=old_logprobs,
+                          logits=logits, hidden=hidden, weight=weight, bias=bias, logprobs=logprobs, entropy=entropy,
+                          old_logprobs=old_logprobs,
                           ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights,
                           sampling_logprobs=sampling_logprobs)
+        self._check_values(valid, completion_ids=completion_ids, advantages=adv, old_logprobs=old_logprobs,
+                           ref_logprobs=ref_logprobs)
 
-        lp, entropy = self._logprobs_entropy(completion_ids, valid, logits, hidden, weight, bias)
+        lp, entropy = self._logprobs_entropy(completion_ids, valid, logits, hidden, weight, bias, logprobs, entropy)
         lp = torch.where(valid, lp, 0.0)
-        entropy = torch.where(valid, entropy, 0.0)
-        olp = lp.detach() if old_logprobs is None else torch.where(valid, old_logprobs.detach().float(), 0.0)
+        if entropy is not None:
+            entropy = torch.where(valid, entropy, 0.0)
+        olp = lp.detach() if old_logprobs is None else torch.where(valid, old_logprobs.detach().to(dtype), 0.0)
 
         log_ratio = lp - olp
         ratio = torch.exp(objectives.log_importance_weights(log_ratio, valid, self.importance_sampling_level))
         unclipped, clipped = self._ppo_terms(adv, ratio)
         batch_counts = selection is not None
         if selection is None:
-            selection = self._select(lp.detach(), entropy.detach(), adv, valid, clipped > unclipped, olp)
+            selection = self._select(lp.detach(), None if entropy is None else entropy.detach(), adv, valid,
+                                     clipped > unclipped, olp)
         metrics: dict[str, torch.Tensor] = {}
         n_valid = valid.sum().clamp(min=1)
         # With one weight per response and one advantage per response, every token of a response shares
@@ -236,7 +262,8 @@ class FusedPolicyLoss(nn.Module):
             phi = objectives.vespo_weights(log_ratio, valid, adv, (self.vespo_k_pos, self.vespo_k_neg),
                                           (self.vespo_lambda_pos, self.vespo_lambda_neg), rollout_is_weights)
             pg = -phi * adv * lp
-            metrics["vespo/phi_mean"] = phi[:, 0].mean() if advantages.dim() == 1 else (phi * valid).sum() / n_valid
+            metrics["vespo/phi_mean"] = (objectives.row_mean(phi[:, 0]) if advantages.dim() == 1
+                                         else (phi * valid).sum() / n_valid)
         elif self.cov_mode == "kl_cov":
             pg = unclipped + self.kl_cov_coef * log_ratio.abs() * selection.covariance
         else:
@@ -258,7 +285,7 @@ class FusedPolicyLoss(nn.Module):
         if self.off_policy_mask_threshold is not None:
             # Per call, from this call's current log-probs: refused where a batch-wide selected count
             # would need it (see __init__).
-            sampled = olp if sampling_logprobs is None else sampling_logprobs.detach().float()
+            sampled = olp if sampling_logprobs is None else sampling_logprobs.detach().to(dtype)
             near = objectives.off_policy_keep(lp.detach(), sampled, valid, adv, self.off_policy_mask_threshold)
             keep = keep & near
             metrics["mask/off_policy"] = frac(near)
@@ -267,7 +294,7 @@ class FusedPolicyLoss(nn.Module):
                                      num_items_in_batch)
         loss = pg_loss
         if ref_logprobs is not None:
-            kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().float(), 0.0))
+            kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().to(dtype), 0.0))
             if self.kl_importance_weighted:
                 kl = ratio * kl  # the ratio keeps its gradient: this is the point of the correction
             metrics["kl"] = (kl.detach() * valid).sum() / n_valid
@@ -281,14 +308,17 @@ class FusedPolicyLoss(nn.Module):
             metrics["loss/entropy"] = entropy_loss.detach()
 
         metrics["loss/pg"] = pg_loss.detach()
-        metrics["entropy/mean"] = entropy.detach().sum() / n_valid
+        if entropy is not None:
+            metrics["entropy/mean"] = entropy.detach().sum() / n_valid
         if self.loss_type in CLIP_LOSS_TYPES:
             metrics.update(objectives.clip_metrics(ratio, adv, valid, self.epsilon_low, self.epsilon_high, per_response))
         metrics["mask/selected"] = frac(keep)
         if self.cov_mode is not None:
             cov = torch.where(valid, selection.covariance_values, 0.0)
             metrics["cov/mean"] = (cov.sum() / n_valid).float()
-            metrics["cov/max"] = torch.where(valid, cov, -torch.inf).max().float()
+            # One -inf entry more, as for a batch without valid tokens: max() of 0 rows would raise.
+            metrics["cov/max"] = torch.cat([torch.where(valid, cov, -torch.inf).reshape(-1),
+                                            cov.new_full((1,), -torch.inf)]).max().float()
         return loss, {k: v.detach().float() for k, v in metrics.items()}
 
     @torch.no_grad()
@@ -323,6 +353,7 @@ class FusedPolicyLoss(nn.Module):
                 raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {getattr(t, 'shape', t)!r}")
         check_same_device(completion_mask=completion_mask, advantages=advantages, entropy=entropy, logprobs=logprobs,
                           old_logprobs=old_logprobs)
+        self._check_values(valid, advantages=adv, old_logprobs=old_logprobs)
         lp = torch.where(valid, logprobs.float(), 0.0)
         olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)
         unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
@@ -348,8 +379,12 @@ class FusedPolicyLoss(nn.Module):
         if not self._counts_selected:
             return selection
         selected = self._kept(valid, selection).sum()
-        return replace(selection, valid_count=valid.sum(), selected_count=selected,
-                       global_selected_count=all_reduce(selected.clone(), self.process_group))
+        if self.process_group is not None:
+            # The batch spans the ranks: bnpo's micro-batch rescaling needs the whole batch's ratio.
+            selected = all_reduce(selected, self.process_group)
+            return replace(selection, valid_count=all_reduce(valid.sum(), self.process_group),
+                           selected_count=selected, global_selected_count=selected)
+        return replace(selection, valid_count=valid.sum(), selected_count=selected, global_selected_count=selected)
 
     def _kept(self, valid: torch.Tensor, selection: Selection) -> torch.Tensor:
         """The valid tokens whose policy-gradient term every active mask keeps (M_t)."""
@@ -365,6 +400,31 @@ class FusedPolicyLoss(nn.Module):
     def _entropy_kept(self, selection: Selection) -> torch.Tensor:
         """The tokens the entropy mask keeps: the top fraction, or with entropy_tokens="low" the rest."""
         return selection.high_entropy if self.entropy_tokens == "high" else ~selection.high_entropy
+
+    def _check_values(self, valid: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+        """Refuses, naming the argument, what would silently make a wrong or NaN loss: completion_ids equal
+        to ignore_index at a valid position (the fused op would skip the token: lp = H = 0), and a NaN or
+        inf advantage, old or reference log-prob at one. Padding may hold anything. All the checks
+        are one reduction read back once: one device-to-host sync per call on a GPU (`check_values=False`
+        skips them, for a trainer that checks its inputs itself)."""
+        if not self.check_values:
+            return
+        bad = {}
+        for name, t in tensors.items():
+            if t is not None:
+                wrong = t == self.ignore_index if name == "completion_ids" else ~torch.isfinite(t)
+                bad[name] = (valid & wrong).any()
+        if not bad:
+            return
+        # With a process group every rank learns of a bad value on any rank: all raise, none waits for the others.
+        flags = all_reduce(torch.stack(list(bad.values())).to(torch.int64), self.process_group)
+        for name, found in zip(bad, flags.tolist()):
+            if not found:
+                continue
+            if name == "completion_ids":
+                raise ValueError(f"completion_ids holds ignore_index ({self.ignore_index}) at a valid position "
+                                 "(completion_mask nonzero): give the sampled token there, or mask it out")
+            raise ValueError(f"{name} must be finite at valid positions (completion_mask nonzero); found NaN or inf")
 
     def _check_selection(self, selection, shape) -> None:
         """A Selection fits this loss's options and this call's [B, T]."""
@@ -391,10 +451,23 @@ class FusedPolicyLoss(nn.Module):
         """-A ratio and -A clip(ratio, 1 - eps_low, 1 + eps_high): the PPO clip's two sides."""
         return -adv * ratio, -adv * torch.clamp(ratio, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high)
 
-    def _logprobs_entropy(self, ids, valid, logits, hidden, weight, bias):
-        """lp and H of the sampled tokens, [B, T] float32 each, from the one fused pass."""
-        if (logits is None) == (hidden is None):
-            raise ValueError("exactly one of logits or hidden must be given")
+    def _logprobs_entropy(self, ids, valid, logits, hidden, weight, bias, logprobs, entropy):
+        """lp and H of the sampled tokens, [B, T] each: float32 from the one fused pass, or the caller's."""
+        if sum(t is not None for t in (logits, hidden, logprobs)) != 1:
+            raise ValueError("exactly one of logits or hidden (or logprobs) must be given")
+        if logprobs is not None:
+            if weight is not None or bias is not None:
+                raise ValueError("weight and bias belong to the hidden path; pass them with hidden, not logprobs")
+            for name, t in (("logprobs", logprobs), ("entropy", entropy)):
+                if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()
+                                      or tuple(t.shape) != tuple(valid.shape)):
+                    raise ValueError(f"{name} must be a float tensor of shape {tuple(valid.shape)}, got "
+                                     f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if entropy is None and (self.top_entropy_fraction < 1.0 or self.entropy_coef != 0):
+                raise ValueError("entropy must be given with logprobs when top_entropy_fraction < 1 or entropy_coef != 0")
+            return logprobs, entropy
+        if entropy is not None:
+            raise ValueError("entropy is an input only with logprobs; the fused pass computes it from logits or hidden")
         # Padded positions may hold any id (even out of the vocabulary); the ops skip ignore_index.
         targets = ids.masked_fill(~valid, self.ignore_index)
         options = dict(temperature=self.temperature, ignore_index=self.ignore_index, backend=self.backend)
@@ -406,8 +479,17 @@ class FusedPolicyLoss(nn.Module):
             return kernels.logprobs_and_entropy(logits, targets, **options)
         if weight is None:
             raise ValueError("weight (the output embedding [V, H]) must be given with hidden")
+        if hidden.dim() == 2:
+            # Packed: the valid tokens' hidden states only, so the fused op runs on no padding.
+            count = int(valid.sum())
+            if hidden.shape[0] != count:
+                raise ValueError(f"hidden of shape [N, H] must hold the {count} valid tokens, got {tuple(hidden.shape)}")
+            lp, entropy = kernels.linear_logprobs_and_entropy(hidden, weight, ids[valid], bias=bias, **options)
+            zeros = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
+            return zeros.masked_scatter(valid, lp), zeros.masked_scatter(valid, entropy)
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(ids.shape):
-            raise ValueError(f"hidden must have shape [B, T, H] with [B, T] = {tuple(ids.shape)}, got {tuple(hidden.shape)}")
+            raise ValueError(f"hidden must have shape [B, T, H] or [N, H] with [B, T] = {tuple(ids.shape)}, "
+                             f"got {tuple(hidden.shape)}")
         return kernels.linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, **options)
 
     def _kl(self, lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -441,11 +523,11 @@ class FusedPolicyLoss(nn.Module):
         """Reduce per-token values (zero off `counted`) to a scalar by the loss type's aggregation."""
         if self.aggregation == "grpo":
             per_response = values.sum(-1) / counted.sum(-1).clamp(min=1)
-            return per_response.mean()
+            return objectives.row_mean(per_response)
         if self.aggregation == "dr_grpo":
-            return values.sum() / (values.shape[0] * self.max_completion_length)
+            return values.sum() / (max(1, values.shape[0]) * self.max_completion_length)
         if self.aggregation == "luspo":
-            return values.sum() / values.shape[0]
+            return values.sum() / max(1, values.shape[0])
         if self.aggregation == "dapo" and num_items_in_batch is not None:
             return values.sum() / num_items_in_batch
         return values.sum() / counted.sum().clamp(min=1)

@@ -17,8 +17,9 @@ class Selection:
         (None without cov_mode); the loss reports its mean and max.
     probability: [B, T] bool, SPO's probability mask (None without prob_mask_threshold).
     valid_count, selected_count: 0-dim int64, the batch's valid tokens and the tokens every mask keeps,
-        on this rank; global_selected_count: selected_count summed over the process group. Made only
-        when the loss divides by them (normalize_by "selected" with dapo or bnpo), else None.
+        summed over the process group when the loss has one (the batch spans the ranks);
+        global_selected_count: selected_count summed over the process group (the same tensor with one).
+        Made only when the loss divides by them (normalize_by "selected" with dapo or bnpo), else None.
     """
 
     high_entropy: torch.Tensor | None = None

@@ -15,7 +15,9 @@ from bench._runner import check_against_float64
 N, H, V = 37, 48, 1003
 
 
-@pytest.mark.parametrize("path", [p for p in linear_bench.PATHS if p != "cce"])
+# The kept-set paths compute another distribution than the full softmax; tests/kernels/test_linear_kept_set.py
+# holds that mode to float64.
+@pytest.mark.parametrize("path", [p for p in linear_bench.PATHS if p != "cce" and p not in linear_bench.KEPT_SET_PATHS])
 def test_linear_paths_match_float64(path):
     hidden = torch.randn(N, H)
     weight = torch.randn(V, H) / H**0.5 * 3

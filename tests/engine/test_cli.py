@@ -151,7 +151,7 @@ def test_dynamic_sampling_refills_the_batch_and_resumes(tmp_path, digit_reward):
         assert math.isfinite(r["loss/policy"]) and r["grad_norm"] > 0
     # The prompt sampler moved on by every round's 3 prompts, and a resume continues from there.
     state = torch.load(full / "checkpoint-3" / "trainer_state.pt", weights_only=True)
-    assert state["prompt_order"]["position"] == 3 * sum(rounds)
+    assert state["sampler"]["position"] == 3 * sum(rounds)
     _assert_resume_repeats_step_three(full, tmp_path / "resumed", reward, *DYNAMIC)
 
 

@@ -113,6 +113,8 @@ def test_missing_file(tmp_path):
     ("advantage.max_generation_rounds=0", "advantage.max_generation_rounds", "must be >= 1"),
     ("model.dtype=float16", "model.dtype", "loss scaling"),
     ("model.dtype=float64", "model.dtype", "one of float32, bfloat16"),
+    ("optim.max_skipped_steps=0", "optim.max_skipped_steps", "must be >= 1"),
+    ("run.keep_checkpoints=-1", "run.keep_checkpoints", "must be >= 0"),
 ])
 def test_out_of_range(override, key, words):
     message = _error(None, [override])
@@ -156,6 +158,7 @@ def test_every_loss_field_reaches_the_loss():
     (["advantage.overlong_buffer=100", "rollout.max_new_tokens=64"], "advantage.overlong_buffer", "<="),
     (["loss.cov_lower=5", "loss.cov_upper=1"], "loss.cov_lower", "below cov_upper"),
     (["optim.micro_batch_tokens=100"], "optim.micro_batch_tokens", "one full sequence"),
+    (["optim.micro_batch_layout=flat"], "optim.micro_batch_layout", "auto, packed, padded"),
     (["model.demo.num_heads=3"], "model.demo.num_heads", "divide"),
     (["optim.mini_batches=1000"], "optim.mini_batches", "responses per step"),
     (["loss.normalize_by=selected", "loss.loss_type=dr_grpo"], "loss.normalize_by", "'valid' for loss_type='dr_grpo'"),

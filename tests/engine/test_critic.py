@@ -83,7 +83,7 @@ def test_a_16_bit_critic_keeps_an_fp32_head():
 
     policy = _policy().to(torch.bfloat16)
     session = SimpleNamespace(cfg=load_config(None, ["run.algorithm=ppo", "model.dtype=bfloat16"]), resume_from=None,
-                              model=policy, device=torch.device("cpu"))
+                              model=policy, device=torch.device("cpu"), packed=False)
     critic = make_critic(session)
     assert critic.head.weight.dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in critic.backbone.parameters())

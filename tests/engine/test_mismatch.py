@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from fusedrl.engine.config import load_config
+from fusedrl.engine.distributed import World
 from fusedrl.engine.mismatch import correct
 from fusedrl.engine.model import load_policy, token_logprobs
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.samplers import HFSampler
 from fusedrl.engine.update import make_loss, update
 
@@ -88,8 +90,8 @@ def _step(model, batch, advantages, correction, loss_mask=None):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer, scheduler,
-                     batch, advantages, loss_mask=loss_mask)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(), packed=False)
+    metrics = update(session, make_loss(cfg), optimizer, scheduler, batch, advantages, loss_mask=loss_mask)
     delta = {k: start[k] - v for k, v in model.state_dict().items()}
     model.load_state_dict(start)
     return delta, metrics

@@ -5,7 +5,8 @@ import io
 import pytest
 import torch
 
-from fusedrl.engine.optim import MasterWeightAdamW, accumulate_gradients, clip_gradients
+from fusedrl.engine.errors import RunError
+from fusedrl.engine.optim import MasterWeightAdamW, StepGuard, accumulate_gradients, clip_gradients
 
 OPTIONS = dict(lr=1e-6, weight_decay=0.01, betas=(0.9, 0.95))
 
@@ -151,3 +152,43 @@ def test_plain_optimizers_pass_through():
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     torch.testing.assert_close(clip_gradients(optimizer, 1e9), norm)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_gradient_skips_the_step_and_a_streak_stops_the_run(dtype, max_norm):
+    """A NaN or inf gradient leaves weights and AdamW's moments untouched (one such step would turn every
+    weight NaN); a finite one steps as usual and resets the count; max_skipped_steps in a row raise."""
+    model = _model(dtype)
+    optimizer = MasterWeightAdamW(model.parameters(), **OPTIONS)
+    guard = StepGuard(limit=2)
+    _backward(model, 0)
+    norm, stepped = guard.step(optimizer, max_norm)
+    assert stepped and torch.isfinite(norm)
+    optimizer.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = io.BytesIO()
+    torch.save(optimizer.state_dict(), moments)
+    for first, poison in ((True, float("nan")), (False, float("inf"))):
+        _backward(model, 1)
+        model[0].weight.grad[0, 0] = poison
+        norm, stepped = guard.step(optimizer, max_norm)
+        assert not stepped and not torch.isfinite(norm)
+        optimizer.zero_grad()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        moments.seek(0)
+        saved = torch.load(moments)
+        for a, b in zip(saved["state"].values(), optimizer.state_dict()["state"].values()):
+            assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        if first:  # one skip, then a good step: the streak starts again
+            _backward(model, 2)
+            assert guard.step(optimizer, max_norm)[1]
+            optimizer.zero_grad()
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            moments = io.BytesIO()
+            torch.save(optimizer.state_dict(), moments)
+    _backward(model, 3)
+    model[2].bias.grad[0] = float("nan")
+    with pytest.raises(RunError, match=r"2 optimizer steps in a row had a non-finite gradient .*\(optim.max_skipped_steps=2\)"):
+        guard.step(optimizer, max_norm)

@@ -30,7 +30,7 @@ class ScriptedSampler:
     def __init__(self, script, calls, logprobs=False):
         self.script, self.calls, self.logprobs = script, calls, logprobs
 
-    def generate(self, prompt_ids, n, *, temperature, max_new_tokens):
+    def generate(self, prompt_ids, n, *, temperature, max_new_tokens, seeds=None):
         self.calls.append(([tuple(p) for p in prompt_ids], n, max_new_tokens))
         responses = [self.script[tuple(p)][j][:max_new_tokens] for p in prompt_ids for j in range(n)]
         prompts = [p for p in prompt_ids for _ in range(n)]
@@ -156,7 +156,7 @@ def test_sampling_reads_each_generated_batch_once(rows, fake_gpu):
     calls = []
 
     class Sampler:
-        def generate(self, prompt_ids, n, *, temperature, max_new_tokens):
+        def generate(self, prompt_ids, n, *, temperature, max_new_tokens, seeds=None):
             calls.append(max_new_tokens)
             prompts = [p for p in prompt_ids for _ in range(n)]
             responses = [[1, 2, EOS][:max_new_tokens] for _ in prompts]

@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fusedrl.engine.distributed import World
 from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
-from fusedrl.engine.samplers import HFSampler
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.update import make_loss, micro_batches, update
 from fusedrl.engine.model import demo_tokenizer, load_policy, token_logprobs
+from fusedrl.engine.packing import use_packing
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +21,7 @@ def policy():
     cfg = load_config(None, ["model.demo.hidden_size=32", "model.demo.num_layers=2",
                              "model.demo.intermediate_size=64"])
     model, tokenizer = load_policy(cfg.model, "builtin:demo", torch.device("cpu"))
+    assert use_packing(model, "packed", "demo")  # padded micro-batches run transformers' SDPA unchanged
     return model, tokenizer
 
 
@@ -26,8 +29,8 @@ def _batch(policy):
     model, tokenizer = policy
     torch.manual_seed(1)
     prompts = tokenizer(["1+2=", "345+6=", "78+901="])["input_ids"]
-    return HFSampler(model, tokenizer, top_p=1.0, batch_size=4).generate(prompts, 2, temperature=1.0,
-                                                                         max_new_tokens=10)
+    return rollout.generate(model, tokenizer, prompts, group_size=2, temperature=1.0, top_p=1.0,
+                            max_new_tokens=10, batch_size=4)
 
 
 def test_layout_and_masks(policy):
@@ -79,15 +82,17 @@ def _ragged_batch(policy):
     return rollout.make_batch(prompts, responses, [n == 10 for n in lengths], tokenizer.pad_token_id, "cpu")
 
 
-def _one_vs_many(policy, overrides):
-    """The update's weight change and metrics with one micro-batch, then with one row per micro-batch."""
+def _one_vs_many(policy, overrides, layout="padded"):
+    """The update's weight change and metrics with one padded micro-batch, then with several: one row
+    each (padded), or two to three sequences packed end to end in each (packed, engine/packing.py)."""
     model, _ = policy
     batch = _ragged_batch(policy)
     lengths = batch.completion_mask.sum(1)
     assert len(set(lengths.tolist())) > 2, "responses of unequal lengths are the case that tells aggregations apart"
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     results = []
-    for budget in (10_000, batch.prompt_length + batch.completion_ids.shape[1]):
+    many = batch.prompt_length + batch.completion_ids.shape[1] if layout == "padded" else 36
+    for packed, budget in ((False, 10_000), (layout == "packed", many)):
         cfg = load_config(None, overrides + ["optim.max_grad_norm=0", f"optim.micro_batch_tokens={budget}",
                                              "data.max_prompt_length=8", "rollout.max_new_tokens=10",
                                              "rollout.temperature=0.7"])
@@ -95,8 +100,12 @@ def _one_vs_many(policy, overrides):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         torch.manual_seed(5)  # Clip-Cov's draw
-        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer,
-                         scheduler, batch, advantages)
+        session = SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(),
+                                  packed=packed)
+        if packed:
+            plan = micro_batches(batch, torch.arange(len(batch)), budget, packed=True)
+            assert 1 < len(plan) < len(batch) and max(map(len, plan)) > 1, "rows of several sequences"
+        metrics = update(session, make_loss(cfg), optimizer, scheduler, batch, advantages)
         results.append(({k: start[k] - v for k, v in model.state_dict().items()}, metrics))
         model.load_state_dict(start)
     return results
@@ -115,10 +124,11 @@ LOSS_TYPES = ["dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo", "vesp
     ["loss.loss_type=cispo", "loss.importance_sampling_level=sequence", "optim.updates_per_batch=2"],
 ], ids=[*LOSS_TYPES, "cispo_off_policy", "sapo_off_policy", "vespo_off_policy", "gspo_grpo", "gspo_token_dapo",
         "gspo_cispo"])
-def test_accumulated_micro_batches_equal_one_batch(policy, overrides):
-    """Every loss type's step is the same whether the batch is one micro-batch or one row per
-    micro-batch: the loss says how micro-batches weigh and what count it divides by."""
-    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_accumulated_micro_batches_equal_one_batch(policy, overrides, layout):
+    """Every loss type's step is the same whether the batch is one micro-batch or several, padded or
+    packed: the loss says how micro-batches weigh and what count it divides by."""
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides, layout)
     assert any(d.abs().max() > 0 for d in step_one.values())
     for key in step_one:
         torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
@@ -136,11 +146,12 @@ def test_accumulated_micro_batches_equal_one_batch(policy, overrides):
     ["loss.loss_type=grpo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.2", "loss.entropy_tokens=low"],
 ], ids=["top_entropy", "kl_cov", "clip_cov_top_entropy", "dapo_selected", "bnpo_selected_probability",
         "grpo_selected_low_entropy"])
-def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_batch_wide_masks_do_not_depend_on_micro_batches(policy, overrides, layout):
     """The top-entropy threshold, the covariance selection and the selected-token count (normalize_by
-    selected) cover the whole mini-batch: one row per micro-batch gives the same step as one
-    micro-batch (per-call statistics would not)."""
-    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides)
+    selected) cover the whole mini-batch: several micro-batches, padded or packed, give the same step as
+    one micro-batch (per-call statistics would not)."""
+    (step_one, m_one), (step_many, m_many) = _one_vs_many(policy, overrides, layout)
     assert any(d.abs().max() > 0 for d in step_one.values())
     for key in step_one:
         torch.testing.assert_close(step_many[key], step_one[key], rtol=1e-4, atol=1e-6)
@@ -163,3 +174,46 @@ def test_demo_tokenizer_round_trip():
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_a_non_finite_gradient_is_skipped_and_counted(policy):
+    """Two optimizer steps (mini_batches=2); the first one's gradient is made NaN by a hook: that step is
+    skipped (the weights change by the second step alone) and counted in optim/skipped_steps;
+    max_skipped_steps=1 stops the run instead."""
+    import copy
+
+    from fusedrl.engine.errors import RunError
+
+    batch = _ragged_batch(policy)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+
+    def run(poison_first: bool, limit: int = 3):
+        model = copy.deepcopy(policy[0])
+        cfg = load_config(None, ["optim.max_grad_norm=1", "optim.mini_batches=2", "data.max_prompt_length=8",
+                                 "rollout.max_new_tokens=10", f"optim.max_skipped_steps={limit}"])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        backwards = []
+
+        def hook(grad):  # each mini-batch is one micro-batch here: the first backward is the first step's
+            backwards.append(1)
+            return grad * float("nan") if poison_first and len(backwards) == 1 else grad
+
+        model.get_output_embeddings().weight.register_hook(hook)
+        torch.manual_seed(0)
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(limit), world=World()),
+                         make_loss(cfg), optimizer, scheduler, batch, advantages)
+        assert len(backwards) == 2
+        return model, metrics
+
+    start = policy[0].state_dict()
+    clean_model, clean = run(poison_first=False)
+    assert clean["optim/skipped_steps"] == 0
+    model, metrics = run(poison_first=True)
+    assert metrics["optim/skipped_steps"] == 1
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(state[k], start[k]) for k in state)  # the second step did train
+    assert any(not torch.equal(state[k], clean_model.state_dict()[k]) for k in state)  # the first did not
+    with pytest.raises(RunError, match="optim.max_skipped_steps=1"):
+        run(poison_first=True, limit=1)

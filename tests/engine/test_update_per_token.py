@@ -5,8 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fusedrl.engine.distributed import World
+from fusedrl.engine import rollout
 from fusedrl.engine.config import load_config
-from fusedrl.engine.samplers import HFSampler
+from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.update import make_loss, update
 from fusedrl.engine.model import load_policy
 
@@ -19,8 +21,8 @@ def setup():
     model, tokenizer = load_policy(cfg.model, "builtin:demo", torch.device("cpu"))
     torch.manual_seed(1)
     prompts = tokenizer(["1+2=", "345+6=", "78+901="])["input_ids"]
-    batch = HFSampler(model, tokenizer, top_p=1.0, batch_size=6).generate(prompts, 2, temperature=1.0,
-                                                                          max_new_tokens=10)
+    batch = rollout.generate(model, tokenizer, prompts, group_size=2, temperature=1.0, top_p=1.0,
+                             max_new_tokens=10, batch_size=6)
     return model, batch
 
 
@@ -31,7 +33,8 @@ def _step(model, batch, advantages, loss_type, loss_mask=None, extra=()):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    update(SimpleNamespace(cfg=cfg, model=model, reference=None), make_loss(cfg), optimizer, scheduler, batch,
+    update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(), packed=False),
+           make_loss(cfg), optimizer, scheduler, batch,
            advantages, loss_mask=loss_mask)
     delta = {k: start[k] - v for k, v in model.state_dict().items()}
     model.load_state_dict(start)

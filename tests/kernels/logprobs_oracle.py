@@ -32,6 +32,24 @@ def reference(x: torch.Tensor, targets: torch.Tensor, temperature: float, comput
     return leaf, lp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
 
 
+def kept_mask(x: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """[N, V] bool, by sorting in float64: top-k keeps z >= the k-th largest z; top-p then keeps the
+    tokens with less than p of the top-k set's probability strictly above them."""
+    z = x.double() / temperature
+    values, _ = z.sort(dim=-1, descending=True)
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if top_k is not None and top_k < z.shape[-1]:
+        keep &= z >= values[:, top_k - 1 : top_k]
+    if top_p is not None:
+        probs = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+        sorted_probs = probs.gather(-1, z.argsort(dim=-1, descending=True))
+        exclusive = sorted_probs.cumsum(-1) - sorted_probs  # mass before each sorted position
+        # A token's mass strictly above it: the exclusive sum at the first position of its value.
+        first = torch.searchsorted(-values.contiguous(), -z.contiguous(), side="left")
+        keep &= exclusive.gather(-1, first) < top_p
+    return keep
+
+
 def grads(leaf, lp, entropy, g_lp, g_h):
     """d(sum(lp * g_lp) + sum(H * g_h)) / d leaf; a None upstream gradient leaves that output out."""
     outputs = [o for o, g in ((lp, g_lp), (entropy, g_h)) if g is not None]

@@ -213,6 +213,30 @@ def test_frozen_bias_still_enters_the_recomputed_logits(backend):
 ORDERS = [kernel_module.ROWS_OUTER, kernel_module.VOCAB_OUTER]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", *ORDERS])
+def test_nan_and_inf_hidden_in_ignored_rows_change_nothing(backend, dtype, force_order):
+    """Padding holds whatever the model left there, NaN included: an ignored row must contribute exactly
+    nothing, so lp, H and all three gradients equal those of the same inputs with finite padding
+    (bitwise), and the ignored rows' hidden gradient is exactly 0. Rows 1, 5 and 30 share row blocks
+    and backward chunks with valid rows (0 * NaN in the weight-gradient GEMM gave an all-NaN d weight)."""
+    if backend != "torch":
+        force_order(backend)
+    ignored = (1, 5, 30)
+    hidden, weight, bias, targets = _inputs(50, 40, 300, dtype, True, ignored=ignored)
+    poisoned = hidden.clone()
+    poisoned[1], poisoned[5, :7], poisoned[30] = float("nan"), float("inf"), float("-inf")
+    g = torch.randn(50), torch.randn(50)
+    fn = lambda h, w, b: linear_logprobs_and_entropy(  # noqa: E731
+        h, w, targets, bias=b, temperature=0.7, backend="torch" if backend == "torch" else "triton")
+    clean, dirty = _run(fn, hidden, weight, bias, targets, *g), _run(fn, poisoned, weight, bias, targets, *g)
+    for name, a, b in zip(("lp", "H", "d hidden", "d weight", "d bias"), clean, dirty):
+        assert torch.isfinite(b).all(), f"{name}: non-finite values from NaN / inf padding"
+        assert torch.equal(a, b), name
+    assert torch.all(dirty[2][list(ignored)] == 0)
+
+
+
 @pytest.fixture
 def force_order(monkeypatch):
     """force_order(order): the Triton backward runs that loop order, in steps of 24 rows x 384 columns

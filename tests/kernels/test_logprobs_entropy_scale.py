@@ -52,14 +52,15 @@ def test_triton_grid_is_one_axis_beyond_65535():
 
 @pytest.mark.parametrize("kernel", ["_forward_kernel", "_backward_kernel"])
 def test_only_block_sizes_and_flags_are_compile_time(kernel):
-    """Row count, vocabulary, strides, temperature and ignore_index are runtime arguments: a new
+    """Row count, vocabulary, strides, temperature, ignore_index and vocab_start are runtime arguments: a new
     batch length or temperature never recompiles (the GPU test below counts compilations)."""
     import inspect
 
     fn = getattr(le, kernel).fn
     constexprs = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
-    assert constexprs <= {"BLOCK_N", "BLOCK_V", "NUM_STAGES", "HAS_GRAD_LP", "HAS_GRAD_ENTROPY"}
-    assert {"n_rows", "vocab", "inv_temperature", "ignore_index", "stride_outer"} <= set(
+    # HAS_THRESHOLD: the top-k / top-p kept set is on (a feature flag; the threshold itself is a run-time tensor).
+    assert constexprs <= {"BLOCK_N", "BLOCK_V", "NUM_STAGES", "HAS_GRAD_LP", "HAS_GRAD_ENTROPY", "HAS_THRESHOLD"}
+    assert {"n_rows", "vocab", "inv_temperature", "ignore_index", "stride_outer", "vocab_start"} <= set(
         inspect.signature(fn).parameters
     )
 

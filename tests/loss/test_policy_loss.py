@@ -203,6 +203,44 @@ def check_against_float64(case, path, backend, device):
     assert metrics["entropy/mean"].item() == pytest.approx(h[valid].mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_logprobs_input_matches_float64(case):
+    """lp and H computed by the caller (verl's path): given in float64, the loss stays in float64 and
+    equals the reference to float64 rounding, gradients included (through lp and H to the logits)."""
+    cfg, call = CASES[case]
+    _, logits64, ids, mask, adv, old, ref = make_batch(False, token_advantages=case == "kl_cov")
+    leaf = logits64.clone().requires_grad_(True)
+    logp = (leaf / cfg.get("temperature", 1.0)).log_softmax(-1)
+    lp = logp.gather(-1, ids.clamp(max=V - 1).unsqueeze(-1)).squeeze(-1)
+    h = -(logp.exp() * logp).sum(-1)
+    options = {k: v for k, v in cfg.items() if k != "temperature"}
+    loss_fn = FusedPolicyLoss(**options, generator=torch.Generator().manual_seed(SEED))
+    loss, metrics = loss_fn(None, mask, adv.double(), logprobs=lp, entropy=h, old_logprobs=old.double(),
+                            ref_logprobs=ref.double(), **call)
+    loss.backward()
+
+    ref_leaf = logits64.clone().requires_grad_(True)
+    expected, _, _, keep = reference_loss(cfg, ref_leaf, ids, mask, adv, old, ref, call.get("num_items_in_batch"))
+    expected.backward()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-12)
+    assert metrics["mask/selected"].item() == pytest.approx(keep.sum().item() / mask.sum().item())
+
+
+def test_logprobs_input_errors_name_the_argument():
+    loss_fn = FusedPolicyLoss(top_entropy_fraction=0.5)
+    mask, lp = torch.ones(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="entropy must be given with logprobs"):
+        loss_fn(None, mask, torch.zeros(2), logprobs=lp)
+    with pytest.raises(ValueError, match="logprobs must be a float tensor of shape"):
+        loss_fn(torch.zeros(2, 3, dtype=torch.long), mask, torch.zeros(2), logprobs=torch.zeros(2, 4), entropy=lp)
+    with pytest.raises(ValueError, match="entropy is an input only with logprobs"):
+        loss_fn(torch.zeros(2, 3, dtype=torch.long), mask, torch.zeros(2), logits=torch.zeros(2, 3, 4), entropy=lp)
+    with pytest.raises(ValueError, match="completion_ids must be a"):
+        loss_fn(None, mask, torch.zeros(2), logits=torch.zeros(2, 3, 4))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bfloat16_logits(backend):
     """bf16 logits: lp, H and the loss in fp32 match float64 on the rounded logits; the bf16 gradient
