@@ -139,6 +139,11 @@ def shard(model: nn.Module, world: World, compute_dtype: torch.dtype, cpu_offloa
     if hasattr(model, "get_output_embeddings"):
         model.fusedrl_hidden = types.MethodType(backbone_hidden, model)
         register_fsdp_forward_method(model, "fusedrl_hidden")
+        # The packed forward's backbone call (engine/model.py packed_hidden), under the root's hooks too.
+        model.fusedrl_backbone = types.MethodType(backbone_forward, model)
+        register_fsdp_forward_method(model, "fusedrl_backbone")
+    if hasattr(model, "packed_forward"):  # the critic's values of a packed row, under the root's hooks too
+        register_fsdp_forward_method(model, "packed_forward")
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             # Sums, not FSDP's default mean: the update already weights each rank's loss by its share of
@@ -153,6 +158,11 @@ def backbone_hidden(model, input_ids, attention_mask, position_ids):
     backbone = getattr(model, model.base_model_prefix)
     return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state
+
+
+def backbone_forward(model, **kwargs) -> torch.Tensor:
+    """Final hidden states of a causal LM's backbone called with `kwargs` (a packed row's)."""
+    return getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
 
 
 def _units(model: nn.Module) -> list:

@@ -162,9 +162,12 @@ def packed_hidden(model, micro: PackedRows) -> torch.Tensor:
         # transformers' own SDPA would build an [N x N] block mask for the packed row.
         raise ValueError(f"a packed forward needs the packing attention (engine.packing.use_packing), "
                          f"the model has {implementation!r}")
-    out = backbone(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False,
-                   **micro.attention_kwargs(on_device=flash))
-    return out.last_hidden_state
+    inputs = dict(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False,
+                  **micro.attention_kwargs(on_device=flash))
+    # Under FSDP2 through the sharded root's registered forward, which gathers the embedding and the
+    # final norm (engine/distributed.py); calling the backbone directly would skip the root's hooks.
+    forward = getattr(model, "fusedrl_backbone", None)
+    return backbone(**inputs).last_hidden_state if forward is None else forward(**inputs)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from fusedrl import FusedPolicyLoss
 from fusedrl.engine import distributed
 from fusedrl.engine.config import load_config
 from fusedrl.engine.model import completion_hidden, output_projection
-from fusedrl.engine.optim import make_optimizer
+from fusedrl.engine.optim import StepGuard, make_optimizer
 from fusedrl.engine.rollout import make_batch
 from fusedrl.engine.update import make_loss, update
 
@@ -100,7 +100,7 @@ def updated(rows: list[int], process_group=None):
         distributed.shard(model, world, torch.float32)
     cfg = load_config(None, OVERRIDES)
     session = SimpleNamespace(cfg=cfg, model=model, reference=None, world=world, device=torch.device("cpu"),
-                              tokenizer=SimpleNamespace(pad_token_id=PAD))
+                              tokenizer=SimpleNamespace(pad_token_id=PAD), step_guard=StepGuard(1), packed=False)
     optimizer = make_optimizer(model.parameters(), sharded=world.sharded, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     batch = make_batch(PROMPTS, RESPONSES, [False] * 8, PAD, "cpu").rows(rows) if rows else None

@@ -201,7 +201,8 @@ def test_a_non_finite_gradient_is_skipped_and_counted(policy):
 
         model.get_output_embeddings().weight.register_hook(hook)
         torch.manual_seed(0)
-        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(limit), world=World()),
+        metrics = update(SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(limit), world=World(),
+                                         packed=False),
                          make_loss(cfg), optimizer, scheduler, batch, advantages)
         assert len(backwards) == 2
         return model, metrics
