@@ -3,8 +3,9 @@
 A sampler answers two calls:
 - `generate(prompt_ids, n, *, temperature, max_new_tokens, seeds=None)`: n responses to each prompt
   (rows i*n .. i*n+n-1 share prompt i) as a rollout.Batch; temperature 0 is greedy; with `seeds` (one
-  per prompt) response j of prompt i samples from its own stream, derive_seed(seeds[i], j). A sampler that is not
-  the trained model itself also returns its own log-probs of the sampled tokens (Batch.sampler_logprobs).
+  per prompt) response j of prompt i samples from its own stream, derive_seed(seeds[i], j). A sampler
+  that is not the trained model itself also returns its own log-probs of the sampled tokens
+  (Batch.sampler_logprobs).
 - `sync_weights(policy)`: make the sampler's weights the policy's; the seconds it took, or None for a
   sampler that samples from the policy object itself.
 
