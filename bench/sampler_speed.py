@@ -95,8 +95,8 @@ def rollout_only(config: str, overrides: list[str], rounds: int) -> None:
     print("| engine | rollout tokens/s | s per rollout | process CPU s per rollout | tokens per CPU second |")
     print("|---|---|---|---|---|")
     for name in engines:
-        print(f"| {name} | {tokens[name] / seconds[name]:.3g} | {seconds[name] / rounds:.3g} | {cpu[name] / rounds:.3g} "
-              f"| {tokens[name] / cpu[name]:.3g} |")
+        print(f"| {name} | {tokens[name] / seconds[name]:.3g} | {seconds[name] / rounds:.3g} "
+              f"| {cpu[name] / rounds:.3g} | {tokens[name] / cpu[name]:.3g} |")
 
 
 def main(argv: list[str]) -> None:

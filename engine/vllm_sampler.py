@@ -8,9 +8,10 @@ policy reaches vLLM one way, and no weights are ever written for it. The engine 
 one at a time, converted to vLLM's dtype (`reload_weights`, vLLM's in-place reload, checked on 0.32).
 
 Sampling: one request per response, each seeded (from the prompt's seed as the HF sampler derives its
-streams, or else from torch's generator), so that a run and its resume sample the same tokens; vLLM returns each sampled token's log-prob after temperature
-(logprobs_mode="processed_logprobs"), the quantity the trainer's fused log-probs recompute. top_p < 1
-is refused in the config until the loss computes log-probs over the sampler's kept set.
+streams, or else from torch's generator), so that a run and its resume sample the same tokens; vLLM
+returns each sampled token's log-prob after temperature (logprobs_mode="processed_logprobs"), the
+quantity the trainer's fused log-probs recompute. top_p < 1 is refused in the config until the loss
+computes log-probs over the sampler's kept set.
 
 Memory: the KV cache has a fixed size (rollout.vllm.kv_cache_gib, vLLM's kv_cache_memory_bytes). On a
 GPU with rollout.vllm.sleep, vLLM sleeps between rollouts (level 1: weights offloaded to host memory,

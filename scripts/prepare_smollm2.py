@@ -49,7 +49,8 @@ def write_sums(path: Path, rows: int, seed: int) -> None:
     with path.open("w") as f:
         for _ in range(rows):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
-            f.write(json.dumps({"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)}) + "\n")
+            prompt = f"What is {a} + {b}? Reply with the number only."
+            f.write(json.dumps({"prompt": prompt, "answer": str(a + b)}) + "\n")
 
 
 def main() -> None:

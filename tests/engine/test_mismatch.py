@@ -90,7 +90,8 @@ def _step(model, batch, advantages, correction, loss_mask=None):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    session = SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(), packed=False)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(),
+                              packed=False)
     metrics = update(session, make_loss(cfg), optimizer, scheduler, batch, advantages, loss_mask=loss_mask)
     delta = {k: start[k] - v for k, v in model.state_dict().items()}
     model.load_state_dict(start)

@@ -15,8 +15,8 @@ from _tiny_run import REWARD_MODULE, TINY  # noqa: E402
 from fusedrl.cli import main  # noqa: E402
 
 # vLLM's CPU attention takes head sizes of 32 and up: 64 wide, 2 heads.
-VLLM = ["rollout.engine=vllm", "model.demo.hidden_size=64", "model.demo.num_heads=2", "model.demo.intermediate_size=128",
-        "data.max_prompt_length=16", "rollout.vllm.kv_cache_gib=0.05", "rollout.group_size=4", "run.save_every=1"]
+VLLM = ["rollout.engine=vllm", "model.demo.hidden_size=64", "model.demo.num_heads=2",
+        "model.demo.intermediate_size=128", "data.max_prompt_length=16", "rollout.vllm.kv_cache_gib=0.05", "rollout.group_size=4", "run.save_every=1"]
 UNTIMED = ("time/", "tokens_per_second", "memory/")
 
 
