@@ -9,6 +9,7 @@ any model or dataset is read.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fusedrl.engine.errors import ConfigError
+from fusedrl.engine.mismatch import CORRECTIONS
 from fusedrl.engine.tasks import TASKS
 from fusedrl.loss.options import LossOptions, OptionError
 
@@ -124,7 +126,19 @@ class WarmStartConfig:
 
 
 @dataclass
+class VLLMConfig:
+    kv_cache_gib: float = 1.0
+    """vLLM's KV-cache size in GiB, fixed (its kv_cache_memory_bytes): the trainer keeps the rest of the memory."""
+    sleep: bool = True
+    """GPU: vLLM's sleep mode frees its KV cache while the policy trains."""
+    enforce_eager: bool = True
+    """Skip vLLM's graph compilation (and CUDA graphs): start-up in seconds, decoding somewhat slower."""
+
+
+@dataclass
 class RolloutConfig:
+    engine: str = "hf"
+    """Sampler: hf (transformers' generate on the policy) or vllm (the vllm extra, in-process; docs/vllm.md)."""
     prompts_per_step: int = 16
     """Prompts sampled per RL step."""
     group_size: int = 8
@@ -136,7 +150,13 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Longest response in tokens; also the loss's max_completion_length (dr_grpo)."""
     batch_size: int = 256
-    """Sequences generated together."""
+    """Sequences generated together by hf (vLLM schedules its own batches)."""
+    correction: str = "tis"
+    """Sampler-to-trainer mismatch correction (vllm): tis, token_mask, sequence_mask or none (engine/mismatch.py)."""
+    correction_cap: float = 2.0
+    """C > 1: tis weighs each token by min(ratio, C); the masks keep ratios within [1/C, C]."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM's memory and start-up settings (rollout.engine=vllm)."""
 
 
 @dataclass
@@ -412,6 +432,7 @@ def validate(cfg: Config) -> None:
     _fraction("rollout.top_p", rollout.top_p)
     _at_least("rollout.max_new_tokens", rollout.max_new_tokens, 1)
     _at_least("rollout.batch_size", rollout.batch_size, 1)
+    _validate_engine(rollout)
     if cfg.reward.function not in ("task", "math") and ":" not in cfg.reward.function:
         _fail("reward.function", f"must be task, math or an import path module:function; got "
                                  f"{cfg.reward.function!r}")
@@ -457,6 +478,24 @@ def validate(cfg: Config) -> None:
         _validate_ppo(cfg)
     if run.algorithm in ("spo_chain", "spo_tree"):
         _validate_spo(cfg)
+
+
+def _validate_engine(rollout: RolloutConfig) -> None:
+    _choice("rollout.engine", rollout.engine, ("hf", "vllm"))
+    _choice("rollout.correction", rollout.correction, CORRECTIONS)
+    if not (rollout.correction_cap > 1 and math.isfinite(rollout.correction_cap)):
+        _fail("rollout.correction_cap", f"must be > 1; got {rollout.correction_cap}")
+    if rollout.engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        _fail("rollout.engine", "'vllm' needs the vllm extra: pip install 'fusedrl[vllm]' (on a CPU machine "
+                                "scripts/test_vllm.sh builds that environment; docs/vllm.md)")
+    if rollout.top_p < 1:
+        # The loss's log-probs are over the whole vocabulary; vLLM's would be over the top-p kept set,
+        # and the correction would then weigh every token by the mass the nucleus dropped.
+        _fail("rollout.top_p", f"must be 1 with rollout.engine=vllm until the loss computes log-probs over "
+                               f"the sampler's kept set; got {rollout.top_p}")
+    _positive("rollout.vllm.kv_cache_gib", rollout.vllm.kv_cache_gib)
 
 
 def _validate_ppo(cfg: Config) -> None:

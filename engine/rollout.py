@@ -6,7 +6,9 @@ A response's mask covers its tokens up to and including the first end-of-sequenc
 that reaches max_new_tokens without one is marked truncated.
 
 The loss recomputes log-probs from the full softmax at the sampling temperature (top_p only shapes
-what is sampled), so the rollout keeps token ids, not generate's scores.
+what is sampled), so the rollout keeps token ids; a sampler that is not the trained model itself
+(vLLM, engine/samplers.py) also keeps its own log-probs of them, to measure and correct the mismatch
+(engine/mismatch.py).
 
 With `seeds` (one per prompt) each response draws its tokens from its own uniform stream, seeded by
 its prompt's seed and its index in the group (the way vLLM takes a seed per request): a response then
@@ -33,6 +35,7 @@ class Batch:
     completion_ids: torch.Tensor  # [B, T], pad after the end
     completion_mask: torch.Tensor  # [B, T] bool, response tokens including the end token
     truncated: torch.Tensor  # [B] bool, no end token within max_new_tokens
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] fp32, the sampler's own (0 after the end)
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -46,10 +49,11 @@ class Batch:
                                         self.completion_mask[index].sum(1).max()]).tolist()
         first = self.prompt_length - prompt  # leftmost column with a prompt token
         length = max(1, response)
+        sampler_lp = None if self.sampler_logprobs is None else self.sampler_logprobs[index][:, :length]
         return Batch(self.input_ids[index][:, first: self.prompt_length + length],
                      mask[:, first: self.prompt_length + length], self.prompt_length - first,
                      self.completion_ids[index][:, :length], self.completion_mask[index][:, :length],
-                     self.truncated[index])
+                     self.truncated[index], sampler_lp)
 
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
@@ -65,11 +69,15 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     def pad(t, value, left, right):
         return torch.nn.functional.pad(t, (left, right), value=value)
 
+    sampler_lp = None
+    if all(b.sampler_logprobs is not None for b in batches):
+        sampler_lp = torch.cat([pad(b.sampler_logprobs, 0.0, 0, right) for b, _, right in parts])
+
     return Batch(torch.cat([pad(b.input_ids, pad_id, left, right) for b, left, right in parts]),
                  torch.cat([pad(b.attention_mask, 0, left, right) for b, left, right in parts]), prompt,
                  torch.cat([pad(b.completion_ids, pad_id, 0, right) for b, _, right in parts]),
                  torch.cat([pad(b.completion_mask, False, 0, right) for b, _, right in parts]),
-                 torch.cat([b.truncated for b in batches]))
+                 torch.cat([b.truncated for b in batches]), sampler_lp)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +91,9 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: list[bool], pad_id: int,
-               device) -> Batch:
-    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses."""
+               device, logprobs: list[list[float]] | None = None) -> Batch:
+    """A Batch in the engine's layout from token lists: left-padded prompts, right-padded responses;
+    `logprobs` (one per response token) become its sampler_logprobs."""
     prompt, prompt_mask = left_pad(prompts, pad_id, device)
     length = max(1, max(len(r) for r in responses))
     completion = torch.full((len(responses), length), pad_id, dtype=torch.long)
@@ -92,10 +101,16 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], truncated: 
     for i, r in enumerate(responses):
         completion[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         completion_mask[i, :len(r)] = True
+    sampler_lp = None
+    if logprobs is not None:
+        sampler_lp = torch.zeros((len(responses), length), dtype=torch.float32)
+        for i, lp in enumerate(logprobs):
+            sampler_lp[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        sampler_lp = sampler_lp.to(device)
     completion, completion_mask = completion.to(device), completion_mask.to(device)
     return Batch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
                  prompt.shape[1], completion, completion_mask,
-                 torch.tensor(truncated, dtype=torch.bool, device=device))
+                 torch.tensor(truncated, dtype=torch.bool, device=device), sampler_lp)
 
 
 def derive_seed(*keys: int) -> int:

@@ -36,6 +36,7 @@ from fusedrl.engine.optim import StepGuard
 from fusedrl.engine.packing import use_packing
 from fusedrl.engine.plots import describe_fit, write_plots
 from fusedrl.engine.rewards import load_reward, score
+from fusedrl.engine.samplers import make_sampler
 from fusedrl.engine.warm_start import warm_start
 
 
@@ -106,7 +107,7 @@ class Session:
         self.train_split, self.eval_split = load_splits(cfg.data, self.tokenizer, run.seed)
         self.task = load_task(cfg.data.task) if cfg.data.task else None
         self.reward_fn = self._reward_fn()
-        self.sampler = PromptSampler(len(self.train_split), run.seed)
+        self.prompt_order = PromptSampler(len(self.train_split), run.seed)
         reference_path = None
         if self.resume_from is not None and cfg.model.reference == "policy" and not sharded_resume:
             reference_path = str(self.resume_from / "reference")
@@ -114,6 +115,9 @@ class Session:
             self.reference = load_reference(cfg.model, self.model, self.device, reference_path)
         if self.packed and self.reference is not None:
             use_packing(self.reference, "packed", reference_path or cfg.model.reference)
+        # The sampler (rollout.engine) starts from the loaded policy: a resumed run's checkpoint.
+        self.sampler = make_sampler(cfg, self.model, self.tokenizer)
+        self.sampler.sync_weights(self.model)
         self.start_step = self.state["step"] if self.state else 0
         self.extra = dict(self.state["extra"]) if self.state else {}
         # The run's wall time in the processes before this one, up to the checkpoint it resumes from.
@@ -175,6 +179,7 @@ class Session:
             seconds, loss = warm_start(
                 self.model, self.tokenizer, self.task, rows, self.cfg.warm_start,
                 report=lambda step, loss, s: self.print(f"warm start: step {step}/{steps}, loss {loss:.3f}, {s:.0f} s"))
+            self.sampler.sync_weights(self.model)
             self.print(f"warm start: {self.cfg.warm_start.steps} supervised steps in {seconds:.0f} s, "
                               f"final loss {loss:.3f}")
             if self.reference is not None and self.cfg.model.reference == "policy":
@@ -198,7 +203,7 @@ class Session:
                           f"({self._decoding()})")
 
     def restore(self, optimizer, scheduler) -> None:
-        """Optimizer, scheduler, sampler and RNG states from the checkpoint being resumed (if any); under
+        """Optimizer, scheduler, prompt order and RNG states from the checkpoint being resumed (if any); under
         torchrun also the models' shards (the critic's with `critic_optimizer`, set before)."""
         if self.state is None:
             return
@@ -207,7 +212,7 @@ class Session:
         else:
             optimizer.load_state_dict(self.state["optimizer"])
         scheduler.load_state_dict(self.state["scheduler"])
-        self.sampler.load_state_dict(self.state["sampler"])
+        self.prompt_order.load_state_dict(self.state["sampler"])
         checkpoint.set_rng_state(self.state["rng"])
 
     def steps(self):
@@ -223,8 +228,8 @@ class Session:
     def next_prompts(self, count: int):
         """This rank's share of the next `count` training prompts (a Split) and each one's sampling seed,
         derived from the run's seed and the prompt's draw number: the same on any number of ranks."""
-        first = self.sampler.position
-        indices = self.sampler.next_indices(count)
+        first = self.prompt_order.position
+        indices = self.prompt_order.next_indices(count)
         mine = self.world.share(count)
         seeds = [rollout.derive_seed(self.cfg.run.seed, _TRAIN, first + i) for i in mine]
         return self.train_split.select([indices[i] for i in mine]), seeds
@@ -234,9 +239,8 @@ class Session:
         prompt's from its seed; the responses of one prompt are adjacent rows."""
         r = self.cfg.rollout
         with distributed.gathered(self.model):
-            return rollout.generate(self.model, self.tokenizer, prompts.prompt_ids, group_size=r.group_size,
-                                    temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                    batch_size=r.batch_size, seeds=seeds)
+            return self.sampler.generate(prompts.prompt_ids, r.group_size, temperature=r.temperature,
+                                         max_new_tokens=r.max_new_tokens, seeds=seeds)
 
     def score_groups(self, prompts, completions: list[str]) -> tuple[torch.Tensor, int]:
         """Rewards of the responses `generate(prompts)` made, each scored against its own prompt's row."""
@@ -253,10 +257,9 @@ class Session:
         parts = ([], [], 0)  # a rank with no held-out prompt (fewer than ranks) still joins the collectives
         with distributed.gathered(self.model):
             if len(split):
-                batch = rollout.generate(self.model, self.tokenizer, split.prompt_ids, group_size=1,
-                                         temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
-                                         max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-                                         seeds=[rollout.derive_seed(cfg.run.seed, _EVAL, i) for i in mine])
+                batch = self.sampler.generate(split.prompt_ids, 1, temperature=cfg.eval.temperature,
+                                              max_new_tokens=cfg.rollout.max_new_tokens,
+                                              seeds=[rollout.derive_seed(cfg.run.seed, _EVAL, i) for i in mine])
                 rewards, failures = self.score(split.prompts, rollout.decode(self.tokenizer, batch), split.columns)
                 parts = (rewards.tolist(), batch.lengths().tolist(), failures)
         parts = self.world.gather(parts)
@@ -270,11 +273,15 @@ class Session:
         return f"{len(self.eval_split)} prompts, " + ("greedy" if t == 0 else f"sampled at temperature {t}")
 
     def end_step(self, step: int, metrics: dict, optimizer, scheduler, parts=None) -> Path | None:
-        """Adds evaluation and peak memory to the step's metrics, logs them, checkpoints when due.
+        """Syncs the sampler with the updated policy, adds evaluation and peak memory to the step's
+        metrics, logs them, checkpoints when due.
 
         `parts(directory)` writes a loop's own parts of a checkpoint (PPO: the critic) into it before it
         is marked complete. Returns the checkpoint directory written at this step (None if none)."""
         cfg = self.cfg.run
+        sync_seconds = self.sampler.sync_weights(self.model)
+        if sync_seconds is not None:
+            metrics["time/weight_sync_s"] = sync_seconds
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 or step == cfg.steps:
             metrics.update(self.evaluate())
         # The largest rank's peak: the one that decides whether a run fits.
@@ -298,13 +305,13 @@ class Session:
             # The final policy is also exported as a transformers directory, gathered once.
             self._last_saved = checkpoint.save_sharded_checkpoint(
                 directory, self.world, self._sharded_parts(optimizer), tokenizer=self.tokenizer,
-                scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra,
+                scheduler=scheduler, sampler=self.prompt_order, step=step, extra=self.extra,
                 export=self.model if step == self.cfg.run.steps else None, export_dtype=DTYPES[self.cfg.model.dtype])
             return self._last_saved
         self._last_saved = checkpoint.save_checkpoint(
             directory, model=self.model, tokenizer=self.tokenizer,
             reference=self.reference if self.cfg.model.reference == "policy" else None,
-            optimizer=optimizer, scheduler=scheduler, sampler=self.sampler, step=step, extra=self.extra,
+            optimizer=optimizer, scheduler=scheduler, sampler=self.prompt_order, step=step, extra=self.extra,
             parts=parts)
         checkpoint.remove_old_checkpoints(self.output_dir, self.cfg.run.keep_checkpoints)
         return self._last_saved
@@ -325,6 +332,7 @@ class Session:
             return {}
         history = self.logger.history()
         self.logger.close()
+        self.sampler.close()
         plots, fit = write_plots(history, self.output_dir) if self.cfg.run.plots else ([], None)
         final = next((h for h in reversed(history) if "eval/accuracy" in h), {})
         before = self.extra.get("eval_before", {}).get("eval/accuracy")

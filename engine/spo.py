@@ -69,7 +69,7 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds
     old_lp = per_token(model, batch, [plan], loss_fn, session.packed)  # the rollout policy's, for the cutpoints
     with distributed.gathered(model):
         boundaries, values, continuation_tokens = chain_values(
-            model, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
+            session.sampler, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
             threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling,
             scorer=scorer, seeds=seeds)
     advantages = chain_advantages(boundaries, values, rewards.tolist(), batch.completion_mask)
@@ -85,7 +85,7 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
     tokenizer, spo = session.tokenizer, session.cfg.spo
     with distributed.gathered(session.model):
-        trees, generated = sample_trees(session.model, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
+        trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
                                         branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
                                         sampling=sampling)
     leaf_rewards = score_leaves(tokenizer, trees, scorer)
@@ -97,9 +97,10 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - kept}
     if not rows:  # update() still runs on every rank while another has rows (batch=None here)
         return None, rewards, None, None, metrics
+    sampler_lp = [tree.response_logprobs(leaf) for tree, leaf, *_ in rows]
     batch = rollout.make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows],
                                [ids for _, _, ids, _, _ in rows], [not tree.finished[leaf] for tree, leaf, *_ in rows],
-                               tokenizer.pad_token_id, session.device)
+                               tokenizer.pad_token_id, session.device, None if None in sampler_lp else sampler_lp)
     width = batch.completion_ids.shape[1]
     token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
     loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)
@@ -117,7 +118,7 @@ def train(cfg: Config) -> dict:
                                weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = make_scheduler(optimizer, cfg, cfg.run.steps * cfg.optim.updates_per_batch * cfg.optim.mini_batches)
     session.restore(optimizer, scheduler)
-    sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, r.batch_size)
+    sampling = Sampling(r.temperature, r.max_new_tokens, r.batch_size)
     step_fn = chain_step if cfg.run.algorithm == "spo_chain" else tree_step
     for step in session.steps():
         start = time.perf_counter()

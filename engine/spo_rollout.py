@@ -1,8 +1,8 @@
 """SPO's sampling: Monte-Carlo values at chain boundaries, and segment trees (docs/algorithms.md section 5).
 
-Both reuse the engine's batched `generate` (left-padded prompts, transformers' generate). A boundary's
+Both sample through the session's sampler (engine/samplers.py: hf or vllm). A boundary's
 value is the mean reward of K continuations sampled from prompt + response[:b]; all boundaries of all
-responses of a step, across prompts, go through generate together, sorted by remaining budget so that
+responses of a step, across prompts, go through the sampler together, sorted by remaining budget so that
 a call's rows need similar numbers of new tokens. A continuation shares the response's length limit:
 it may add max_new_tokens - b tokens, and one that ends without an end token scores 0 (truncated).
 The prompt itself is the first boundary of every response to it, so its value is sampled once per prompt.
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from fusedrl.engine.rollout import Batch, derive_seed, generate
+from fusedrl.engine.rollout import Batch, derive_seed
 from fusedrl.engine.segments import chain_boundaries, tree_paths
 
 Scorer = Callable[[list[int], list[str]], list[float]]
@@ -31,10 +31,9 @@ _CONTINUATIONS = 2  # derive_seed's tag of continuation streams
 
 @dataclass
 class Sampling:
-    """How continuations are sampled: the rollout's settings."""
+    """How continuations are sampled: the rollout's settings (top_p is the sampler's own)."""
 
     temperature: float
-    top_p: float
     max_new_tokens: int
     batch_size: int
 
@@ -45,7 +44,7 @@ def _to_host(batch: Batch) -> tuple[list[int], list[bool], list[list[int]]]:
     return batch.lengths().tolist(), batch.truncated.tolist(), batch.completion_ids.tolist()
 
 
-def continuation_values(model, tokenizer, prefixes: list[tuple[int, list[int], list[int]]], *, k: int,
+def continuation_values(sampler, tokenizer, prefixes: list[tuple[int, list[int], list[int]]], *, k: int,
                         sampling: Sampling, scorer: Scorer, seeds: list[int] | None = None) -> tuple[list[float], int]:
     """(V of each prefix, tokens generated): V = mean reward of k sampled continuations.
 
@@ -63,10 +62,9 @@ def continuation_values(model, tokenizer, prefixes: list[tuple[int, list[int], l
     generated = 0
     for start in range(0, len(order), per_call):
         chunk = order[start: start + per_call]
-        out = generate(model, tokenizer, [prefixes[i][1] + prefixes[i][2] for i in chunk], group_size=k,
-                       temperature=sampling.temperature, top_p=sampling.top_p,
-                       max_new_tokens=budgets[chunk[0]], batch_size=sampling.batch_size,
-                       seeds=None if seeds is None else [seeds[i] for i in chunk])
+        out = sampler.generate([prefixes[i][1] + prefixes[i][2] for i in chunk], k,
+                               temperature=sampling.temperature, max_new_tokens=budgets[chunk[0]],
+                               seeds=None if seeds is None else [seeds[i] for i in chunk])
         lengths, truncated, ids = _to_host(out)
         for row, length in enumerate(lengths):
             i = chunk[row // k]
@@ -83,7 +81,7 @@ def continuation_values(model, tokenizer, prefixes: list[tuple[int, list[int], l
     return [t / k for t in totals], generated
 
 
-def chain_values(model, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], batch: Batch,
+def chain_values(sampler, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], batch: Batch,
                  old_logprobs: torch.Tensor, *, k: int, threshold: float, interval: int,
                  sampling: Sampling, scorer: Scorer,
                  seeds: list[int] | None = None) -> tuple[list[list[int]], list[list[float]], int]:
@@ -110,7 +108,7 @@ def chain_values(model, tokenizer, prompt_ids: list[list[int]], prompt_index: li
         slots.append(row)
     # The leading tag keeps these streams apart from the responses' own (derive_seed(seeds[p], j)).
     prefix_seeds = None if seeds is None else [derive_seed(_CONTINUATIONS, seeds[p], j, b) for p, j, b in keys]
-    values, generated = continuation_values(model, tokenizer, prefixes, k=k, sampling=sampling, scorer=scorer,
+    values, generated = continuation_values(sampler, tokenizer, prefixes, k=k, sampling=sampling, scorer=scorer,
                                             seeds=prefix_seeds)
     return boundaries, [[values[s] for s in row] for row in slots], generated
 
@@ -123,6 +121,7 @@ class Tree:
     parents: list[int] = field(default_factory=lambda: [-1])
     tokens: list[list[int]] = field(default_factory=lambda: [[]])  # each node's segment
     finished: list[bool] = field(default_factory=lambda: [False])  # segment ended with the end token
+    logprobs: list[list[float]] = field(default_factory=lambda: [[]])  # the sampler's, when it keeps them
 
     def path(self, node: int) -> list[int]:
         """Nodes from the root's first child down to `node`."""
@@ -135,12 +134,18 @@ class Tree:
     def response(self, node: int) -> list[int]:
         return [t for n in self.path(node) for t in self.tokens[n]]
 
+    def response_logprobs(self, node: int) -> list[float] | None:
+        """The sampler's log-probs of `response(node)`; None when the sampler keeps none."""
+        if len(self.logprobs) != len(self.tokens):
+            return None
+        return [lp for n in self.path(node) for lp in self.logprobs[n]]
+
     def leaves(self) -> list[int]:
         inner = set(self.parents[1:])
         return [n for n in range(1, len(self.parents)) if n not in inner]
 
 
-def sample_trees(model, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], *,
+def sample_trees(sampler, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], *,
                  branching: list[int], level_tokens: list[int], sampling: Sampling) -> tuple[list[Tree], int]:
     """(one tree per prompt index, tokens generated); level l has branching[l] children per open node."""
     trees = [Tree(p) for p in prompt_index]
@@ -152,14 +157,16 @@ def sample_trees(model, tokenizer, prompt_ids: list[list[int]], prompt_index: li
         if not frontier:
             break
         prefixes = [prompt_ids[tree.prompt_index] + tree.response(node) for tree, node in frontier]
-        out = generate(model, tokenizer, prefixes, group_size=width, temperature=sampling.temperature,
-                       top_p=sampling.top_p, max_new_tokens=budget, batch_size=sampling.batch_size)
+        out = sampler.generate(prefixes, width, temperature=sampling.temperature, max_new_tokens=budget)
         next_frontier = []
         lengths, truncated, ids = _to_host(out)
+        logprobs = None if out.sampler_logprobs is None else out.sampler_logprobs.tolist()
         for row, length in enumerate(lengths):
             tree, parent = frontier[row // width]
             tree.parents.append(parent)
             tree.tokens.append(ids[row][:length])
+            if logprobs is not None:
+                tree.logprobs.append(logprobs[row][:length])
             tree.finished.append(not truncated[row])
             generated += length
             if not tree.finished[-1] and not last:

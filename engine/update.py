@@ -30,6 +30,10 @@ single-process update.
 Micro-batches are packed (engine/packing.py: whole sequences end to end in one row of up to
 micro_batch_tokens tokens, no padding, and only the loss's tokens' hidden states go to the fused op) where
 the model's attention can run them (`Session.packed`, optim.micro_batch_layout), else padded rows.
+
+With rollout.engine=vllm the no-grad pass of old log-probs always runs: the mismatch between them and
+the sampler's own (Batch.sampler_logprobs) is measured and corrected (engine/mismatch.py: weights into
+the loss as rollout_is_weights, or tokens masked out of it); the metrics are this rank's.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from dataclasses import replace
 
 import torch
 
-from fusedrl.engine import distributed, rollout
+from fusedrl.engine import distributed, mismatch, rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.model import (completion_hidden, output_projection, packed_hidden, packed_token_logprobs,
                                   token_logprobs)
@@ -192,13 +196,21 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     if batch is None:
         batch, advantages, loss_mask = idle_batch(session)
     passes = global_plan(world, batch, rows, optim, packed)
-    need_old = optim.updates_per_batch > 1 or optim.mini_batches > 1
+    # With vllm decided by the config, not by the batch, so that every rank (an idle one too) runs the
+    # same passes.
+    need_old = (optim.updates_per_batch > 1 or optim.mini_batches > 1 or cfg.rollout.engine == "vllm"
+                or batch.sampler_logprobs is not None)
     old_lp = per_token(model, batch, passes[0], loss_fn, packed) if need_old else None
     ref_lp = ref_logprobs
     if ref_lp is None and session.reference is not None:
         ref_lp = per_token(session.reference, batch, passes[0], loss_fn, packed)
     sums, extremes, tokens_seen, losses, grad_norms, skipped = {}, {}, 0, [], [], 0
     mask = batch.completion_mask if loss_mask is None else loss_mask & batch.completion_mask
+    sampler_lp, rollout_weights, mismatch_metrics = batch.sampler_logprobs, None, {}
+    if sampler_lp is not None:
+        fix = mismatch.correct(old_lp, sampler_lp, mask, cfg.rollout.correction, cfg.rollout.correction_cap)
+        mask, rollout_weights, mismatch_metrics = mask & fix.keep, fix.weights, fix.metrics
+    off_policy_lp = sampler_lp if loss_fn.off_policy_mask_threshold is not None else None
     # Token counts per row, read once: the micro-batch loop below then never waits on the device (the
     # optimizer step reads the gradient norm once, StepGuard); the loss and its metrics are summed as
     # device tensors and read back once, at the end.
@@ -239,7 +251,9 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
                     old_logprobs=None if old_lp is None else old_lp[part, :length],
                     ref_logprobs=None if ref_lp is None else ref_lp[part, :length],
                     num_items_in_batch=loss_fn.token_count_argument(mini_tokens),
-                    selection=None if selection is None else selection.rows(part, length))
+                    selection=None if selection is None else selection.rows(part, length),
+                    rollout_is_weights=None if rollout_weights is None else rollout_weights[part, :length],
+                    sampling_logprobs=None if off_policy_lp is None else off_policy_lp[part, :length])
                 valid = 0 if idle else sum(row_tokens[i] for i in part.tolist())
                 share = 0.0 if idle else loss_fn.micro_batch_share(len(part), valid, mini_rows, mini_tokens)
                 (loss * share).backward()
@@ -267,7 +281,7 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
         out["grad_norm"] = float(sum(grad_norms) / len(grad_norms))
     out["lr"] = scheduler.get_last_lr()[0]
     out["optim/skipped_steps"] = skipped
-    return out
+    return out | mismatch_metrics
 
 
 def _reduce_metrics(world: distributed.World, sums: dict, extremes: dict, tokens: int, losses: list) -> dict:

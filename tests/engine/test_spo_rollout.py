@@ -1,13 +1,12 @@
 """SPO sampling logic (budgets, truncation, value means, tree growth, training rows) with a scripted sampler.
 
-`generate` is replaced by a function that returns prescribed continuations for each prefix, so every
-value below is worked out by hand.
+The sampler is a stand-in that returns prescribed continuations for each prefix, so every value below
+is worked out by hand.
 """
 
 import pytest
 import torch
 
-import fusedrl.engine.spo_rollout as spo_rollout
 from fusedrl.engine.rollout import make_batch
 from fusedrl.engine.segments import tree_values_and_advantages
 from fusedrl.engine.spo_rollout import (Sampling, chain_values, continuation_values, sample_trees, score_leaves,
@@ -23,18 +22,20 @@ class DigitTokenizer:
         return ["".join(str(t) for t in row if t != EOS) for row in ids]
 
 
-def scripted_generate(script, calls):
-    """A stand-in for rollout.generate: continuation j of prefix p is script[tuple(p)][j], cut at
-    max_new_tokens; truncated when no end token is within the cut."""
+class ScriptedSampler:
+    """A stand-in for the engine's sampler: continuation j of prefix p is script[tuple(p)][j], cut at
+    max_new_tokens; truncated when no end token is within the cut. With `logprobs`, token t of every
+    response gets the sampler log-prob -t (as samplers other than hf keep them)."""
 
-    def fake(model, tokenizer, prompt_ids, *, group_size, temperature, top_p, max_new_tokens, batch_size,
-             seeds=None):
-        calls.append(([tuple(p) for p in prompt_ids], group_size, max_new_tokens))
-        responses = [script[tuple(p)][j][:max_new_tokens] for p in prompt_ids for j in range(group_size)]
-        prompts = [p for p in prompt_ids for _ in range(group_size)]
-        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, "cpu")
+    def __init__(self, script, calls, logprobs=False):
+        self.script, self.calls, self.logprobs = script, calls, logprobs
 
-    return fake
+    def generate(self, prompt_ids, n, *, temperature, max_new_tokens, seeds=None):
+        self.calls.append(([tuple(p) for p in prompt_ids], n, max_new_tokens))
+        responses = [self.script[tuple(p)][j][:max_new_tokens] for p in prompt_ids for j in range(n)]
+        prompts = [p for p in prompt_ids for _ in range(n)]
+        lp = [[-float(t) for t in r] for r in responses] if self.logprobs else None
+        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, "cpu", lp)
 
 
 def length_scorer(record):
@@ -47,20 +48,19 @@ def length_scorer(record):
     return score
 
 
-SAMPLING = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6, batch_size=4)
+SAMPLING = Sampling(temperature=1.0, max_new_tokens=6, batch_size=4)
 
 
-def test_continuation_values_budget_truncation_and_means(monkeypatch):
+def test_continuation_values_budget_truncation_and_means():
     script = {
         (5, 5): [[1, EOS], [2, 2, 2, 2, 2, 2]],  # the second never ends within 6 tokens: scores 0
         (5, 5, 1, 2): [[4, EOS], [4, 4, 4, 4, EOS]],  # the second needs 5 > 6 - 2 tokens: scores 0
         (6, 3, 3, 3, 3, 3): [[EOS], [4, EOS]],  # budget 1: only the immediate end scores
     }
     calls = []
-    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, calls))
     record = []
     prefixes = [(0, [5, 5], []), (0, [5, 5], [1, 2]), (1, [6], [3, 3, 3, 3, 3])]
-    values, generated = continuation_values(None, DigitTokenizer(), prefixes, k=2, sampling=SAMPLING,
+    values, generated = continuation_values(ScriptedSampler(script, calls), DigitTokenizer(), prefixes, k=2, sampling=SAMPLING,
                                             scorer=length_scorer(record))
     # V = mean over the 2 continuations: (1 + 0) / 2; ("124" scores 3, + 0) / 2; (10 * 5 + 0) / 2.
     assert values == [0.5, 1.5, 25.0]
@@ -71,16 +71,15 @@ def test_continuation_values_budget_truncation_and_means(monkeypatch):
     assert (1, "33333") in record and (0, "124") in record
 
 
-def test_chain_values_share_the_prompt_state_across_a_group(monkeypatch):
+def test_chain_values_share_the_prompt_state_across_a_group():
     # Two responses to prompt 0. Row 0: token 2 has probability 0.5, a cutpoint; row 1 has none.
     probs = torch.tensor([[0.99, 0.95, 0.5, 0.99], [0.99, 0.99, 0.99, 0.5]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     batch = make_batch([[5, 5], [5, 5]], [[1, 2, 3, EOS], [4, 4, EOS]], [False, False], PAD, "cpu")
     script = {(5, 5): [[1, EOS], [2, 2, EOS]], (5, 5, 1, 2): [[EOS], [7, 7, 7, EOS]]}
     calls = []
-    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, calls))
     boundaries, values, generated = chain_values(
-        None, DigitTokenizer(), [[5, 5]], [0, 0], batch, probs.log().masked_fill(~mask, 0.0), k=2,
+        ScriptedSampler(script, calls), DigitTokenizer(), [[5, 5]], [0, 0], batch, probs.log().masked_fill(~mask, 0.0), k=2,
         threshold=0.9, interval=1, sampling=SAMPLING, scorer=length_scorer([]))
     assert boundaries == [[0, 2], [0]]
     # The prompt's value, sampled once for both rows: ("1": 1, "22": 2) -> 1.5; after "12": (2, 5) -> 3.5.
@@ -89,13 +88,12 @@ def test_chain_values_share_the_prompt_state_across_a_group(monkeypatch):
     assert generated == (2 + 3) + (1 + 4)
 
 
-def test_tree_growth_leaf_rewards_and_training_rows(monkeypatch):
+def test_tree_growth_leaf_rewards_and_training_rows():
     # Branching 2-2, 2 tokens at level 1, the remaining 3 at level 2 (max_new_tokens 5).
     script = {(7,): [[1, 2], [3, EOS]], (7, 1, 2): [[4, EOS], [5, 5, 5]]}
     calls = []
-    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, calls))
-    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=5, batch_size=8)
-    trees, generated = sample_trees(None, DigitTokenizer(), [[7]], [0], branching=[2, 2], level_tokens=[2],
+    sampling = Sampling(temperature=1.0, max_new_tokens=5, batch_size=8)
+    trees, generated = sample_trees(ScriptedSampler(script, calls), DigitTokenizer(), [[7]], [0], branching=[2, 2], level_tokens=[2],
                                     sampling=sampling)
     tree = trees[0]
     assert tree.parents == [-1, 0, 0, 1, 1]
@@ -115,13 +113,25 @@ def test_tree_growth_leaf_rewards_and_training_rows(monkeypatch):
         (4, [1, 2, 5, 5, 5], [False, False, True, True, True]),
     ]
     assert rows[2][3] == pytest.approx([0.25, 0.25, -1.5, -1.5, -1.5])
+    assert tree.response_logprobs(4) is None  # this sampler keeps no log-probs
 
 
-def test_rows_whose_segments_all_have_zero_advantage_are_dropped(monkeypatch):
+def test_tree_paths_carry_the_samplers_logprobs():
+    """A sampler's log-probs follow each node's tokens, so a leaf path's row has them token by token."""
+    script = {(7,): [[1, 2], [3, EOS]], (7, 1, 2): [[4, EOS], [5, 5, 5]]}
+    sampling = Sampling(temperature=1.0, max_new_tokens=5, batch_size=8)
+    trees, _ = sample_trees(ScriptedSampler(script, [], logprobs=True), DigitTokenizer(), [[7]], [0],
+                            branching=[2, 2], level_tokens=[2], sampling=sampling)
+    tree = trees[0]
+    assert [tree.response(n) for n in (2, 3, 4)] == [[3, EOS], [1, 2, 4, EOS], [1, 2, 5, 5, 5]]
+    assert [tree.response_logprobs(n) for n in (2, 3, 4)] == [[-3.0, 0.0], [-1.0, -2.0, -4.0, 0.0],
+                                                            [-1.0, -2.0, -5.0, -5.0, -5.0]]
+
+
+def test_rows_whose_segments_all_have_zero_advantage_are_dropped():
     script = {(7,): [[1, EOS], [2, EOS]]}
-    monkeypatch.setattr(spo_rollout, "generate", scripted_generate(script, []))
-    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=4, batch_size=8)
-    trees, _ = sample_trees(None, DigitTokenizer(), [[7]], [0], branching=[2], level_tokens=[],
+    sampling = Sampling(temperature=1.0, max_new_tokens=4, batch_size=8)
+    trees, _ = sample_trees(ScriptedSampler(script, []), DigitTokenizer(), [[7]], [0], branching=[2], level_tokens=[],
                             sampling=sampling)
     rewards = score_leaves(DigitTokenizer(), trees, lambda p, texts: [1.0] * len(texts))
     _, adv = tree_values_and_advantages(trees[0].parents, rewards[0])
@@ -139,28 +149,28 @@ def test_make_batch_layout():
 
 
 @pytest.mark.parametrize("rows", [2, 8])
-def test_sampling_reads_each_generated_batch_once(rows, monkeypatch, fake_gpu):
+def test_sampling_reads_each_generated_batch_once(rows, fake_gpu):
     """On a GPU every read of a device value waits for the GPU. chain_values reads the old log-probs and
     the responses once, and each generated batch once (lengths, truncation, ids), whatever the rows;
     sample_trees each level's batch once."""
     calls = []
 
-    def generate(model, tokenizer, prompt_ids, *, group_size, max_new_tokens, **sampling):
-        calls.append(max_new_tokens)
-        prompts = [p for p in prompt_ids for _ in range(group_size)]
-        responses = [[1, 2, EOS][:max_new_tokens] for _ in prompts]
-        return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, fake_gpu.DEVICE)
+    class Sampler:
+        def generate(self, prompt_ids, n, *, temperature, max_new_tokens, seeds=None):
+            calls.append(max_new_tokens)
+            prompts = [p for p in prompt_ids for _ in range(n)]
+            responses = [[1, 2, EOS][:max_new_tokens] for _ in prompts]
+            return make_batch(prompts, responses, [EOS not in r for r in responses], PAD, fake_gpu.DEVICE)
 
-    monkeypatch.setattr(spo_rollout, "generate", generate)
     batch = make_batch([[5, 5]] * rows, [[1, 2, 3, 4, EOS]] * rows, [False] * rows, PAD, fake_gpu.DEVICE)
     old_lp = torch.full((rows, 5), -2.0, device=fake_gpu.DEVICE)  # every token a cutpoint
     before = fake_gpu.host_reads
-    boundaries, _, _ = chain_values(None, DigitTokenizer(), [[5, 5]], [0] * rows, batch, old_lp, k=2, threshold=0.9,
+    boundaries, _, _ = chain_values(Sampler(), DigitTokenizer(), [[5, 5]], [0] * rows, batch, old_lp, k=2, threshold=0.9,
                                     interval=2, sampling=SAMPLING, scorer=length_scorer([]))
     assert boundaries == [[0, 2, 4]] * rows and len(calls) > 1
     assert fake_gpu.host_reads - before == 3 + 3 * len(calls)
     calls.clear()
     before = fake_gpu.host_reads
-    sample_trees(None, DigitTokenizer(), [[7]] * rows, list(range(rows)), branching=[2, 2], level_tokens=[2],
+    sample_trees(Sampler(), DigitTokenizer(), [[7]] * rows, list(range(rows)), branching=[2, 2], level_tokens=[2],
                  sampling=SAMPLING)
     assert len(calls) == 2 and fake_gpu.host_reads - before == 3 * len(calls)

@@ -1,0 +1,66 @@
+"""Samplers: where the responses come from (rollout.engine), behind one seam the loops share.
+
+A sampler answers two calls:
+- `generate(prompt_ids, n, *, temperature, max_new_tokens, seeds=None)`: n responses to each prompt
+  (rows i*n .. i*n+n-1 share prompt i) as a rollout.Batch; temperature 0 is greedy; with `seeds` (one
+  per prompt) response j of prompt i samples from its own stream, derive_seed(seeds[i], j). A sampler
+  that is not the trained model itself also returns its own log-probs of the sampled tokens
+  (Batch.sampler_logprobs).
+- `sync_weights(policy)`: make the sampler's weights the policy's; the seconds it took, or None for a
+  sampler that samples from the policy object itself.
+
+hf (the default, no extra dependency) runs transformers' generate on the policy: nothing to sync and
+no mismatch to measure, so it keeps no log-probs. vllm (engine/vllm_sampler.py, the `vllm` extra) runs
+vLLM in this process; the session syncs it after every optimizer step, and the update measures and
+corrects the mismatch from its log-probs (engine/mismatch.py). The loops never know which runs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fusedrl.engine import rollout
+from fusedrl.engine.config import Config
+from fusedrl.engine.rollout import Batch
+
+
+class Sampler(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+                 seeds: list[int] | None = None) -> Batch:
+        ...
+
+    def sync_weights(self, policy) -> float | None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def make_sampler(cfg: Config, model, tokenizer) -> Sampler:
+    """The sampler that rollout.engine names, for `model` and its tokenizer."""
+    if cfg.rollout.engine == "vllm":
+        from fusedrl.engine.vllm_sampler import VLLMSampler  # the optional extra, imported only when used
+
+        return VLLMSampler(cfg, model, tokenizer)
+    return HFSampler(model, tokenizer, top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size)
+
+
+class HFSampler:
+    """transformers' generate on the policy (rollout.generate), `batch_size` sequences per call."""
+
+    def __init__(self, model, tokenizer, *, top_p: float, batch_size: int):
+        self.model, self.tokenizer, self.top_p, self.batch_size = model, tokenizer, top_p, batch_size
+
+    def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+                 seeds: list[int] | None = None) -> Batch:
+        return rollout.generate(self.model, self.tokenizer, prompt_ids, group_size=n, temperature=temperature,
+                                top_p=self.top_p, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                                seeds=seeds)
+
+    def sync_weights(self, policy) -> None:
+        """Nothing to do: generate runs on the policy itself."""
+        if policy is not self.model:
+            raise ValueError("policy must be the model this sampler generates with")
+
+    def close(self) -> None:
+        pass
