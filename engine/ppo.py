@@ -176,7 +176,7 @@ def train(cfg: Config) -> dict:
         lengths = batch.lengths()
         metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
                    "reward/failures": failures, "accuracy": float((scores >= 1).float().mean()),
-                   "completions/mean_length": float(lengths.float().mean()),
+                   "completions/mean_length": float(lengths.float().mean()), "tokens/sampled": int(lengths.sum()),
                    "completions/truncated": float(batch.truncated.float().mean()), **adv_metrics}
         # Policy through the fused loss with per-token advantages, then the critic, then the reference EMA.
         metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, ref_logprobs=ref_lp))

@@ -68,7 +68,8 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampl
     advantages = chain_advantages(boundaries, values, rewards.tolist(), batch.completion_mask)
     response_tokens = int(batch.completion_mask.sum())
     metrics = {"spo/segments_mean": sum(map(len, boundaries)) / len(boundaries),
-               "spo/sampling_overhead": (response_tokens + continuation_tokens) / max(1, response_tokens)}
+               "spo/sampling_overhead": (response_tokens + continuation_tokens) / max(1, response_tokens),
+               "tokens/sampled": response_tokens + continuation_tokens}
     return batch, rewards, advantages, None, metrics
 
 
@@ -83,7 +84,7 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, sampli
                   for t, lr in zip(trees, leaf_rewards)]
     rows = tree_training_rows(trees, advantages)
     rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
-    metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows)}
+    metrics = {"spo/leaves": len(rewards), "spo/rows_dropped": len(rewards) - len(rows), "tokens/sampled": generated}
     if not rows:
         return None, rewards, None, None, metrics
     batch = rollout.make_batch([prompts.prompt_ids[tree.prompt_index] for tree, *_ in rows],
