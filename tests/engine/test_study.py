@@ -1,0 +1,68 @@
+"""The study's small version (engine/study.py --small): every arm of configs/study/arms.yaml trains from
+the shared warm start and the report is written. Numbers are not asserted: two steps say nothing."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from fusedrl.engine import study
+from fusedrl.engine.study_report import spread, verdict
+from fusedrl.engine.tasks import arithmetic, arithmetic3
+
+PLAN = study.REPO / "configs/study/arms.yaml"
+
+
+def test_arithmetic3_is_three_digit_addition_with_the_same_verifier():
+    row = {"a": 107, "b": 938}
+    assert arithmetic3.reference_completion(row) == "7+8+0=15 0+3+1=04 1+9+0=10 #1045"
+    rows = arithmetic3.make_dataset("train", 300, seed=0)
+    assert all(len(r["prompt"]) == 8 and int(r["answer"]) == r["a"] + r["b"] for r in rows)
+    assert {r["prompt"] for r in rows}.isdisjoint(r["prompt"] for r in arithmetic3.make_dataset("eval", 100, seed=0))
+    assert arithmetic3.reward(["", ""], ["... #1045", "... #045"], answer=["1045", "1045"]) == [1.0, 0.0]
+    # The demo's 2-digit task is unchanged.
+    assert arithmetic.reference_completion({"a": 7, "b": 38}) == "7+8+0=15 0+3+1=04 #045"
+
+
+def test_spread_and_verdict_by_hand():
+    assert spread([0.5, 0.6, 0.7], 100) == "60.0 ± 10.0"
+    assert verdict([0.8, 0.85, 0.9], [0.5, 0.6, 0.7]) == "+25.0 points, beyond the seed spread"
+    assert verdict([0.65, 0.75, 0.8], [0.5, 0.6, 0.7]) == "+13.3 points, within the seed spread"
+
+
+def test_every_arm_runs_from_the_seed_warm_start():
+    plan = study.load_plan(PLAN, small=False)
+    starts, runs = study.jobs(plan, study.REPO / "runs/x")
+    assert len(starts) == len(plan["seeds"]) >= 3
+    assert len(runs) == len(plan["seeds"]) * len(plan["arms"])
+    for job in runs:
+        seed = job.name.split("/")[0]
+        assert f"model.path={study.REPO}/runs/x/{seed}/warm_start/model" in job.argv
+        assert "warm_start.steps=0" in job.argv and f"run.seed={seed[4:]}" in job.argv
+    # The next seed's warm start goes before this seed's arms; every arm after its own warm start.
+    order = [job.name for job in study.schedule(starts, runs)]
+    arms = [f"/{arm}" for arm in plan["arms"]]
+    assert order == ["seed0/warm_start", "seed1/warm_start", *(f"seed0{a}" for a in arms), "seed2/warm_start",
+                     *(f"seed1{a}" for a in arms), *(f"seed2{a}" for a in arms)]
+
+
+@pytest.mark.slow
+def test_small_study_trains_every_arm_and_writes_the_report(tmp_path):
+    assert study.main(["--small", "--output", str(tmp_path)]) == 0
+    plan = study.load_plan(PLAN, small=True)
+    for seed in plan["seeds"]:
+        assert (tmp_path / f"seed{seed}/warm_start/model/config.json").is_file()
+        for arm in plan["arms"]:
+            rows = [json.loads(line) for line in (tmp_path / f"seed{seed}/{arm}/metrics.jsonl").read_text().splitlines()]
+            trained = [r for r in rows if r["step"] > 0]
+            assert len(trained) == 2, arm
+            assert all(math.isfinite(r["loss/policy"]) and r["tokens/sampled"] > 0 for r in trained), arm
+            assert "eval/accuracy" in rows[-1], arm
+    report = (tmp_path / "study.md").read_text()
+    assert "Small check run" in report and "PARTIAL" not in report
+    for arm in plan["arms"]:
+        assert f"| {arm} |" in report
+    for number in range(1, len(plan["questions"]) + 1):
+        assert (tmp_path / f"images/study_q{number}.png").stat().st_size > 0
+    assert (tmp_path / "images/study_q2_entropy_law.png").stat().st_size > 0
