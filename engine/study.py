@@ -8,7 +8,8 @@ warm_start.steps=0), so arms differ only in what the plan says. Every run is a `
 subprocess with one thread; `--jobs` of them run at a time. A run whose summary.json exists is not run
 again, so an interrupted study continues where it stopped. `--small` runs the plan's small section
 (one seed, a few steps), writes its report under the output folder and exists to check that every arm
-trains; docs/study.md comes from the full study only.
+trains; docs/study.md comes from the full study only. Runs start question by question (every seed of an
+arm before the next arm), so that a study cut short answers its first questions fully.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def warm_start_dir(output: Path, seed: int) -> Path:
 
 
 def jobs(plan: dict, output: Path) -> tuple[list[Job], list[Job]]:
-    """(the warm starts, one per seed; the arm runs, seed by seed so that a partial study has whole seeds)."""
+    """(the warm starts, one per seed; the arm runs)."""
     python = sys.executable
     starts, runs = [], []
     for seed in plan["seeds"]:
@@ -73,13 +74,11 @@ def jobs(plan: dict, output: Path) -> tuple[list[Job], list[Job]]:
     return starts, runs
 
 
-def schedule(starts: list[Job], runs: list[Job]) -> list[Job]:
-    """The order to start them in: the next seed's warm start before this seed's arms, so that it runs
-    beside them rather than holding up the next seed's."""
-    order = starts[:1]
-    for i, start in enumerate(starts):
-        order += starts[i + 1:i + 2] + [r for r in runs if r.after is start]
-    return order
+def schedule(plan: dict, starts: list[Job], runs: list[Job]) -> list[Job]:
+    """The order to start them in: the warm starts, then question by question each arm for every seed, so
+    that a study cut short has its first questions answered with all their seeds."""
+    arms = list(dict.fromkeys([arm for q in plan["questions"] for arm in q["arms"]] + list(plan["arms"])))
+    return starts + sorted(runs, key=lambda r: arms.index(r.name.split("/", 1)[1]))
 
 
 def run_all(todo: list[Job], parallel: int) -> list[str]:
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = load_plan(Path(args.plan).resolve(), args.small)
     starts, runs = jobs(plan, output)
     began = time.time()
-    failed = run_all(schedule(starts, runs), args.jobs)
+    failed = run_all(schedule(plan, starts, runs), args.jobs)
     # The study's wall time over all its invocations (an interrupted study continues in another).
     clock = output / "wall_seconds.json"
     wall = time.time() - began + (json.loads(clock.read_text())["wall_seconds"] if clock.is_file() else 0.0)
