@@ -81,7 +81,24 @@ def schedule(plan: dict, starts: list[Job], runs: list[Job]) -> list[Job]:
     return starts + sorted(runs, key=lambda r: arms.index(r.name.split("/", 1)[1]))
 
 
-def run_all(todo: list[Job], parallel: int) -> list[str]:
+class Clock:
+    """The study's wall time over all its invocations (an interrupted study continues in another), kept
+    in output/wall_seconds.json up to the last finished run, so that a study stopped early has it too."""
+
+    def __init__(self, output: Path):
+        self.path = output / "wall_seconds.json"
+        self.before = json.loads(self.path.read_text())["wall_seconds"] if self.path.is_file() else 0.0
+        self.began = time.time()
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.began
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"wall_seconds": self.seconds()}))
+
+
+def run_all(todo: list[Job], parallel: int, clock: Clock) -> list[str]:
     """Runs the jobs not yet done in order, `parallel` at a time, each once its warm start is done;
     returns the names of those that failed (an arm whose warm start failed among them)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -108,6 +125,7 @@ def run_all(todo: list[Job], parallel: int) -> list[str]:
                 continue
             running.remove(item)
             log.close()
+            clock.save()
             status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
             print(f"study: {status} {job.name} in {time.time() - started:.0f} s", flush=True)
             if process.returncode != 0:
@@ -139,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU",
                         help="the machine, as the report names it")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs there are (a study stopped early: marked partial)")
     parser.add_argument("--warm-start", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warm_start:
@@ -149,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output or REPO / ("runs/study_small" if args.small else "runs/study")).resolve()
     plan = load_plan(Path(args.plan).resolve(), args.small)
     starts, runs = jobs(plan, output)
-    began = time.time()
-    failed = run_all(schedule(plan, starts, runs), args.jobs)
-    # The study's wall time over all its invocations (an interrupted study continues in another).
-    clock = output / "wall_seconds.json"
-    wall = time.time() - began + (json.loads(clock.read_text())["wall_seconds"] if clock.is_file() else 0.0)
-    clock.write_text(json.dumps({"wall_seconds": wall}))
+    clock = Clock(output)
+    if args.report_only:
+        failed, wall = [], clock.before
+    else:
+        failed = run_all(schedule(plan, starts, runs), args.jobs, clock)
+        clock.save()
+        wall = clock.seconds()
     if args.small:
         report, images = output / "study.md", output / "images"
     else:
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         images = report.parent / "images"
     write_report(plan, output, report, images, wall_seconds=wall, small=args.small,
                  machine=args.machine)
-    print(f"study: {len(starts) + len(runs) - len(failed)} runs done, {len(failed)} failed; "
+    print(f"study: {sum(j.done for j in starts + runs)} of {len(starts) + len(runs)} runs done, {len(failed)} failed; "
           f"{wall / 60:.1f} min; report {report}")
     return 1 if failed else 0
 
