@@ -61,13 +61,31 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def verdict(arm: list[float], base: list[float]) -> str:
+def beyond_spread(arm: list[float], base: list[float]) -> bool:
+    """The seeds' ranges do not overlap (both with at least 2 seeds)."""
+    return len(arm) >= 2 and len(base) >= 2 and (max(arm) < min(base) or min(arm) > max(base))
+
+
+def verdict(arm: list[float], base: list[float], scale: float = 100, unit: str = "points", digits: int = 1) -> str:
     if len(arm) < 2 or len(base) < 2:
         return "too few seeds to compare"
-    diff = 100 * (statistics.fmean(arm) - statistics.fmean(base))
-    if max(arm) < min(base) or min(arm) > max(base):
-        return f"{diff:+.1f} points, beyond the seed spread"
-    return f"{diff:+.1f} points, within the seed spread"
+    diff = scale * (statistics.fmean(arm) - statistics.fmean(base))
+    return f"{diff:+.{digits}f} {unit}, {'beyond' if beyond_spread(arm, base) else 'within'} the seed spread"
+
+
+def summary_line(question: dict, final: dict, entropy: dict) -> str:
+    """Which arms differ from the baseline beyond the seed spread, in accuracy and in entropy."""
+    base, others = question["baseline"], [a for a in question["arms"] if a != question["baseline"]]
+    if any(len(final[a]) < 2 for a in question["arms"]):
+        return "Too few seeds finished for some arms to compare them with the baseline."
+    parts = []
+    for name, values in (("held-out accuracy", final), ("final entropy", entropy)):
+        differ = [a for a in others if beyond_spread(values[a], values[base])]
+        parts.append(f"in {name}, {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} from {base} "
+                     "beyond the seed spread" if differ else
+                     f"in {name}, no arm differs from {base} beyond the seed spread")
+    return "Verdict: " + "; ".join(parts) + ". Everything else is within the spread of the seeds, where this " \
+           "study cannot tell the arms apart."
 
 
 def law_row(curves: dict) -> dict:
@@ -179,6 +197,7 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
     before = [json.loads((output / f"seed{s}" / "warm_start" / "summary.json").read_text())["eval_before"]
               for s in seeds if (output / f"seed{s}" / "warm_start" / "summary.json").is_file()]
     final = {arm: [c["evals"][-1][1] for c in cs] for arm, cs in curves.items()}
+    entropy = {arm: final_entropy(cs) for arm, cs in curves.items()}
     base_cfg = OmegaConf.to_container(OmegaConf.load(plan["folder"] / plan["warm_start"]))
     demo, ws, data = base_cfg["model"].get("demo", {}), base_cfg["warm_start"], base_cfg["data"]
 
@@ -216,8 +235,8 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
         "to GRPO's. The table below gives what each arm actually used: sampled tokens are the budget, tokens "
         "in the updates those that went through the training forward and backward (all of a batch's response "
         "tokens, also for the arms whose loss keeps a fraction of them). No arm was tuned: the "
-        "GRPO and PPO settings are the demo configs', the Clip-Cov / KL-Cov ratios the paper's, the entropy "
-        "bonus one round value.", "",
+        "GRPO, PPO and SPO settings are the demo configs' (with a constant learning rate), the Clip-Cov / "
+        "KL-Cov ratios the paper's, the entropy bonus coefficient one round value (0.01).", "",
         "Reading the tables: accuracy is the held-out accuracy at the last evaluation, mean ± standard "
         "deviation over seeds, then each seed's value. An arm differs from its question's baseline \"beyond "
         "the seed spread\" only when the seeds' ranges do not overlap; with 3 seeds that is a coarse test, "
@@ -236,16 +255,17 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
         image = images / f"study_q{number}.png"
         plot_question(q, curves, image, with_time=q.get("x") == "tokens")
         lines += [f"## {number}. {q['title']}", "",
-                  "| arm | n | held-out accuracy (%) | per seed | against " + q["baseline"] +
-                  " | final entropy (nats) | RL step time (s) |", "|---|---|---|---|---|---|---|"]
+                  f"| arm | n | held-out accuracy (%) | per seed | against {q['baseline']} | final entropy (nats) "
+                  f"| against {q['baseline']} | RL step time (s) |", "|---|---|---|---|---|---|---|---|"]
         for arm in q["arms"]:
-            cs = curves[arm]
-            against = "baseline" if arm == q["baseline"] else verdict(final[arm], final[q["baseline"]])
-            lines.append(f"| {arm} | {len(cs)} | {spread(final[arm], 100)} | "
-                         f"{', '.join(f'{100 * v:.1f}' for v in final[arm])} | {against} | "
-                         f"{spread(final_entropy(cs), digits=3)} | "
-                         f"{spread([c['step_seconds'] for c in cs], digits=0)} |")
-        lines += ["", f"![{q['title']}]({Path('images') / image.name})", ""]
+            base = q["baseline"]
+            vs_acc = "baseline" if arm == base else verdict(final[arm], final[base])
+            vs_h = "baseline" if arm == base else verdict(entropy[arm], entropy[base], 1, "nats", 3)
+            lines.append(f"| {arm} | {len(curves[arm])} | {spread(final[arm], 100)} | "
+                         f"{', '.join(f'{100 * v:.1f}' for v in final[arm])} | {vs_acc} | "
+                         f"{spread(entropy[arm], digits=3)} | {vs_h} | "
+                         f"{spread([c['step_seconds'] for c in curves[arm]], digits=0)} |")
+        lines += ["", summary_line(q, final, entropy), "", f"![{q['title']}]({Path('images') / image.name})", ""]
         if q.get("entropy_law"):
             law_image = images / f"study_q{number}_entropy_law.png"
             plot_entropy_law(q, curves, law_image)
