@@ -58,9 +58,13 @@ def test_small_study_trains_every_arm_and_writes_the_report(tmp_path):
         assert (tmp_path / f"seed{seed}/warm_start/model/config.json").is_file()
         for arm in plan["arms"]:
             rows = [json.loads(line) for line in (tmp_path / f"seed{seed}/{arm}/metrics.jsonl").read_text().splitlines()]
-            trained = [r for r in rows if r["step"] > 0]
-            assert len(trained) == 2, arm
-            assert all(math.isfinite(r["loss/policy"]) and r["tokens/sampled"] > 0 for r in trained), arm
+            steps = [r for r in rows if r["step"] > 0]
+            assert len(steps) == 2 and all(r["tokens/sampled"] > 0 for r in steps), arm
+            for r in steps:
+                # After a 10-step warm start rewards are mostly 0: SPO-tree then has no segment with a
+                # nonzero advantage and, by design, no update; every other step has a finite loss.
+                if "loss/policy" in r or r.get("spo/rows_dropped") != r.get("spo/leaves"):
+                    assert math.isfinite(r["loss/policy"]), arm
             assert "eval/accuracy" in rows[-1], arm
     report = (tmp_path / "study.md").read_text()
     assert "Small check run" in report and "PARTIAL" not in report
