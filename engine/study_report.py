@@ -208,7 +208,8 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
                   "that this report is written. Its numbers mean nothing.", ""]
     if missing:
         lines += [f"**PARTIAL RESULTS**: {len(missing)} run(s) did not finish: {', '.join(missing)}. "
-                  "Tables use the seeds that finished (n per arm is given).", ""]
+                  "Tables use the seeds that finished (n per arm is given); `bash scripts/study.sh` runs the rest, "
+                  "keeping the finished runs, and rewrites this report.", ""]
     lines += [
         "Reproduce: `bash scripts/study.sh` (all arms, seeds "
         f"{', '.join(map(str, seeds))}; `--small` for the few-minute check that CI runs). Every arm is a "
