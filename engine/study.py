@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,17 @@ def run_all(todo: list[Job], parallel: int, clock: Clock) -> list[str]:
     returns the names of those that failed (an arm whose warm start failed among them)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pending, running, failed = [j for j in todo if not j.done], [], []
+    try:
+        _run(pending, running, failed, parallel, clock, env)
+    finally:  # stopped early (an exception, a test's timeout): no run outlives the study
+        for _, process, log, _ in running:
+            process.terminate()
+            process.wait()
+            log.close()
+    return failed
+
+
+def _run(pending: list[Job], running: list, failed: list[str], parallel: int, clock: Clock, env: dict) -> None:
     while pending or running:
         for job in [j for j in pending if j.after is not None and j.after.name in failed]:
             pending.remove(job)
@@ -132,7 +144,6 @@ def run_all(todo: list[Job], parallel: int, clock: Clock) -> list[str]:
             if process.returncode != 0:
                 failed.append(job.name)
                 print((job.output_dir / "log.txt").read_text()[-2000:], file=sys.stderr)
-    return failed
 
 
 class _TargetReached(Exception):
@@ -209,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = load_plan(Path(args.plan).resolve(), args.small)
     starts, runs = jobs(plan, output)
     clock = Clock(output)
+    # `kill` of the study stops its runs too (run_all's finally), as an exception would.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report_only:
         failed, wall = [], clock.before
     else:
