@@ -49,7 +49,8 @@ def run_curves(run: dict) -> dict:
     return {"responses": sum(h.get("spo/leaves", responses) for h in steps),"tokens": sampled, "entropy": np.array([h.get("entropy/mean", np.nan) for h in steps]),
             "reward": np.array([h["reward/mean"] for h in steps]), "evals": evals,
             "step_seconds": float(sum(h["time/step_s"] for h in steps)),
-            "wall_seconds": run["summary"]["wall_seconds"], "steps": len(steps), "trained": trained}
+            "wall_seconds": run["summary"]["wall_seconds"], "cpu_seconds": run["summary"]["cpu_seconds"],
+            "steps": len(steps), "trained": trained}
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -193,7 +194,8 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
     seeds = plan["seeds"]
     runs = {arm: {s: load_run(output / f"seed{s}" / arm) for s in seeds} for arm in plan["arms"]}
     curves = {arm: [run_curves(r) for r in by_seed.values() if r is not None] for arm, by_seed in runs.items()}
-    missing = [f"{arm} seed {s}" for arm, by_seed in runs.items() for s, r in by_seed.items() if r is None]
+    missing = {arm: [s for s, r in by_seed.items() if r is None] for arm, by_seed in runs.items()}
+    missing = {arm: seeds_left for arm, seeds_left in missing.items() if seeds_left}
     starts = [json.loads((output / f"seed{s}" / "warm_start" / "summary.json").read_text())
               for s in seeds if (output / f"seed{s}" / "warm_start" / "summary.json").is_file()]
     before = [w["eval_before"] for w in starts]
@@ -209,7 +211,9 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
         lines += ["**Small check run** (`--small`): one seed, a few steps; it shows that every arm trains and "
                   "that this report is written. Its numbers mean nothing.", ""]
     if missing:
-        lines += [f"**PARTIAL RESULTS**: {len(missing)} run(s) did not finish: {', '.join(missing)}. "
+        left = "; ".join(f"{arm} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for arm, v in missing.items())
+        lines += [f"**PARTIAL RESULTS**: {sum(map(len, missing.values()))} of {len(seeds) * len(runs)} arm runs did "
+                  f"not finish in the time this study had: {left}. "
                   "Tables use the seeds that finished (n per arm is given); `bash scripts/study.sh` runs the rest, "
                   "keeping the finished runs, and rewrites this report.", ""]
     lines += [
@@ -217,7 +221,8 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
         f"{', '.join(map(str, seeds))}; `--small` for the few-minute check that CI runs). Every arm is a "
         "config of `configs/study/` plus the overrides shown, from `configs/study/arms.yaml`.", "",
         f"Machine: {machine}. Wall time of the whole study: {wall_seconds / 60:.1f} min "
-        f"({len(seeds)} warm starts and {sum(len(c) for c in curves.values())} runs, two one-thread runs at a time).",
+        f"({len(starts)} warm starts and {sum(len(c) for c in curves.values())} arm runs finished, two one-thread "
+        "processes at a time).",
         "", "## Design", "",
         f"Task: `{data['task']}`, 3-digit addition with worked steps (`engine/tasks/arithmetic3.py`). The demo's "
         "2-digit addition saturates near 90% held-out accuracy within the demo's budget, which leaves arms no "
@@ -250,13 +255,17 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
         "and \"within the seed spread\" means this study cannot tell the arms apart.", "",
         "## Budget per arm", "",
         "| arm | config | RL steps | sampled responses | sampled tokens (k) | tokens in the updates (k) | "
-        "RL step time (s) | process wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+        "RL step time (s) | process wall time (s) | process CPU time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, cs in curves.items():
         lines.append(f"| {arm} | {arm_config(plan, arm)} | {cs[0]['steps'] if cs else 'n/a'} | "
                      f"{spread([c['responses'] for c in cs], digits=0)} | "
                      f"{spread([c['tokens'][-1] for c in cs], 1e-3)} | {spread([c['trained'] for c in cs], 1e-3)} | "
-                     f"{spread([c['step_seconds'] for c in cs], digits=0)} | {spread([c['wall_seconds'] for c in cs], digits=0)} |")
-    lines += ["", "Times are from a machine shared with other jobs: they compare arms only roughly.", ""]
+                     f"{spread([c['step_seconds'] for c in cs], digits=0)} | {spread([c['wall_seconds'] for c in cs], digits=0)} | "
+                     f"{spread([c['cpu_seconds'] for c in cs], digits=0)} |")
+    cpu = sum(c["cpu_seconds"] for cs in curves.values() for c in cs)
+    lines += ["", f"Times are from a machine shared with other jobs: they compare arms only roughly. The CPU time "
+              f"of the finished arm runs adds up to {cpu / 60:.0f} CPU-minutes (the warm starts not included), what "
+              "they would take on one free core.", ""]
 
     for number, q in enumerate(plan["questions"], start=1):
         image = images / f"study_q{number}.png"
