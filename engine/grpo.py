@@ -108,7 +108,7 @@ def rollout_metrics(groups: Groups, group_size: int, dynamic_sampling: bool, wor
                "reward/failures": sum(r[3] for r in rounds),
                "accuracy": float((rewards >= 1).float().mean()),
                "completions/mean_length": float(lengths.float().mean()),
-               "completions/truncated": float(truncated.float().mean()),
+               "completions/truncated": float(truncated.float().mean()), "tokens/sampled": int(lengths.sum()),
                "groups/kept": groups.kept * group_size / len(rewards)}
     if dynamic_sampling:
         metrics["dynamic_sampling/rounds"] = len(groups.rounds)

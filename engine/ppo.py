@@ -211,7 +211,7 @@ def train(cfg: Config) -> dict:
         metrics = {"reward/mean": float(all_scores.mean()),
                    "reward/std": float(all_scores.std()) if len(all_scores) > 1 else 0.0,
                    "reward/failures": sum(p[3] for p in parts), "accuracy": float((all_scores >= 1).float().mean()),
-                   "completions/mean_length": float(lengths.mean()),
+                   "completions/mean_length": float(lengths.mean()), "tokens/sampled": int(lengths.sum()),
                    "completions/truncated": float(truncated.mean()), **adv_metrics}
         # Policy through the fused loss with per-token advantages, then the critic, then the reference EMA.
         metrics.update(update(session, loss_fn, optimizer, scheduler, batch, advantages, ref_logprobs=ref_lp))

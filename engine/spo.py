@@ -76,7 +76,8 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds
     segments, responses, response_tokens, continuation_tokens = session.world.sum(
         [sum(map(len, boundaries)), len(boundaries), int(batch.completion_mask.sum()), continuation_tokens])
     metrics = {"spo/segments_mean": segments / responses,
-               "spo/sampling_overhead": (response_tokens + continuation_tokens) / max(1, response_tokens)}
+               "spo/sampling_overhead": (response_tokens + continuation_tokens) / max(1, response_tokens),
+               "tokens/sampled": response_tokens + continuation_tokens}
     return batch, rewards, advantages, None, metrics
 
 
@@ -94,7 +95,7 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     rows = tree_training_rows(trees, advantages)
     rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
     leaves, kept, generated = session.world.sum([len(rewards), len(rows), generated])
-    metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - kept}
+    metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - kept, "tokens/sampled": generated}
     if not rows:  # update() still runs on every rank while another has rows (batch=None here)
         return None, rewards, None, None, metrics
     sampler_lp = [tree.response_logprobs(leaf) for tree, leaf, *_ in rows]

@@ -16,5 +16,6 @@ TASKS maps the config's `data.task` names to those modules.
 
 TASKS = {
     "arithmetic": "fusedrl.engine.tasks.arithmetic",
+    "arithmetic3": "fusedrl.engine.tasks.arithmetic3",
     "code": "fusedrl.engine.tasks.one_line_programs",
 }

@@ -1,8 +1,8 @@
-"""Multi-digit addition with worked steps: the demo task.
+"""Multi-digit addition with worked steps: the demo task (2 digits; engine/tasks/arithmetic3.py binds 3).
 
-Operands are written with DIGITS digits, zero-padded, and the response works column by column from
-the right, each step "digit+digit+carry=column sum" with the sum in two digits, then the answer
-after "#" in DIGITS + 1 digits:
+Operands are written with `digits` digits (DIGITS by default), zero-padded, and the response works
+column by column from the right, each step "digit+digit+carry=column sum" with the sum in two digits,
+then the answer after "#" in digits + 1 digits:
 
     prompt   "07+38="
     response "7+8+0=15 0+3+1=04 #045"
@@ -28,33 +28,33 @@ def _is_eval(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % 100 < EVAL_PERCENT
 
 
-def make_dataset(split: str, size: int, seed: int) -> list[dict]:
+def make_dataset(split: str, size: int, seed: int, digits: int = DIGITS) -> list[dict]:
     """`size` distinct rows {"prompt", "answer", "a", "b"} of the split "train" or "eval"."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval'; got {split!r}")
-    if size > 0.9 * 10 ** (2 * DIGITS) * (EVAL_PERCENT / 100 if split == "eval" else 1 - EVAL_PERCENT / 100):
-        raise ValueError(f"size: {size} distinct {split} prompts is too many for {DIGITS}-digit operands")
+    if size > 0.9 * 10 ** (2 * digits) * (EVAL_PERCENT / 100 if split == "eval" else 1 - EVAL_PERCENT / 100):
+        raise ValueError(f"size: {size} distinct {split} prompts is too many for {digits}-digit operands")
     rng = random.Random(f"arithmetic/{split}/{seed}")
     rows, seen = [], set()
     while len(rows) < size:
-        a, b = rng.randrange(10**DIGITS), rng.randrange(10**DIGITS)
-        prompt = f"{a:0{DIGITS}d}+{b:0{DIGITS}d}="
+        a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+        prompt = f"{a:0{digits}d}+{b:0{digits}d}="
         if prompt in seen or _is_eval(prompt) != (split == "eval"):
             continue
         seen.add(prompt)
-        rows.append({"prompt": prompt, "answer": f"{a + b:0{DIGITS + 1}d}", "a": a, "b": b})
+        rows.append({"prompt": prompt, "answer": f"{a + b:0{digits + 1}d}", "a": a, "b": b})
     return rows
 
 
-def reference_completion(row: dict) -> str:
+def reference_completion(row: dict, digits: int = DIGITS) -> str:
     """The worked column-by-column addition of row["a"] and row["b"], ending in "#<sum>"."""
-    a, b = f"{row['a']:0{DIGITS}d}"[::-1], f"{row['b']:0{DIGITS}d}"[::-1]
+    a, b = f"{row['a']:0{digits}d}"[::-1], f"{row['b']:0{digits}d}"[::-1]
     steps, carry = [], 0
     for x, y in zip(a, b):
         total = int(x) + int(y) + carry
         steps.append(f"{x}+{y}+{carry}={total:02d}")
         carry = total // 10
-    return " ".join(steps) + f" #{row['a'] + row['b']:0{DIGITS + 1}d}"
+    return " ".join(steps) + f" #{row['a'] + row['b']:0{digits + 1}d}"
 
 
 def extract_answer(completion: str) -> str | None:
