@@ -56,6 +56,7 @@ def run_curves(run: dict) -> dict:
 def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not values:
         return "n/a"
+    values = [float(v) for v in values]  # statistics.stdev fails on numpy integers
     mean = statistics.fmean(values) * scale
     if len(values) == 1:
         return f"{mean:.{digits}f}"
