@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from bench._runner import check_against_float64, run_case
-from fusedrl.kernels import reference
+from fusedrl.kernels import torch_backend
 from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
 from fusedrl.kernels.logprobs_entropy import logprobs_and_entropy
 
@@ -50,7 +50,7 @@ def _fused(hidden, weight, targets):
 
 
 def _chunked(hidden, weight, targets):
-    return reference.linear_logprobs_and_entropy_torch(hidden, weight, targets)
+    return torch_backend.linear_logprobs_and_entropy_torch(hidden, weight, targets)
 
 
 def _liger(hidden, weight, targets):

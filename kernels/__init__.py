@@ -4,7 +4,7 @@ The two ops over the vocabulary have a Triton backend and a plain-PyTorch backen
 - logprobs_and_entropy          (logprobs_entropy.py): lp and H from logits
 - linear_logprobs_and_entropy   (linear_logprobs_entropy.py): lp and H from hidden states and the
                                 output embedding, never materialising the logits
-reference.py holds their plain-PyTorch backends (streaming over chunks with a fixed memory budget:
+torch_backend.py holds their plain-PyTorch backends (streaming over chunks with a fixed memory budget:
 the CPU backend and the benchmarks' baseline).
 
 The selection ops read [tokens]-sized tensors only and are plain PyTorch (exact radix selection,

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedrl.kernels import reference
+from fusedrl.kernels import torch_backend
 from fusedrl.kernels._checks import check_float, check_same_device, check_targets, check_temperature, device_guard
 from fusedrl.kernels._compile_check import CompileSpec
 from fusedrl.kernels._kept_set import PieceHistograms, check_top_k, check_top_p, effective, kept_threshold
@@ -571,7 +571,7 @@ def linear_logprobs_and_entropy(
         temperature: T > 0, a runtime value (changing it never recompiles).
         ignore_index: rows whose target equals it get lp = H = 0 and add nothing to any gradient.
         backend: "triton" (fused kernels; CUDA, or the interpreter with TRITON_INTERPRET=1), "torch"
-            (chunked plain PyTorch, fusedrl.kernels.reference), or "auto" (triton on CUDA, else torch).
+            (chunked plain PyTorch, fusedrl.kernels.torch_backend), or "auto" (triton on CUDA, else torch).
         process_group: vocabulary parallelism (a torch.distributed group, or None): each rank passes the
             same hidden states and targets (global ids) and its slice weight[V_r, H] (and bias[V_r]) of
             the output embedding, starting at id `vocab_start`; the slices, in rank order, must tile
@@ -628,7 +628,7 @@ def linear_logprobs_and_entropy(
     if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
-        return reference.linear_logprobs_and_entropy_torch(
+        return torch_backend.linear_logprobs_and_entropy_torch(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
             process_group=process_group, vocab_start=vocab_start, top_k=top_k, top_p=top_p,
             batch_invariant=batch_invariant,

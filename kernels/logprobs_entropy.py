@@ -39,7 +39,7 @@ from fusedrl.kernels._compile_check import CompileSpec
 from fusedrl.kernels._kept_set import check_top_k, check_top_p, effective, logits_threshold
 from fusedrl.kernels._rows import RowLayout, row_layout, rows_are_disjoint
 from fusedrl.kernels._vocab_parallel import check_vocab_slices, combine_slices, owner_mask
-from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
+from fusedrl.kernels.torch_backend import LogprobsEntropyOptions, logprobs_and_entropy_torch
 
 
 @triton.jit(do_not_specialize=["n_rows", "inner_rows", "ignore_index", "vocab_start"])

@@ -16,7 +16,7 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.model import packed_hidden, packed_token_logprobs, token_logprobs
 from fusedrl.engine.packing import SequenceLengths, balanced_bins, pack, packing_refusal, use_packing
 from fusedrl.engine.update import make_loss, micro_batches, update
-from fusedrl.kernels import reference
+from fusedrl.kernels import torch_backend
 
 
 @pytest.mark.parametrize("lengths, budget, expected", [
@@ -157,8 +157,8 @@ def test_the_packed_update_allocates_nothing_of_tokens_by_vocab_or_tokens_by_tok
     """The whole update (old log-probs, the top-entropy selection pass, the loss, backward with gradient
     checkpointing, the optimizer step), recorded op by op. Padded, transformers' SDPA builds the
     [rows, 1, L, L] mask of the padded rows: the recorder finds it, so it would find one packed too."""
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)  # the fused op's chunks: 16 tokens x 128 ids
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_COLS", 128)  # the fused op's chunks: 16 tokens x 128 ids
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
     model = _qwen2(vocab=1000, hidden=16, intermediate=24)
     use_packing(model, "packed", "tiny")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

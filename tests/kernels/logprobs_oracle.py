@@ -21,7 +21,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
 
 
-def reference(x: torch.Tensor, targets: torch.Tensor, temperature: float, compute_dtype=torch.float64):
+def oracle(x: torch.Tensor, targets: torch.Tensor, temperature: float, compute_dtype=torch.float64):
     """lp, H in compute_dtype by plain autograd-able PyTorch, and the leaf they depend on."""
     leaf = x.detach().to(compute_dtype).requires_grad_()
     logp = torch.log_softmax(leaf / temperature, dim=-1)
@@ -111,8 +111,8 @@ def check_all(backend, x, targets, temperature, **kwargs):
     leaf = x.detach().clone().requires_grad_()
     lp, entropy = logprobs_and_entropy(leaf, targets, temperature=temperature, backend=backend, **kwargs)
     assert lp.dtype == entropy.dtype == torch.float32
-    ref_leaf, ref_lp, ref_h = reference(x, targets, temperature)
-    base_leaf, base_lp, base_h = reference(x, targets, temperature, torch.float32)
+    ref_leaf, ref_lp, ref_h = oracle(x, targets, temperature)
+    base_leaf, base_lp, base_h = oracle(x, targets, temperature, torch.float32)
     assert_rule("lp", lp, ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
     assert_rule("H", entropy, ref_h, base_h, OUT_ATOL, OUT_RTOL)
     g_lp, g_h = torch.randn(targets.shape), torch.randn(targets.shape)
@@ -144,7 +144,7 @@ class AllocationRecorder(TorchDispatchMode):
         return out
 
 
-def reference_grad_of_full(full, logits_of, targets, temperature, g_lp, g_h):
+def oracle_grad_of_full(full, logits_of, targets, temperature, g_lp, g_h):
     """fp64 gradient with respect to a full tensor of which the op sees logits_of(full)."""
     leaf = full.detach().double().requires_grad_()
     logp = torch.log_softmax(logits_of(leaf) / temperature, dim=-1)
@@ -158,8 +158,8 @@ def reference_grad_of_full(full, logits_of, targets, temperature, g_lp, g_h):
 def check_rows_against_oracle(logits, targets, temperature, lp, entropy, grad, g_lp, g_h, rows):
     """Compare the given rows of full-size results with the fp64 oracle of those rows alone."""
     x = logits[rows]
-    ref_leaf, ref_lp, ref_h = reference(x, targets[rows], temperature)
-    base_leaf, base_lp, base_h = reference(x, targets[rows], temperature, torch.float32)
+    ref_leaf, ref_lp, ref_h = oracle(x, targets[rows], temperature)
+    base_leaf, base_lp, base_h = oracle(x, targets[rows], temperature, torch.float32)
     assert_rule("lp", lp[rows], ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
     assert_rule("H", entropy[rows], ref_h, base_h, OUT_ATOL, OUT_RTOL)
     ref = grads(ref_leaf, ref_lp, ref_h, g_lp[rows], g_h[rows])

@@ -10,7 +10,7 @@ from fusedrl.kernels import covariance_mask
 from fusedrl.kernels.covariance_mask import token_covariance
 
 
-def reference_cov(lp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def oracle_cov(lp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     valid = mask.bool()
     a = (adv if adv.shape == lp.shape else adv[:, None].expand_as(lp)).double()
     lp = lp.double()
@@ -40,7 +40,7 @@ def test_hand_worked_covariance():
 def test_kl_cov_picks_the_true_top_k(ratio):
     g = torch.Generator().manual_seed(5)
     lp, adv, mask = batch(g)
-    cov = reference_cov(lp, adv, mask)
+    cov = oracle_cov(lp, adv, mask)
     n = int(mask.sum())
     k = max(1, int(ratio * n))
     threshold = cov[mask].topk(k).values.min()
@@ -68,14 +68,14 @@ def test_padding_never_enters(mode):
         lp_junk, adv_junk = torch.where(mask, lp, junk), torch.where(mask, adv, -junk)
         kwargs["generator"] = torch.Generator().manual_seed(1)
         assert torch.equal(covariance_mask(lp_junk, adv_junk, mask, **kwargs), want)
-        torch.testing.assert_close(token_covariance(lp_junk, adv_junk, mask)[mask], reference_cov(lp, adv, mask)[mask])
+        torch.testing.assert_close(token_covariance(lp_junk, adv_junk, mask)[mask], oracle_cov(lp, adv, mask)[mask])
 
 
 def clip_cov_inputs():
     g = torch.Generator().manual_seed(2)
     lp, adv, mask = batch(g, b=8, t=60)
     exclude = torch.rand(lp.shape, generator=g) < 0.2
-    cov = reference_cov(lp, adv, mask)
+    cov = oracle_cov(lp, adv, mask)
     candidates = mask & (cov > 0.5) & (cov < 3.0) & ~exclude
     return lp, adv, mask, exclude, candidates
 
@@ -139,7 +139,7 @@ def test_distributed_equals_concatenated_batch(world_size):
         want = covariance_mask(lp, adv, mask, mode="kl_cov", ratio=ratio)
         assert torch.equal(torch.cat([m.reshape(-1) for m in got]), want), ratio
     drawn = torch.cat([m.reshape(-1) for m in drawn])
-    cov = reference_cov(lp, adv, mask)
+    cov = oracle_cov(lp, adv, mask)
     candidates = mask & (cov > 0.2) & (cov < 3.0)
     k = max(1, int(0.05 * int(mask.sum())))
     assert int(drawn.sum()) == k < int(candidates.sum())

@@ -11,12 +11,12 @@ from logprobs_oracle import GRAD_RTOL_OF_MAX, IGNORE, OUT_ATOL, OUT_RTOL, Alloca
 from logprobs_oracle import kept_mask, make_inputs
 
 from fusedrl.kernels import logprobs_and_entropy
-from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
+from fusedrl.kernels.torch_backend import LogprobsEntropyOptions, logprobs_and_entropy_torch
 
 BACKENDS = ["torch", "triton"]
 
 
-def reference(x, targets, temperature, keep, dtype=torch.float64):
+def oracle(x, targets, temperature, keep, dtype=torch.float64):
     """lp, H of the renormalised kept set, autograd-able through the kept logits only."""
     leaf = x.detach().to(dtype).requires_grad_()
     logp = torch.log_softmax(torch.where(keep, leaf / temperature, float("-inf")), dim=-1)
@@ -26,13 +26,13 @@ def reference(x, targets, temperature, keep, dtype=torch.float64):
     return leaf, lp, entropy
 
 
-def check_against_reference(backend, x, targets, temperature, top_k, top_p):
+def check_against_oracle(backend, x, targets, temperature, top_k, top_p):
     keep = kept_mask(x, temperature, top_k, top_p)
     leaf = x.detach().clone().requires_grad_()
     lp, entropy = logprobs_and_entropy(leaf, targets, temperature=temperature, backend=backend, top_k=top_k,
                                        top_p=top_p)
-    ref_leaf, ref_lp, ref_h = reference(x, targets, temperature, keep)
-    base_leaf, base_lp, base_h = reference(x, targets, temperature, keep, torch.float32)
+    ref_leaf, ref_lp, ref_h = oracle(x, targets, temperature, keep)
+    base_leaf, base_lp, base_h = oracle(x, targets, temperature, keep, torch.float32)
     assert_rule("lp", lp, ref_lp, base_lp, OUT_ATOL, OUT_RTOL)
     assert_rule("H", entropy, ref_h, base_h, OUT_ATOL, OUT_RTOL)
     g_lp, g_h = torch.randn(targets.shape, device=x.device), torch.randn(targets.shape, device=x.device)
@@ -51,21 +51,21 @@ CASES = ([("triton", torch.float32, *s) for s in SETTINGS] + [("torch", torch.bf
 
 
 @pytest.mark.parametrize("backend, dtype, top_k, top_p", CASES, ids=str)
-def test_matches_sorting_reference(backend, dtype, top_k, top_p):
+def test_matches_sorting_oracle(backend, dtype, top_k, top_p):
     x, targets = make_inputs(23, 301, dtype)  # plain, peaked, far-below-zero and -inf-sprinkled rows
     # Targets drawn from the top of each row too, so that most rows' targets are kept.
     top = x.float().topk(3, dim=-1).indices[torch.arange(23), torch.arange(23) % 3]
     targets = torch.where((torch.arange(23) % 2 == 0) & (targets != IGNORE), top, targets)
-    check_against_reference(backend, x, targets, 0.8, top_k, top_p)
+    check_against_oracle(backend, x, targets, 0.8, top_k, top_p)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("top_k, top_p", [(50, None), (None, 0.95), (20, 0.9)])
-def test_gpu_production_vocabulary_matches_sorting_reference(top_k, top_p):
+def test_gpu_production_vocabulary_matches_sorting_oracle(top_k, top_p):
     x, targets = make_inputs(64, 151936, torch.bfloat16, "cuda")
     top = x.float().topk(3, dim=-1).indices[:, 0]
     targets = torch.where(targets != IGNORE, top, targets)  # most targets kept, the peaked ones' too
-    check_against_reference("triton", x, targets, 0.8, top_k, top_p)
+    check_against_oracle("triton", x, targets, 0.8, top_k, top_p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,7 +74,7 @@ def test_ties(backend):
     x = (torch.randint(0, 6, (16, 64)) * 0.75).float()
     targets = torch.randint(0, 64, (16,))
     for top_k, top_p in [(1, None), (4, None), (10, None), (None, 0.3), (None, 0.61), (7, 0.55)]:
-        check_against_reference(backend, x, targets, 1.3, top_k, top_p)
+        check_against_oracle(backend, x, targets, 1.3, top_k, top_p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,7 +119,7 @@ def test_target_outside_the_kept_set_gives_minus_inf_and_a_finite_gradient():
     x = torch.randn(6, 30)
     targets = x.argmin(-1)
     for backend in BACKENDS:
-        lp, h = check_against_reference(backend, x, targets, 1.0, 5, None)
+        lp, h = check_against_oracle(backend, x, targets, 1.0, 5, None)
         assert (lp == float("-inf")).all() and torch.isfinite(h).all()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from logprobs_oracle import IGNORE, assert_rule, kept_mask
 
-from fusedrl.kernels import linear_logprobs_and_entropy, reference
+from fusedrl.kernels import linear_logprobs_and_entropy, torch_backend
 
 # (rtol, atol as a fraction of the largest fp64 magnitude): about one rounding of the dtype.
 TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 2**-9)}
@@ -49,8 +49,8 @@ def _softmax_of_kept(keep, targets, temperature, compute):
 @pytest.mark.parametrize("backend, dtype, top_k, top_p", CASES, ids=str)
 def test_matches_float64(backend, dtype, top_k, top_p, monkeypatch):
     # Small torch-backend chunks, so that the search's row blocks and vocabulary pieces are crossed.
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_COLS", 128)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
     hidden, weight, bias, targets = _inputs(dtype)
     temperature = 0.8
     z64 = (hidden.double() @ weight.double().T + bias.double()) / temperature

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedrl.kernels import linear_logprobs_entropy as kernel_module
-from fusedrl.kernels import reference
+from fusedrl.kernels import torch_backend
 from fusedrl.kernels.linear_logprobs_entropy import linear_logprobs_and_entropy
 from fusedrl.kernels.logprobs_entropy import logprobs_and_entropy
 
@@ -108,8 +108,8 @@ TORCH_CASES = [
 @pytest.mark.parametrize("case", TORCH_CASES, ids=str)
 def test_torch_backend_matches_float64(case, monkeypatch):
     # A small chunk budget so that the tested shapes cross token and vocabulary chunk boundaries.
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_COLS", 128)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
     _check("torch", *case)
 
 
@@ -373,8 +373,8 @@ def _largest_allocation(backend, n, h, v):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", *ORDERS])
 def test_no_n_by_v_allocation_and_peak_independent_of_n(backend, monkeypatch, force_order):
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_COLS", 128)
-    monkeypatch.setattr(reference, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_COLS", 128)
+    monkeypatch.setattr(torch_backend, "LINEAR_CHUNK_ELEMENTS", 128 * 16)
     if backend in ORDERS:  # the Triton backend in a forced loop order
         force_order(backend)
         backend = "triton"

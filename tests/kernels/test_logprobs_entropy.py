@@ -21,7 +21,7 @@ from logprobs_oracle import (
     AllocationRecorder,
     check_all,
     make_inputs,
-    reference_grad_of_full,
+    oracle_grad_of_full,
 )
 
 # The interpreter evaluates both sides of tl.where in numpy (exp(-inf - -inf) and so on); the
@@ -152,7 +152,7 @@ def test_shifted_slice_of_batch_needs_no_copy(backend):
     assert not copies, f"the forward copied the logits: {copies}"
     g_lp, g_h = torch.randn(batch, length), torch.randn(batch, length)
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), full)
-    ref_lp, ref_h, ref_grad = reference_grad_of_full(full, lambda t: t[:, :-1, :], targets, 0.6, g_lp, g_h)
+    ref_lp, ref_h, ref_grad = oracle_grad_of_full(full, lambda t: t[:, :-1, :], targets, 0.6, g_lp, g_h)
     torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
     # One bf16 rounding of the exact gradient (0.5 ulp = 2^-9 relative), and exact zeros at the
@@ -179,7 +179,7 @@ def test_other_leading_layouts(backend, layout):
     lp, entropy = logprobs_and_entropy(logits, targets, temperature=1.7, backend=backend)
     g_lp, g_h = torch.randn(targets.shape), torch.randn(targets.shape)
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), full)
-    ref_lp, ref_h, ref_grad = reference_grad_of_full(full, view, targets, 1.7, g_lp, g_h)
+    ref_lp, ref_h, ref_grad = oracle_grad_of_full(full, view, targets, 1.7, g_lp, g_h)
     torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
@@ -216,7 +216,7 @@ def test_inplace_backward_with_rows_sharing_memory_is_still_correct(backend):
     lp, entropy = logprobs_and_entropy(row.expand(4, 300), targets, backend=backend, inplace_backward=True)
     g_lp, g_h = torch.randn(4), torch.randn(4)
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), row)
-    _, _, ref_grad = reference_grad_of_full(row, lambda t: t.expand(4, 300), targets, 1.0, g_lp, g_h)
+    _, _, ref_grad = oracle_grad_of_full(row, lambda t: t.expand(4, 300), targets, 1.0, g_lp, g_h)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
 
 

@@ -10,14 +10,14 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 import fusedrl.kernels.logprobs_entropy as le
 from fusedrl.kernels import logprobs_and_entropy
-from fusedrl.kernels.reference import LogprobsEntropyOptions, logprobs_and_entropy_torch
+from fusedrl.kernels.torch_backend import LogprobsEntropyOptions, logprobs_and_entropy_torch
 from logprobs_oracle import (
     BACKENDS,
     IGNORE,
     AllocationRecorder,
     check_rows_against_oracle,
     make_inputs,
-    reference_grad_of_full,
+    oracle_grad_of_full,
     run_with_grads,
 )
 
@@ -160,7 +160,7 @@ def test_torch_backend_chunking_of_a_two_level_slice(chunk_rows, inplace):
     lp, entropy = logprobs_and_entropy_torch((leaf * 1.0)[:, :-1], targets, options)
     g_lp, g_h = torch.randn(batch, length), torch.randn(batch, length)
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (entropy * g_h).sum(), leaf)
-    ref_lp, ref_h, ref_grad = reference_grad_of_full(source, lambda t: t[:, :-1], targets, 0.6, g_lp, g_h)
+    ref_lp, ref_h, ref_grad = oracle_grad_of_full(source, lambda t: t[:, :-1], targets, 0.6, g_lp, g_h)
     torch.testing.assert_close(lp.double(), ref_lp, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(entropy.double(), ref_h, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)

@@ -51,7 +51,7 @@ AGGREGATION = {"grpo": "responses", "sapo": "responses", "bnpo": "tokens", "dapo
                "vespo": "tokens", "luspo": "per_response_sum"}
 
 
-def reference(cfg, logits64, ids, mask, adv, old, ref, weights=None, num_items=None, sampling=None):
+def oracle(cfg, logits64, ids, mask, adv, old, ref, weights=None, num_items=None, sampling=None):
     """(loss, metrics) in float64 from the formulas; `weights` are rollout importance weights [B, T],
     `sampling` the sampler's log-probs for the off-policy mask (default: old)."""
     valid = mask.bool()
@@ -159,7 +159,7 @@ def run_case(case, path, weights=None, num_items=None, sampling_gap=None, device
     metrics = {k: v.cpu() for k, v in metrics.items()}
     ref_leaves, logits64 = float64_leaves(inputs)
     full_weights = None if weights is None else (weights[:, None].expand(B, T) if weights.dim() == 1 else weights)
-    expected, h, ref_metrics = reference(cfg, logits64, ids, mask, adv, old, ref, full_weights, num_items, sampling)
+    expected, h, ref_metrics = oracle(cfg, logits64, ids, mask, adv, old, ref, full_weights, num_items, sampling)
     expected.backward()
     # VESPO's weight W^k exp(lambda (1 - W)) multiplies the float32 rounding of log W (a sum over the
     # response) by up to k + lambda W: on these batches, over several seeds, the loss was off by up to

@@ -82,7 +82,7 @@ def make_batch(hidden_path: bool, token_advantages: bool = False):
     return inputs, logits64, ids, mask, adv, old, ref
 
 
-def reference_loss(cfg, logits64, ids, mask, adv, old, ref, num_items=None):
+def oracle_loss(cfg, logits64, ids, mask, adv, old, ref, num_items=None):
     """The loss in float64, straight from the formulas."""
     t = cfg.get("temperature", 1.0)
     el, eh = cfg.get("epsilon_low", 0.2), cfg.get("epsilon_high", 0.2)
@@ -193,7 +193,7 @@ def check_against_float64(case, path, backend, device):
     metrics = {k: v.cpu() for k, v in metrics.items()}
 
     ref_leaves, logits64 = float64_leaves(inputs)
-    expected, _, h, keep = reference_loss(cfg, logits64, ids, mask, adv, old, ref, call.get("num_items_in_batch"))
+    expected, _, h, keep = oracle_loss(cfg, logits64, ids, mask, adv, old, ref, call.get("num_items_in_batch"))
     expected.backward()
 
     assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -220,7 +220,7 @@ def test_logprobs_input_matches_float64(case):
     loss.backward()
 
     ref_leaf = logits64.clone().requires_grad_(True)
-    expected, _, _, keep = reference_loss(cfg, ref_leaf, ids, mask, adv, old, ref, call.get("num_items_in_batch"))
+    expected, _, _, keep = oracle_loss(cfg, ref_leaf, ids, mask, adv, old, ref, call.get("num_items_in_batch"))
     expected.backward()
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
@@ -251,7 +251,7 @@ def test_bfloat16_logits(backend):
     loss, _ = FusedPolicyLoss(**cfg, backend=backend)(ids, mask, adv, logits=logits, old_logprobs=old, ref_logprobs=ref)
     loss.backward()
     logits64 = logits.detach().double().requires_grad_(True)
-    expected = reference_loss(cfg, logits64, ids, mask, adv, old, ref)[0]
+    expected = oracle_loss(cfg, logits64, ids, mask, adv, old, ref)[0]
     expected.backward()
     assert logits.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
@@ -302,7 +302,7 @@ def test_distributed_loss_equals_concatenated_batch():
 def test_clip_cases_bite(hidden_path):
     """The batches used above really exercise clipping, dual clipping and every mask."""
     _, logits64, ids, mask, adv, old, ref = make_batch(hidden_path)
-    _, lp, h, _ = reference_loss(CASES["grpo"][0], logits64, ids, mask, adv, old, ref)
+    _, lp, h, _ = oracle_loss(CASES["grpo"][0], logits64, ids, mask, adv, old, ref)
     valid = mask.bool()
     ratio = (lp - old.double()).exp()[valid]
     assert (ratio > 1.2).any() and (ratio < 0.8).any()
@@ -310,7 +310,7 @@ def test_clip_cases_bite(hidden_path):
     a = adv[:, None].expand(B, T)[valid]
     assert ((ratio > CASES["dual_clip"][0]["dual_clip"]) & (a < 0)).any()
     for case in ("top_entropy", "probability", "clip_cov"):
-        _, _, _, keep = reference_loss(CASES[case][0], logits64, ids, mask, adv, old, ref)
+        _, _, _, keep = oracle_loss(CASES[case][0], logits64, ids, mask, adv, old, ref)
         assert 0 < keep.sum() < valid.sum(), case
 
 

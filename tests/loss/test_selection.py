@@ -182,7 +182,7 @@ SELECTED_CASES = {
 SPLITS = (([0, 1, 2, 3, 4, 5],), ([0, 3, 5], [1, 2, 4]), ([0, 3], [1, 2], [4, 5]))
 
 
-def selected_reference(cfg, logits64, ids, mask, adv, old, ref):
+def selected_oracle(cfg, logits64, ids, mask, adv, old, ref):
     """float64 loss: dapo and bnpo sum(M pg) / sum(M) over the batch, grpo the mean over responses of
     each one's sum(M pg) / sum(M); KL and entropy terms over the valid tokens."""
     valid = mask.bool()
@@ -244,7 +244,7 @@ def test_selected_normalisation_does_not_depend_on_micro_batches(case):
     for got in grads[1:]:
         torch.testing.assert_close(got, grads[0], rtol=1e-6, atol=1e-9)
     logits64 = inputs["logits"].double().requires_grad_(True)
-    selected_reference(cfg, logits64, ids, mask, adv, old, ref).backward()
+    selected_oracle(cfg, logits64, ids, mask, adv, old, ref).backward()
     scale = logits64.grad.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(grads[0].double(), logits64.grad, rtol=1e-5, atol=1e-6 * scale)
