@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fusedrl.engine.errors import ConfigError
 from fusedrl.engine.mismatch import CORRECTIONS
+from fusedrl.engine.optim import SCHEDULES
 from fusedrl.engine.tasks import TASKS
 from fusedrl.loss.options import LossOptions, OptionError
 
@@ -122,7 +123,10 @@ class WarmStartConfig:
     batch_size: int = 32
     """Sequences per supervised step."""
     lr: float = 1e-3
-    """Learning rate of the warm start (constant after a short linear warmup)."""
+    """Peak learning rate of the warm start, reached after a linear warmup over a tenth of the steps."""
+    schedule: str = "linear"
+    """After the warmup: linear or cosine decay to 0 at the last step, or constant. A decay lands the
+    model at a quiet point; at a constant rate the final weights depend on the last few batches."""
 
 
 @dataclass
@@ -424,6 +428,7 @@ def validate(cfg: Config) -> None:
     _at_least("warm_start.steps", cfg.warm_start.steps, 0)
     _at_least("warm_start.batch_size", cfg.warm_start.batch_size, 1)
     _positive("warm_start.lr", cfg.warm_start.lr)
+    _choice("warm_start.schedule", cfg.warm_start.schedule, SCHEDULES)
     if cfg.warm_start.steps and data.task is None:
         _fail("warm_start.steps", "the warm start needs a built-in task's reference completions")
     _at_least("rollout.prompts_per_step", rollout.prompts_per_step, 1)
@@ -458,7 +463,7 @@ def validate(cfg: Config) -> None:
         value = getattr(optim, key)
         if not 0 <= value < 1:
             _fail(f"optim.{key}", f"must be in [0, 1); got {value}")
-    _choice("optim.schedule", optim.schedule, ("constant", "linear", "cosine"))
+    _choice("optim.schedule", optim.schedule, SCHEDULES)
     _at_least("optim.warmup_steps", optim.warmup_steps, 0)
     _at_least("optim.max_grad_norm", optim.max_grad_norm, 0)
     _at_least("optim.updates_per_batch", optim.updates_per_batch, 1)

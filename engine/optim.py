@@ -19,9 +19,24 @@ backward and the next `accumulate`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fusedrl.engine.errors import RunError
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def decay(progress: float, kind: str) -> float:
+    """Learning-rate factor after warmup at `progress` in [0, 1] of the remaining updates: constant,
+    linear or cosine decay to 0 at the last one."""
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
 
 
 class MasterWeightAdamW(torch.optim.AdamW):

@@ -14,7 +14,6 @@ of ranks; evaluation is shared out the same way; the main rank logs, the checkpo
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -32,7 +31,7 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.data import PromptSampler, load_splits, load_task
 from fusedrl.engine.metrics_log import MetricLogger, peak_memory_bytes
 from fusedrl.engine.model import DTYPES, load_policy, load_reference
-from fusedrl.engine.optim import StepGuard
+from fusedrl.engine.optim import StepGuard, decay
 from fusedrl.engine.packing import use_packing
 from fusedrl.engine.plots import describe_fit, write_plots
 from fusedrl.engine.rewards import load_reward, score
@@ -55,12 +54,7 @@ def make_scheduler(optimizer, cfg: Config, total_updates: int):
     def factor(update: int) -> float:
         if update < warmup:
             return (update + 1) / (warmup + 1)
-        progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+        return decay(min(1.0, (update - warmup) / max(1, total_updates - warmup)), kind)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -14,7 +14,7 @@ import torch
 
 from fusedrl.engine.config import WarmStartConfig
 from fusedrl.engine.model import completion_hidden, output_projection
-from fusedrl.engine.optim import MasterWeightAdamW, clip_gradients
+from fusedrl.engine.optim import MasterWeightAdamW, clip_gradients, decay
 from fusedrl.engine.rollout import Batch, make_batch
 from fusedrl.kernels import linear_logprobs_and_entropy
 
@@ -32,7 +32,8 @@ def warm_start(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig,
     device = next(model.parameters()).device
     optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, decay(max(0, s - warmup) / max(1, cfg.steps - warmup), cfg.schedule)))
     prompt_ids = tokenizer([row["prompt"] for row in rows])["input_ids"]
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     model.train()
