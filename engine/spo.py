@@ -22,9 +22,9 @@ FusedPolicyLoss with per-token advantages; the paper trains with the probability
 (loss.prob_mask_threshold=0.9, loss.normalize_by=selected), which the demo configs set. The sampling
 overhead, generated tokens per trained token, is logged as spo/sampling_overhead.
 
-Under torchrun each rank samples its share of the prompts; SPO-chain's continuations are seeded per
-prefix, so that its values do not depend on the number of ranks (SPO-tree's branches draw from the
-torch RNG: a run on N ranks is one valid run, not the one-process run).
+Under torchrun each rank samples its share of the prompts. Every draw is seeded by what it continues
+(SPO-chain's continuations per prefix, SPO-tree's branches per node, both from the prompt's seed), so
+that the values and trees do not depend on the number of ranks: N ranks repeat the one-process run.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     with distributed.gathered(session.model):
         trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
                                         branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
-                                        sampling=sampling)
+                                        sampling=sampling, seeds=seeds)
     leaf_rewards = score_leaves(tokenizer, trees, scorer)
     advantages = [tree_values_and_advantages(t.parents, lr, std_normalize=spo.tree_std_normalize)[1]
                   for t, lr in zip(trees, leaf_rewards)]
