@@ -94,8 +94,12 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
                   for t, lr in zip(trees, leaf_rewards)]
     rows = tree_training_rows(trees, advantages)
     rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
-    leaves, kept, generated = session.world.sum([len(rewards), len(rows), generated])
+    trained = sum(m for *_, mask in rows for m in mask)  # tokens with loss
+    # One collective on every rank, those without rows included (they would otherwise wait apart).
+    leaves, kept, generated, trained = session.world.sum([len(rewards), len(rows), generated, trained])
     metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - kept, "tokens/sampled": generated}
+    if kept:
+        metrics["spo/sampling_overhead"] = generated / trained
     if not rows:  # update() still runs on every rank while another has rows (batch=None here)
         return None, rewards, None, None, metrics
     sampler_lp = [tree.response_logprobs(leaf) for tree, leaf, *_ in rows]
@@ -105,7 +109,6 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     width = batch.completion_ids.shape[1]
     token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
     loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)
-    metrics["spo/sampling_overhead"] = generated / max(1, session.world.sum([int(loss_mask.sum())])[0])
     return batch, rewards, token_adv, loss_mask, metrics
 
 
