@@ -494,14 +494,14 @@ def validate(cfg: Config) -> None:
         _validate_spo(cfg)
 
 
-def kept_set(rollout: RolloutConfig) -> tuple[int | None, float | None]:
+def sampler_kept_set(rollout: RolloutConfig) -> tuple[int | None, float | None]:
     """(top_k, top_p) of the sampler as the fused ops take them, None where off."""
     return rollout.top_k or None, (None if rollout.top_p >= 1 else rollout.top_p)
 
 
 def loss_kept_set(rollout: RolloutConfig) -> tuple[int | None, float | None]:
     """(top_k, top_p) of the distribution the loss computes log-probs over: rollout.train_on's."""
-    return kept_set(rollout) if rollout.train_on == "sampler" else (None, None)
+    return sampler_kept_set(rollout) if rollout.train_on == "sampler" else (None, None)
 
 
 def _validate_engine(rollout: RolloutConfig) -> None:
@@ -514,7 +514,7 @@ def _validate_engine(rollout: RolloutConfig) -> None:
     if importlib.util.find_spec("vllm") is None:
         _fail("rollout.engine", "'vllm' needs the vllm extra: pip install 'fusedrl[vllm]' (on a CPU machine "
                                 "scripts/test_vllm.sh builds that environment; docs/vllm.md)")
-    if rollout.train_on == "full" and kept_set(rollout) != (None, None):
+    if rollout.train_on == "full" and sampler_kept_set(rollout) != (None, None):
         # vLLM's log-probs are of its kept set, the loss's of the whole vocabulary: the correction would
         # weigh every token by the mass the kept set dropped.
         _fail("rollout.train_on", "must be sampler with rollout.engine=vllm and rollout.top_k or top_p set: "

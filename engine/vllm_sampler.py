@@ -29,7 +29,7 @@ import time
 import torch
 
 from fusedrl.engine.checkpoint import rng_state, set_rng_state
-from fusedrl.engine.config import Config, kept_set
+from fusedrl.engine.config import Config, sampler_kept_set
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.rollout import Batch, derive_seed, make_batch
 
@@ -43,7 +43,7 @@ class VLLMSampler:
         from vllm import LLM
 
         self.tokenizer = tokenizer
-        self.top_k, self.top_p = kept_set(cfg.rollout)  # None where off
+        self.top_k, self.top_p = sampler_kept_set(cfg.rollout)  # None where off
         self.device = next(model.parameters()).device
         self.dtype = DTYPES[cfg.model.dtype]
         settings = cfg.rollout.vllm
