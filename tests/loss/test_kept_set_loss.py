@@ -108,14 +108,29 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("outside", [0, 2], ids=["inside", "outside"])
 def test_kept_set_loss_matches_float64(case, path, backend, outside):
+    check_against_float64(case, path, backend, outside, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+@pytest.mark.parametrize("case", ["both", "both_options"])
+def test_gpu_kept_set_loss_matches_float64(case, path):
+    """GPU twin: the compiled kernels' threshold search and kept-set passes, same oracle."""
+    check_against_float64(case, path, "triton", 2, "cuda")
+
+
+def check_against_float64(case, path, backend, outside, device):
+    """The loss on `device` against the float64 oracle on the CPU: value, gradients, three metrics."""
     cfg = CASES[case]
     top_k, top_p = cfg.get("top_k"), cfg.get("top_p")
     inputs, logits64, ids, mask, adv, old, ref = make_batch(path == "hidden", cfg.get("temperature", 1.0), top_k,
                                                             top_p, outside)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    leaves = {k: v.to(device, copy=True).requires_grad_(True) for k, v in inputs.items()}
     loss_fn = FusedPolicyLoss(loss_type="dapo", backend=backend, **cfg)
-    loss, metrics = loss_fn(ids, mask, adv, **leaves, old_logprobs=old, ref_logprobs=ref)
+    moved = [t.to(device) for t in (ids, mask, adv, old, ref)]
+    loss, metrics = loss_fn(*moved[:3], **leaves, old_logprobs=moved[3], ref_logprobs=moved[4])
     loss.backward()
+    loss, metrics = loss.detach().cpu(), {k: v.cpu() for k, v in metrics.items()}
 
     ref_leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
     logits = (ref_leaves["hidden"] @ ref_leaves["weight"].T + ref_leaves["bias"]) if path == "hidden" else ref_leaves["logits"]
@@ -126,8 +141,9 @@ def test_kept_set_loss_matches_float64(case, path, backend, outside):
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=2e-6)
     for name, leaf in leaves.items():
         want = ref_leaves[name].grad
-        assert want.abs().max() > 0 and torch.isfinite(leaf.grad).all()
-        torch.testing.assert_close(leaf.grad.double(), want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()))
+        assert want.abs().max() > 0 and torch.isfinite(leaf.grad).all(), name
+        grad = leaf.grad.double().cpu()
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()))
     assert metrics["entropy/mean"].item() == pytest.approx(h[valid].mean().item(), rel=1e-5)
     assert metrics["mask/selected"].item() == pytest.approx(keep.sum().item() / valid.sum().item())
     assert metrics["mask/outside_kept_set"].item() == pytest.approx(outside / valid.sum().item())
