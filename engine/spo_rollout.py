@@ -39,7 +39,7 @@ _TREE_NODES = 3
 
 @dataclass
 class Sampling:
-    """How continuations are sampled: the rollout's settings (top_p is the sampler's own)."""
+    """How continuations are sampled: the rollout's settings (top_k and top_p are the sampler's own)."""
 
     temperature: float
     max_new_tokens: int
