@@ -35,10 +35,19 @@ def parity(prompts, completions, **columns):
     return [float(len(c) % 2 == 0) for c in completions]
 
 
-def designed(prompts, completions, **columns):
-    """Unequal rewards (a hash of the text) for the prompts in INFORMATIVE, 0 for the others: which groups
-    dynamic sampling keeps is set by the test (four sampled texts alike would be needed to break it)."""
-    return [zlib.crc32(c.encode()) % 997 / 997 if p in INFORMATIVE else 0.0 for p, c in zip(prompts, completions)]
+def _designed(case, prompts, completions):
+    """Unequal rewards in (0, 1) (a hash of the text) for the prompts of INFORMATIVE[case], 0 for the others:
+    which groups and trees carry signal is set by the test (texts alike would be needed to break it)."""
+    return [(zlib.crc32(c.encode()) % 997 + 1) / 999 if p in INFORMATIVE[case] else 0.0
+            for p, c in zip(prompts, completions)]
+
+
+def dynamic_sampling_design(prompts, completions, **columns):
+    return _designed("grpo_dynamic_sampling", prompts, completions)
+
+
+def spo_tree_design(prompts, completions, **columns):
+    return _designed("spo_tree", prompts, completions)
 '''
 
 TINY = ["run.progress=false", "run.tensorboard=false", "run.plots=false", "run.num_threads=1", "run.device=cpu",
@@ -54,27 +63,34 @@ CASES = {
     # bnpo over the selected tokens: the normaliser is the whole mini-batch's selected count, on every rank.
     "grpo_bnpo_selected": ["loss.loss_type=bnpo", "loss.normalize_by=selected", "loss.top_entropy_fraction=0.5",
                            "optim.mini_batches=2"],
-    # DAPO's dynamic sampling with the rewards of `designed` (see DESIGN): the count of informative groups
-    # and the cut are global.
+    # DAPO's dynamic sampling on designed rewards (DESIGNS): the count of informative groups and the cut
+    # are global.
     "grpo_dynamic_sampling": ["advantage.dynamic_sampling=true", "advantage.max_generation_rounds=2",
-                              "reward.function=toy_reward:designed"],
+                              "reward.function=toy_reward:dynamic_sampling_design"],
     "ppo": ["run.algorithm=ppo", "model.reference=policy", "loss.beta=0.05", "ppo.normalize_values=true",
             "ppo.reference_ema=0.1", "ppo.critic_lr=1e-3", "optim.mini_batches=3", "run.save_every=1"],
     "spo_chain": ["run.algorithm=spo_chain", "rollout.max_new_tokens=48", "spo.num_continuations=2",
                   "spo.cutpoint_interval=12", "loss.loss_type=dapo", "loss.prob_mask_threshold=0.012",
                   "loss.normalize_by=selected", "run.save_every=1"],
-    "spo_tree": ["run.algorithm=spo_tree", "spo.tree_branching=[2,2]", "spo.tree_level_tokens=[8]",
-                 "spo.tree_std_normalize=true", "loss.top_entropy_fraction=0.5", "optim.mini_batches=2"],
+    # On designed rewards too (DESIGNS): in step 2 one rank has no rows. A leaf without its end token scores
+    # 0: 48 tokens give most trees a leaf that ends.
+    "spo_tree": ["run.algorithm=spo_tree", "rollout.max_new_tokens=48", "spo.tree_branching=[2,2]",
+                 "spo.tree_level_tokens=[8]",
+                 "spo.tree_std_normalize=true", "loss.top_entropy_fraction=0.5", "optim.mini_batches=2",
+                 "reward.function=toy_reward:spo_tree_design"],
 }
 # Killed after checkpoint N and resumed on two ranks: {case: N}.
 RESUMED = {"grpo_top_entropy": 2, "ppo": 1, "spo_chain": 1}
-# Dynamic sampling's design, over the 12 prompts its 2 steps x 2 rounds x 3 prompts draw (rank 0 samples
-# the first two of a round, rank 1 the third): the draws in INFORMATIVE get unequal rewards.
-# Step 1: round 1 keeps draws 0 and 2 (one on each rank); round 2's three are informative but one more
-# group is needed: rank 0 keeps draw 3, and draws 4 and 5 are cut, draw 5 although rank 1 alone counts
-# only one informative group of its own. Step 2: round 1 keeps draw 8, round 2 none; the cap of two rounds
-# ends the step with one group, on rank 1 (rank 0 joins the update without rows).
-DESIGN = {0, 2, 3, 4, 5, 8}
+# Designed rewards: {case: the draws whose prompts get unequal rewards (the others 0)}, numbered over the
+# prompts the runs draw, in order: 3 per round (dynamic sampling has 2 rounds per step) or step, rank 0
+# sampling the first two, rank 1 the third.
+# Dynamic sampling. Step 1: round 1 keeps draws 0 and 2 (one on each rank); round 2's three are
+# informative but one more group is needed: rank 0 keeps draw 3, and draws 4 and 5 are cut, draw 5
+# although rank 1 alone counts only one informative group of its own. Step 2: round 1 keeps draw 8, round
+# 2 none; the cap of two rounds ends the step with one group, on rank 1 (rank 0 joins the update without rows).
+# SPO-tree. Step 1 trains on trees of both ranks (draws 0 and 2), step 2 on rank 1's only (draw 5): rank
+# 0's trees have no leaf reward other than 0, all their rows are dropped, and it joins the update without rows.
+DESIGNS = {"grpo_dynamic_sampling": {0, 2, 3, 4, 5, 8}, "spo_tree": {0, 2, 5}}
 # Wall-clock and memory readings differ between any two runs.
 UNCOMPARED = ("time/rollout_s", "time/step_s", "tokens_per_second", "memory/peak_bytes")
 
@@ -112,13 +128,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _informative_prompts() -> set[str]:
-    """The texts of DESIGN's draws: the prompts the runs' sampler draws, in its order."""
-    cfg = load_config("configs/demo.yaml", [*TINY, *CASES["grpo_dynamic_sampling"]])
+def _informative_prompts() -> dict[str, set[str]]:
+    """DESIGNS with the draws' texts: the prompts the runs' sampler draws, in its order."""
+    cfg = load_config("configs/demo.yaml", TINY)
     rows = load_task(cfg.data.task).make_dataset("train", cfg.data.train_size, cfg.run.seed)
     draws = [rows[i]["prompt"] for i in PromptSampler(len(rows), cfg.run.seed).next_indices(12)]
     assert len(set(draws)) == len(draws)  # no text stands for two draws
-    return {draws[i] for i in DESIGN}
+    return {case: {draws[i] for i in design} for case, design in DESIGNS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +184,21 @@ def test_two_ranks_equal_one_process(runs, case):
 
 
 def test_dynamic_sampling_ran_as_designed(runs):
-    """The rounds and groups of DESIGN happened (in one process; two ranks repeat its metrics): a cut that
+    """The rounds and groups of DESIGNS happened (in one process; two ranks repeat its metrics): a cut that
     falls across the ranks, and a step that ends at the cap with groups on one rank only."""
     step_1, step_2 = runs["grpo_dynamic_sampling"][0][0][1:]
     assert (step_1["dynamic_sampling/rounds"], step_1["groups/trained"]) == (2, 3)
     assert step_1["groups/kept"] == pytest.approx(5 / 6)  # 5 informative groups of the 6 sampled
     assert (step_2["dynamic_sampling/rounds"], step_2["groups/trained"]) == (2, 1)
     assert step_2["groups/kept"] == pytest.approx(1 / 6)
+
+
+def test_spo_tree_ran_as_designed(runs):
+    """Both steps trained (one process; two ranks repeat its metrics), step 2 on one of its three trees:
+    draw 5's, on rank 1."""
+    step_1, step_2 = runs["spo_tree"][0][0][1:]
+    assert step_1["spo/rows_dropped"] < step_1["spo/leaves"] and "loss/policy" in step_1
+    assert step_2["spo/rows_dropped"] < step_2["spo/leaves"] and "loss/policy" in step_2
 
 
 @pytest.mark.parametrize("case", list(RESUMED))
