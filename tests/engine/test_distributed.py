@@ -75,9 +75,8 @@ CASES = {
     # On designed rewards too (DESIGNS): in step 2 one rank has no rows. A leaf without its end token scores
     # 0: 48 tokens give most trees a leaf that ends.
     "spo_tree": ["run.algorithm=spo_tree", "rollout.max_new_tokens=48", "spo.tree_branching=[2,2]",
-                 "spo.tree_level_tokens=[8]",
-                 "spo.tree_std_normalize=true", "loss.top_entropy_fraction=0.5", "optim.mini_batches=2",
-                 "reward.function=toy_reward:spo_tree_design"],
+                 "spo.tree_level_tokens=[8]", "spo.tree_std_normalize=true", "loss.top_entropy_fraction=0.5",
+                 "optim.mini_batches=2", "reward.function=toy_reward:spo_tree_design"],
 }
 # Killed after checkpoint N and resumed on two ranks: {case: N}.
 RESUMED = {"grpo_top_entropy": 2, "ppo": 1, "spo_chain": 1}

@@ -190,7 +190,8 @@ def test_seeded_trees_do_not_depend_on_the_trees_grown_beside_them():
     torch.manual_seed(0)
     model = demo_model(cfg.model, tokenizer)
     prompts = [tokenizer(text)["input_ids"] for text in ("12+34=", "7+8=", "100+1=")]
-    options = dict(branching=[2, 3], level_tokens=[3], sampling=Sampling(temperature=1.0, max_new_tokens=8, batch_size=4))
+    options = dict(branching=[2, 3], level_tokens=[3],
+                   sampling=Sampling(temperature=1.0, max_new_tokens=8, batch_size=4))
     together, _ = sample_trees(HFSampler(model, tokenizer, top_p=1.0, batch_size=4), tokenizer, prompts, [0, 1, 2],
                                seeds=[11, 12, 13], **options)
     torch.manual_seed(1)
