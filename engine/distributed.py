@@ -199,9 +199,8 @@ def full_state_dict(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_sharded(directory: Path, models: dict[str, tuple[nn.Module, object]]) -> None:
-    """torch.distributed.checkpoint of each (model, optimizer or None) by name: every rank writes its shards."""
-    import torch.distributed.checkpoint as dcp
+def _sharded_state(models: dict[str, tuple[nn.Module, object]]) -> dict:
+    """Each (model, optimizer or None)'s sharded state by name, the optimizer's under "<name>.optimizer"."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     state = {}
@@ -210,21 +209,22 @@ def save_sharded(directory: Path, models: dict[str, tuple[nn.Module, object]]) -
             state[name] = get_model_state_dict(model)
         else:
             state[name], state[f"{name}.optimizer"] = get_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(directory))
+    return state
+
+
+def save_sharded(directory: Path, models: dict[str, tuple[nn.Module, object]]) -> None:
+    """torch.distributed.checkpoint of each (model, optimizer or None) by name: every rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(models), checkpoint_id=str(directory))
 
 
 def load_sharded(directory: Path, models: dict[str, tuple[nn.Module, object]]) -> None:
     """Loads what save_sharded wrote into the same models and optimizers (same number of ranks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    state = {}
-    for name, (model, optimizer) in models.items():
-        if optimizer is None:
-            state[name] = get_model_state_dict(model)
-        else:
-            state[name], state[f"{name}.optimizer"] = get_state_dict(model, optimizer)
+    state = _sharded_state(models)
     dcp.load(state, checkpoint_id=str(directory))
     for name, (model, optimizer) in models.items():
         if optimizer is None:
