@@ -13,6 +13,10 @@ returns each sampled token's log-prob after temperature (logprobs_mode="processe
 quantity the trainer's fused log-probs recompute. top_p < 1 is refused in the config until the loss
 computes log-probs over the sampler's kept set.
 
+Under torchrun (engine/distributed.py) every rank runs its own engine on its share of the prompts, in
+vLLM's torchrun mode over the trainer's process group, and a sync gathers the FSDP2 policy one parameter
+at a time as vLLM consumes them (docs/vllm.md, "Under torchrun with FSDP2").
+
 Memory: the KV cache has a fixed size (rollout.vllm.kv_cache_gib, vLLM's kv_cache_memory_bytes). On a
 GPU with rollout.vllm.sleep, vLLM sleeps between rollouts (level 1: weights offloaded to host memory,
 KV cache freed) so that the trainer has the memory while it updates.
