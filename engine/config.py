@@ -26,6 +26,7 @@ from fusedrl.engine.tasks import TASKS
 from fusedrl.loss.options import LossOptions, OptionError
 
 ALGORITHMS = ("grpo", "ppo", "spo_chain", "spo_tree")
+TRAIN_ON = ("sampler", "full")
 
 
 @dataclass
@@ -150,7 +151,12 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; also the temperature of the log-probs in the loss."""
     top_p: float = 1.0
-    """Nucleus sampling mass."""
+    """Nucleus sampling: keep the tokens with less than top_p of the mass above them (1: off; vLLM's rules, docs/engine.md)."""
+    top_k: Optional[int] = None
+    """Sample among the top_k largest logits, ties kept, before top_p (0 or null: off)."""
+    train_on: str = "sampler"
+    """Distribution of the loss's log-probs and entropies: sampler (the renormalised top_k / top_p kept set
+    the responses were drawn from, so the importance ratio is exact) or full (the whole softmax at the temperature)."""
     max_new_tokens: int = 64
     """Longest response in tokens; also the loss's max_completion_length (dr_grpo)."""
     batch_size: int = 256
@@ -435,6 +441,9 @@ def validate(cfg: Config) -> None:
     _at_least("rollout.group_size", rollout.group_size, 1)
     _positive("rollout.temperature", rollout.temperature)
     _fraction("rollout.top_p", rollout.top_p)
+    if rollout.top_k is not None:
+        _at_least("rollout.top_k", rollout.top_k, 0)
+    _choice("rollout.train_on", rollout.train_on, TRAIN_ON)
     _at_least("rollout.max_new_tokens", rollout.max_new_tokens, 1)
     _at_least("rollout.batch_size", rollout.batch_size, 1)
     _validate_engine(rollout)
@@ -485,6 +494,16 @@ def validate(cfg: Config) -> None:
         _validate_spo(cfg)
 
 
+def sampler_kept_set(rollout: RolloutConfig) -> tuple[int | None, float | None]:
+    """(top_k, top_p) of the sampler as the fused ops take them, None where off."""
+    return rollout.top_k or None, (None if rollout.top_p >= 1 else rollout.top_p)
+
+
+def loss_kept_set(rollout: RolloutConfig) -> tuple[int | None, float | None]:
+    """(top_k, top_p) of the distribution the loss computes log-probs over: rollout.train_on's."""
+    return sampler_kept_set(rollout) if rollout.train_on == "sampler" else (None, None)
+
+
 def _validate_engine(rollout: RolloutConfig) -> None:
     _choice("rollout.engine", rollout.engine, ("hf", "vllm"))
     _choice("rollout.correction", rollout.correction, CORRECTIONS)
@@ -495,11 +514,11 @@ def _validate_engine(rollout: RolloutConfig) -> None:
     if importlib.util.find_spec("vllm") is None:
         _fail("rollout.engine", "'vllm' needs the vllm extra: pip install 'fusedrl[vllm]' (on a CPU machine "
                                 "scripts/test_vllm.sh builds that environment; docs/vllm.md)")
-    if rollout.top_p < 1:
-        # The loss's log-probs are over the whole vocabulary; vLLM's would be over the top-p kept set,
-        # and the correction would then weigh every token by the mass the nucleus dropped.
-        _fail("rollout.top_p", f"must be 1 with rollout.engine=vllm until the loss computes log-probs over "
-                               f"the sampler's kept set; got {rollout.top_p}")
+    if rollout.train_on == "full" and sampler_kept_set(rollout) != (None, None):
+        # vLLM's log-probs are of its kept set, the loss's of the whole vocabulary: the correction would
+        # weigh every token by the mass the kept set dropped.
+        _fail("rollout.train_on", "must be sampler with rollout.engine=vllm and rollout.top_k or top_p set: "
+                                  "vLLM's log-probs are of its kept set; got full")
     _positive("rollout.vllm.kv_cache_gib", rollout.vllm.kv_cache_gib)
 
 

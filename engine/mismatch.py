@@ -9,7 +9,8 @@ off-policy, and the gap grows with sequence length and lower precision until tra
 
 Measured over the response tokens: mean |lp_train - lp_sampler|, the KL(sampler || trainer) estimate
 k3 = E_sampler[r - 1 - log r] (non-negative, low variance: Schulman 2020, "Approximating KL
-divergence"), and the share of tokens whose r lies outside [0.5, 2].
+divergence"), and the share of tokens whose r lies outside [0.5, 2]; tokens the sampler drew outside the
+trainer's top-k / top-p kept set (trainer lp -inf) leave the loss and are counted apart.
 
 Corrected (rollout.correction) by
 - tis: truncated importance sampling, each token's policy-gradient term weighted by min(r, C)
@@ -58,7 +59,11 @@ def correct(train_lp: torch.Tensor, sampler_lp: torch.Tensor, mask: torch.Tensor
     if train_lp.shape != sampler_lp.shape or train_lp.shape != mask.shape:
         raise ValueError(f"train_lp, sampler_lp and mask must share one shape; got {tuple(train_lp.shape)}, "
                          f"{tuple(sampler_lp.shape)}, {tuple(mask.shape)}")
-    valid = mask.bool()
+    # A token the sampler drew outside the trainer's kept set (train lp -inf: the sets differ at a tie
+    # on the top-p boundary, or within rounding of top_p; docs/vllm.md) has ratio 0 and an infinite
+    # KL: it leaves the loss, and is counted rather than measured.
+    outside = mask.bool() & (train_lp == -torch.inf)
+    valid = mask.bool() & ~outside
     # Padding is zeroed first: its log-probs may be anything, and exp of a large difference is inf.
     log_r = torch.where(valid, train_lp.double() - sampler_lp.double(), 0.0)
     r = log_r.exp()
@@ -66,7 +71,8 @@ def correct(train_lp: torch.Tensor, sampler_lp: torch.Tensor, mask: torch.Tensor
     low, high = _RATIO_BAND
     metrics = {"mismatch/abs_lp_diff": log_r.abs().sum() / count,
                "mismatch/kl": torch.where(valid, r - 1 - log_r, 0.0).sum() / count,
-               "mismatch/ratio_outside": ((valid & ((r < low) | (r > high))).sum() / count)}
+               "mismatch/ratio_outside": ((valid & ((r < low) | (r > high))).sum() / count),
+               "mismatch/outside_kept_set": outside.sum() / mask.bool().sum().clamp(min=1)}
     weights, keep = None, valid
     if mode == "tis":
         weights = torch.where(valid, r.clamp(max=cap), 0.0).float()

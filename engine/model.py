@@ -143,13 +143,15 @@ def completion_hidden(model, input_ids, attention_mask, prompt_length: int, comp
 
 
 @torch.no_grad()
-def token_logprobs(model, batch, temperature: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (lp, H) [B, T] of `batch`'s completion tokens under `model`, without building logits."""
+def token_logprobs(model, batch, temperature: float, backend: str = "auto", *, top_k: int | None = None,
+                   top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (lp, H) [B, T] of `batch`'s completion tokens under `model`, without building logits; with
+    top_k / top_p, of the sampler's kept set (the fused op's)."""
     hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
                                batch.completion_ids.shape[1])
     weight, bias = output_projection(model)
     return linear_logprobs_and_entropy(hidden, weight, batch.completion_ids, bias=bias, temperature=temperature,
-                                       backend=backend)
+                                       backend=backend, top_k=top_k, top_p=top_p)
 
 
 def packed_hidden(model, micro: PackedRows) -> torch.Tensor:
@@ -171,8 +173,9 @@ def packed_hidden(model, micro: PackedRows) -> torch.Tensor:
 
 
 @torch.no_grad()
-def packed_token_logprobs(model, micro: PackedRows, temperature: float,
-                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_token_logprobs(model, micro: PackedRows, temperature: float, backend: str = "auto", *,
+                          top_k: int | None = None,
+                          top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 (lp, H, flat index), each [R], of every response token of a packed row: the fused op sees the
     response tokens' hidden states only. The flat index places them in the [k, micro.width] layout."""
     packed, flat = micro.token_index()
@@ -180,5 +183,5 @@ def packed_token_logprobs(model, micro: PackedRows, temperature: float,
     weight, bias = output_projection(model)
     targets = micro.input_ids[0, packed + 1]  # the token each hidden state predicts: the next one in its sequence
     lp, entropy = linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
-                                              backend=backend)
+                                              backend=backend, top_k=top_k, top_p=top_p)
     return lp, entropy, flat

@@ -137,7 +137,11 @@ def advantages_and_returns(cfg: Config, batch: rollout.Batch, scores: torch.Tens
     batch statistics (whitening, normaliser, metrics) span the process group `group`."""
     ppo, mask = cfg.ppo, batch.completion_mask
     values = normalizer.denormalize(raw_values) if normalizer is not None else raw_values
-    kl = old_lp - ref_lp if ref_lp is not None else None
+    kl = None
+    if ref_lp is not None:
+        # On a kept set (rollout.train_on=sampler) a log-prob of -inf marks a token outside the policy's or
+        # the reference's set, whose KL estimate is infinite: it adds none, as in FusedPolicyLoss's KL term.
+        kl = torch.where((old_lp > -torch.inf) & (ref_lp > -torch.inf), old_lp - ref_lp, 0.0)
     in_reward = ppo.kl_penalty == "reward" and cfg.loss.beta > 0
     rewards = token_rewards(scores, mask, reward_clip=ppo.reward_clip, kl=kl if in_reward else None,
                             beta=cfg.loss.beta)

@@ -5,8 +5,9 @@ whole batch, so that the hidden state at column P - 1 + t predicts response toke
 A response's mask covers its tokens up to and including the first end-of-sequence token; a response
 that reaches max_new_tokens without one is marked truncated.
 
-The loss recomputes log-probs from the full softmax at the sampling temperature (top_p only shapes
-what is sampled), so the rollout keeps token ids; a sampler that is not the trained model itself
+Sampling draws from the kept set of rollout.top_k / top_p (kept_logits: the fused ops' own rules), and
+the loss recomputes log-probs of that distribution (or, with rollout.train_on=full, of the full softmax
+at the sampling temperature), so the rollout keeps token ids; a sampler that is not the trained model itself
 (vLLM, engine/samplers.py) also keeps its own log-probs of them, to measure and correct the mismatch
 (engine/mismatch.py).
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from fusedrl.kernels._kept_set import mass_units
 
 
 @dataclass
@@ -118,22 +121,53 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 
 
-class KeyedSampler(LogitsProcessor):
-    """Samples each row's next token at `temperature` within the top-p set, by inverting its CDF (tokens
-    by decreasing probability) at the row's next uniform; returns scores that are 0 at the drawn token
-    and -inf elsewhere, so that greedy decoding emits it."""
+def kept_logits(scores: torch.Tensor, temperature: float, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """scores / temperature in fp32, -inf outside the sampler's kept set: the set the fused ops' top_k /
+    top_p compute lp and H over (fusedrl/kernels/_kept_set.py, docs/logprobs_and_entropy.md), found here
+    by sorting. In vLLM's order: top-k keeps every logit >= the k-th largest (ties all kept); top-p then
+    keeps every token with less than top_p of the top-k set's mass strictly above it, so tied logits are
+    kept or dropped together. The masses are the kernels' own (exp((x - max) / T) in integer units of
+    2^-40, rounded down, summed exactly), so that on the same logits the two sets are the same."""
+    x = scores.float()
+    z = x / temperature
+    vocab = x.shape[-1]
+    top_k, top_p = (None if top_k is None or top_k >= vocab else top_k), (None if top_p is None or top_p >= 1 else top_p)
+    if top_k is None and top_p is None:
+        return z
+    ordered, order = x.sort(-1, descending=True)
+    keep = torch.ones_like(ordered, dtype=torch.bool)
+    if top_k is not None:
+        keep = ordered >= ordered[:, top_k - 1: top_k]
+    if top_p is not None:
+        units = mass_units(ordered, ordered[:, :1], 1.0 / temperature).masked_fill_(~keep, 0)
+        before = units.cumsum(-1) - units
+        # A tie group's mass strictly above is that before its first member (sorted: ties are adjacent).
+        positions = torch.arange(vocab, device=x.device).expand_as(ordered)
+        starts = torch.ones_like(keep)
+        starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        first = torch.where(starts, positions, 0).cummax(-1).values
+        keep &= before.gather(-1, first).double() < top_p * units.sum(-1, keepdim=True).double()
+    return z.masked_fill(~torch.zeros_like(keep).scatter_(-1, order, keep), -torch.inf)
 
-    def __init__(self, uniforms: torch.Tensor, prompt_length: int, temperature: float, top_p: float):
+
+class KeyedSampler(LogitsProcessor):
+    """Samples each row's next token from softmax(kept_logits(scores)) - the distribution the trainer's
+    kept-set log-probs describe - by inverting its CDF (tokens by decreasing probability) at the row's
+    next uniform; returns scores that are 0 at the drawn token and -inf elsewhere, so that greedy
+    decoding emits it."""
+
+    def __init__(self, uniforms: torch.Tensor, prompt_length: int, temperature: float, top_p: float | None = None,
+                 top_k: int | None = None):
         self.uniforms, self.prompt_length = uniforms, prompt_length  # uniforms [rows, max_new_tokens]
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = self.uniforms[:, input_ids.shape[1] - self.prompt_length].to(scores.device)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        probs = torch.softmax(kept_logits(scores, self.temperature, self.top_k, self.top_p), dim=-1)
         probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        if self.top_p < 1.0:  # the smallest prefix holding top_p of the mass, as transformers' TopPLogitsWarper
-            probs = probs * ((probs.cumsum(-1) - probs) < self.top_p)
         cdf = probs.cumsum(-1)
+        # u < 1, so the search never passes the last kept token (those after it add exactly 0 to the cdf).
         pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=cdf.shape[1] - 1)
         drawn = torch.full_like(scores, -torch.inf)
         return drawn.scatter_(1, order.gather(1, pick), 0.0)
@@ -141,28 +175,31 @@ class KeyedSampler(LogitsProcessor):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int, temperature: float,
-             top_p: float, max_new_tokens: int, batch_size: int, seeds: list[int] | None = None) -> Batch:
+             top_p: float | None, max_new_tokens: int, batch_size: int, seeds: list[int] | None = None,
+             top_k: int | None = None) -> Batch:
     """group_size responses per prompt (rows i*G .. i*G+G-1 share prompt i); temperature 0 is greedy.
+    Sampling draws from the kept set of top_k / top_p (None, top_k 0 and top_p 1: off; kept_logits).
 
     seeds: one per prompt; response j of prompt i then samples from derive_seed(seeds[i], j) alone.
-    Without them, sampling draws from the torch RNG (and depends on the batch's composition)."""
+    Without them, the uniforms come from the torch RNG (and depend on the batch's composition)."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     greedy = temperature == 0
-    keyed = seeds is not None and not greedy
     if seeds is not None and len(seeds) != len(prompt_ids):
         raise ValueError(f"seeds must hold one seed per prompt ({len(prompt_ids)}), got {len(seeds)}")
-    sample = not greedy and not keyed
+    # Sampling is KeyedSampler's, seeded or not, so that every draw follows the kept set's rules;
+    # transformers then decodes greedily the one token it leaves.
     # synced_gpus=False: under FSDP, transformers would otherwise keep every rank generating until all
     # are done; the engine generates with the parameters gathered instead (distributed.gathered).
-    config = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
-                              top_p=top_p if sample else None, top_k=0 if sample else None, max_new_tokens=max_new_tokens,
+    config = GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
                               eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
     repeated = [p for p in prompt_ids for _ in range(group_size)]
     uniforms = None
-    if keyed:
+    if not greedy and seeds is not None:
         uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(
             derive_seed(s, j))) for s in seeds for j in range(group_size)])
+    elif not greedy:
+        uniforms = torch.rand(len(repeated), max_new_tokens)
     ids, mask = left_pad(repeated, pad, device)
     prompt_length = ids.shape[1]
     was_training = model.training
@@ -171,8 +208,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int, 
     for start in range(0, len(repeated), batch_size):
         chunk_ids, chunk_mask = ids[start: start + batch_size], mask[start: start + batch_size]
         processors = LogitsProcessorList()
-        if keyed:
-            processors.append(KeyedSampler(uniforms[start: start + batch_size], prompt_length, temperature, top_p))
+        if not greedy:
+            processors.append(KeyedSampler(uniforms[start: start + batch_size], prompt_length, temperature,
+                                           top_p, top_k or None))
         out = model.generate(input_ids=chunk_ids, attention_mask=chunk_mask, generation_config=config,
                              logits_processor=processors, synced_gpus=False)
         parts.append(_split_response(out, chunk_mask, prompt_length, eos, pad))

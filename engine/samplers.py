@@ -49,20 +49,22 @@ def make_sampler(cfg: Config, model, tokenizer) -> Sampler:
         from fusedrl.engine.vllm_sampler import VLLMSampler  # the optional extra, imported only when used
 
         return VLLMSampler(cfg, model, tokenizer)
-    return HFSampler(model, tokenizer, top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size)
+    return HFSampler(model, tokenizer, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                     batch_size=cfg.rollout.batch_size)
 
 
 class HFSampler:
-    """transformers' generate on the policy (rollout.generate), `batch_size` sequences per call."""
+    """transformers' generate on the policy (rollout.generate), `batch_size` sequences per call, drawing
+    from the kept set of top_k / top_p (rollout.kept_logits: the fused ops' rules)."""
 
-    def __init__(self, model, tokenizer, *, top_p: float, batch_size: int):
-        self.model, self.tokenizer, self.top_p, self.batch_size = model, tokenizer, top_p, batch_size
+    def __init__(self, model, tokenizer, *, top_p: float, batch_size: int, top_k: int | None = None):
+        self.model, self.tokenizer, self.top_p, self.top_k, self.batch_size = model, tokenizer, top_p, top_k, batch_size
 
     def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
                  seeds: list[int] | None = None) -> Batch:
         return rollout.generate(self.model, self.tokenizer, prompt_ids, group_size=n, temperature=temperature,
-                                top_p=self.top_p, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
-                                seeds=seeds)
+                                top_p=self.top_p, top_k=self.top_k, max_new_tokens=max_new_tokens,
+                                batch_size=self.batch_size, seeds=seeds)
 
     def sync_weights(self, policy) -> None:
         """Nothing to do: generate runs on the policy itself."""

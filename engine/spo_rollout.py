@@ -31,7 +31,7 @@ _CONTINUATIONS = 2  # derive_seed's tag of continuation streams
 
 @dataclass
 class Sampling:
-    """How continuations are sampled: the rollout's settings (top_p is the sampler's own)."""
+    """How continuations are sampled: the rollout's settings (top_k and top_p are the sampler's own)."""
 
     temperature: float
     max_new_tokens: int

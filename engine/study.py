@@ -175,8 +175,8 @@ def warm_start_only(config: str, overrides: list[str], target: float, check_prom
 
     def report(step: int, loss: float, seconds: float) -> None:
         batch = rollout.generate(session.model, session.tokenizer, check.prompt_ids, group_size=1,
-                                 temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                 batch_size=r.batch_size)
+                                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                 max_new_tokens=r.max_new_tokens, batch_size=r.batch_size)
         rewards, _ = session.score(check.prompts, rollout.decode(session.tokenizer, batch), check.columns)
         log.append({"steps": step, "loss": loss, "train_accuracy": float((rewards >= 1).float().mean())})
         session.logger.print(f"warm start: step {step}, loss {loss:.3f}, accuracy on {len(check)} training "

@@ -14,8 +14,9 @@ top-entropy threshold, Clip-Cov / KL-Cov, a selected-token count), each mini-bat
 no-grad pass under the current policy that fixes its masks (`FusedPolicyLoss.select`), and every
 micro-batch's loss takes its rows of them.
 
-Everything that depends on the loss's options is asked of the loss: the temperature and backend of
-the no-grad passes, each micro-batch's share of its mini-batch's loss (`micro_batch_share`) and the
+Everything that depends on the loss's options is asked of the loss: the temperature, kept set (top_k /
+top_p) and backend of the no-grad passes (old, reference and selection log-probs are then of the
+distribution the loss computes), each micro-batch's share of its mini-batch's loss (`micro_batch_share`) and the
 token count it divides by (`token_count_argument`). So the micro-batch layout, a memory knob, never
 changes the objective.
 
@@ -43,7 +44,7 @@ from dataclasses import replace
 import torch
 
 from fusedrl.engine import distributed, mismatch, rollout
-from fusedrl.engine.config import Config
+from fusedrl.engine.config import Config, loss_kept_set
 from fusedrl.engine.model import (completion_hidden, output_projection, packed_hidden, packed_token_logprobs,
                                   token_logprobs)
 from fusedrl.engine.packing import SequenceLengths, balanced_bins, pack
@@ -53,12 +54,15 @@ from fusedrl.loss import EXTREME_METRICS, FusedPolicyLoss, Selection, metrics_to
 
 
 def make_loss(cfg: Config, process_group=None, **option_overrides) -> FusedPolicyLoss:
-    """FusedPolicyLoss from the loss section, at the rollout's temperature; dr_grpo's constant length
-    is rollout.max_new_tokens; its batch statistics span `process_group` (the ranks, under torchrun).
+    """FusedPolicyLoss from the loss section, at the rollout's temperature and, with rollout.train_on=sampler,
+    on the sampler's top_k / top_p kept set; dr_grpo's constant length is rollout.max_new_tokens; its
+    batch statistics span `process_group` (the ranks, under torchrun).
     `option_overrides` replace loss options for this loop (PPO with the KL in the reward gives the loss
     no KL term)."""
-    return FusedPolicyLoss(cfg.loss, temperature=cfg.rollout.temperature, process_group=process_group,
-                           max_completion_length=cfg.rollout.max_new_tokens, **option_overrides)
+    top_k, top_p = loss_kept_set(cfg.rollout)
+    return FusedPolicyLoss(cfg.loss, temperature=cfg.rollout.temperature, top_k=top_k, top_p=top_p,
+                           process_group=process_group, max_completion_length=cfg.rollout.max_new_tokens,
+                           **option_overrides)
 
 
 def micro_batches(batch: rollout.Batch, rows: torch.Tensor, token_budget: int,
@@ -99,21 +103,22 @@ def per_token_lp_entropy(model, batch: rollout.Batch, plan: list[list[torch.Tens
                          loss_fn: FusedPolicyLoss, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad log-probs and entropies [B, T] of the response tokens of the rows in `plan` (zero
     elsewhere), micro-batch by micro-batch with the fused linear op (no logits tensor), at the loss's
-    temperature and backend. Under FSDP the model is gathered for the pass, so that ranks may run
-    different numbers of micro-batches."""
+    temperature, kept set (top_k / top_p) and backend: the distribution its calls compute. Under FSDP
+    the model is gathered for the pass, so that ranks may run different numbers of micro-batches."""
     lp_out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
     h_out = torch.zeros_like(lp_out)
     lengths = SequenceLengths.of(batch) if packed else None
+    kept = dict(top_k=loss_fn.top_k, top_p=loss_fn.top_p)
     with distributed.gathered(model):
         for rows in (r for mini in plan for r in mini):
             if packed:
                 micro = pack(batch, rows, lengths)
-                lp, h, flat = packed_token_logprobs(model, micro, loss_fn.temperature, loss_fn.backend)
+                lp, h, flat = packed_token_logprobs(model, micro, loss_fn.temperature, loss_fn.backend, **kept)
                 at = rows.to(flat.device)[flat // micro.width], flat % micro.width
                 lp_out[at], h_out[at] = lp, h
                 continue
             sub = batch.rows(rows)
-            lp, h = token_logprobs(model, sub, loss_fn.temperature, loss_fn.backend)
+            lp, h = token_logprobs(model, sub, loss_fn.temperature, loss_fn.backend, **kept)
             lp_out[rows.to(lp_out.device), : lp.shape[1]] = lp
             h_out[rows.to(h_out.device), : h.shape[1]] = h
     return lp_out, h_out

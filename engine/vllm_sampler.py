@@ -10,8 +10,9 @@ one at a time, converted to vLLM's dtype (`reload_weights`, vLLM's in-place relo
 Sampling: one request per response, each seeded (from the prompt's seed as the HF sampler derives its
 streams, or else from torch's generator), so that a run and its resume sample the same tokens; vLLM
 returns each sampled token's log-prob after temperature (logprobs_mode="processed_logprobs"), the
-quantity the trainer's fused log-probs recompute. top_p < 1 is refused in the config until the loss
-computes log-probs over the sampler's kept set.
+quantity the trainer's fused log-probs recompute. With rollout.top_k / top_p those are log-probs of
+vLLM's kept set, renormalised; the loss then computes its own over the same set (rollout.train_on=sampler,
+which the config requires here; docs/vllm.md states where vLLM's set and the kernels' can differ).
 
 Under torchrun (engine/distributed.py) every rank runs its own engine on its share of the prompts, in
 vLLM's torchrun mode over the trainer's process group, and a sync gathers the FSDP2 policy one parameter
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from fusedrl.engine import distributed
 from fusedrl.engine.checkpoint import rng_state, set_rng_state
-from fusedrl.engine.config import Config
+from fusedrl.engine.config import Config, sampler_kept_set
 from fusedrl.engine.model import DTYPES
 from fusedrl.engine.rollout import Batch, derive_seed, make_batch
 
@@ -50,6 +51,7 @@ class VLLMSampler:
         from vllm import LLM
 
         self.tokenizer = tokenizer
+        self.top_k, self.top_p = sampler_kept_set(cfg.rollout)  # None where off
         self.device = next(model.parameters()).device
         self.dtype = DTYPES[cfg.model.dtype]
         settings = cfg.rollout.vllm
@@ -85,7 +87,9 @@ class VLLMSampler:
             request_seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         else:  # the HF sampler's per-response streams; vLLM takes seeds below 2**63
             request_seeds = [derive_seed(seed, j) % 2**63 for seed in seeds for j in range(n)]
-        params = [SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, logprobs=0, seed=seed,
+        # vLLM's own "off" values: top_k 0, top_p 1 (and greedy requests ignore both).
+        kept = dict(top_k=self.top_k or 0, top_p=self.top_p or 1.0)
+        params = [SamplingParams(temperature=temperature, **kept, max_tokens=max_new_tokens, logprobs=0, seed=seed,
                                  stop_token_ids=[eos], detokenize=False) for seed in request_seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         responses, logprobs = [], []

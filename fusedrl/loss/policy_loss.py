@@ -42,6 +42,7 @@ from torch import nn
 from fusedrl import kernels
 from fusedrl.kernels import covariance_mask, probability_mask, top_entropy_mask
 from fusedrl.kernels._checks import check_same_device, check_temperature
+from fusedrl.kernels._kept_set import check_top_k, check_top_p
 from fusedrl.kernels._select import all_reduce
 from fusedrl.kernels.covariance_mask import broadcast_advantages, token_covariance
 from fusedrl.kernels.top_entropy_mask import check_mask
@@ -72,6 +73,16 @@ class FusedPolicyLoss(nn.Module):
 
     Arguments that describe the sampler and the data rather than the objective:
         temperature: the sampling temperature the logits are divided by.
+        top_k, top_p: the sampler's kept set (None: the full softmax; top_p = 1 is None). lp and H are then
+            those of the renormalised distribution the sampler drew from (vLLM's order: temperature,
+            top-k, top-p; ties kept whole; docs/logprobs_and_entropy.md), so the importance ratio and
+            the KL compare the distributions that sampled, and every entropy the loss reads (the
+            top-entropy threshold, the entropy bonus, entropy/mean) is the kept set's. A token outside
+            the kept set (lp = -inf: the policy moved, or rounding at the set's edge) keeps its place in
+            every token count but gets no policy-gradient term and takes no part in the batch-wide
+            masks; its entropy term stays. The same for old log-probs of -inf; a reference log-prob of
+            -inf (the token is outside the reference's kept set: an infinite KL) drops that token's KL
+            term. Both are counted (mask/outside_kept_set, kl/outside_kept_set), never NaN.
         max_completion_length: dr_grpo's constant denominator B * max_completion_length.
         ignore_index: the id the fused ops skip; padded positions are set to it before the pass.
         process_group: a torch.distributed group for the batch statistics (entropy quantile, covariance
@@ -85,8 +96,9 @@ class FusedPolicyLoss(nn.Module):
     """
 
     def __init__(self, options: LossOptions | None = None, /, *, temperature: float = 1.0,
-                 max_completion_length: int | None = None, ignore_index: int = -100, process_group=None,
-                 generator: torch.Generator | None = None, check_values: bool = True, **option_fields):
+                 top_k: int | None = None, top_p: float | None = None, max_completion_length: int | None = None,
+                 ignore_index: int = -100, process_group=None, generator: torch.Generator | None = None,
+                 check_values: bool = True, **option_fields):
         super().__init__()
         if options is None:
             options = LossOptions(**option_fields)
@@ -104,6 +116,9 @@ class FusedPolicyLoss(nn.Module):
             )
         self.max_completion_length = None if max_completion_length is None else int(max_completion_length)
         self.temperature = check_temperature(temperature)
+        self.top_k = check_top_k(top_k)
+        top_p = check_top_p(top_p)
+        self.top_p = None if top_p == 1.0 else top_p  # keeps every token, as the kernels read it
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.generator = generator
@@ -119,6 +134,11 @@ class FusedPolicyLoss(nn.Module):
     @property
     def aggregation(self) -> str:
         return self.options.aggregation
+
+    @property
+    def kept_set(self) -> bool:
+        """Whether lp and H are of the sampler's kept set (top_k or top_p given), not the full softmax."""
+        return self.top_k is not None or self.top_p is not None
 
     @property
     def batch_wide(self) -> bool:
@@ -235,6 +255,11 @@ class FusedPolicyLoss(nn.Module):
         if entropy is not None:
             entropy = torch.where(valid, entropy, 0.0)
         olp = lp.detach() if old_logprobs is None else torch.where(valid, old_logprobs.detach().to(dtype), 0.0)
+        # Tokens outside the kept set (lp or old lp = -inf) get lp = old lp = 0 with no gradient, so that
+        # no inf reaches a ratio, a mean or a backward; `scored` leaves them out of the policy-gradient terms.
+        outside = self._outside_kept_set(valid, lp.detach(), olp)
+        scored = valid & ~outside
+        lp, olp = torch.where(outside, 0.0, lp), torch.where(outside, 0.0, olp)
 
         log_ratio = lp - olp
         ratio = torch.exp(objectives.log_importance_weights(log_ratio, valid, self.importance_sampling_level))
@@ -242,7 +267,7 @@ class FusedPolicyLoss(nn.Module):
         batch_counts = selection is not None
         if selection is None:
             selection = self._select(lp.detach(), None if entropy is None else entropy.detach(), adv, valid,
-                                     clipped > unclipped, olp)
+                                     clipped > unclipped, olp, scored)
         metrics: dict[str, torch.Tensor] = {}
         n_valid = valid.sum().clamp(min=1)
         # With one weight per response and one advantage per response, every token of a response shares
@@ -274,7 +299,9 @@ class FusedPolicyLoss(nn.Module):
                 pg = torch.where(adv < 0, torch.minimum(pg, dual), pg)
         if rollout_is_weights is not None and self.loss_type != "vespo":
             pg = pg * rollout_is_weights
-        keep = self._kept(valid, selection)
+        keep = self._kept(scored, selection)
+        if self.kept_set:
+            metrics["mask/outside_kept_set"] = frac(outside)
         if self.cov_mode is not None:
             metrics["mask/cov"] = frac(selection.covariance)
         if self.top_entropy_fraction < 1.0:
@@ -286,7 +313,7 @@ class FusedPolicyLoss(nn.Module):
             # Per call, from this call's current log-probs: refused where a batch-wide selected count
             # would need it (see __init__).
             sampled = olp if sampling_logprobs is None else sampling_logprobs.detach().to(dtype)
-            near = objectives.off_policy_keep(lp.detach(), sampled, valid, adv, self.off_policy_mask_threshold)
+            near = objectives.off_policy_keep(lp.detach(), sampled, scored, adv, self.off_policy_mask_threshold)
             keep = keep & near
             metrics["mask/off_policy"] = frac(near)
 
@@ -294,10 +321,18 @@ class FusedPolicyLoss(nn.Module):
                                      num_items_in_batch)
         loss = pg_loss
         if ref_logprobs is not None:
-            kl = self._kl(lp, torch.where(valid, ref_logprobs.detach().to(dtype), 0.0))
+            ref = torch.where(valid, ref_logprobs.detach().to(dtype), 0.0)
+            # No KL term where a log-prob is -inf (outside a kept set): the estimate would be infinite.
+            # The where keeps every value finite, so that no inf * 0 reaches the backward.
+            no_kl = outside | (valid & (ref == -torch.inf))
+            ref = torch.where(no_kl, lp.detach(), ref)
+            kl = self._kl(lp, ref)
             if self.kl_importance_weighted:
                 kl = ratio * kl  # the ratio keeps its gradient: this is the point of the correction
+            kl = torch.where(no_kl, 0.0, kl)
             metrics["kl"] = (kl.detach() * valid).sum() / n_valid
+            if self.kept_set:
+                metrics["kl/outside_kept_set"] = frac(no_kl)
         if self.beta > 0:
             kl_loss = self._aggregate(self.beta * torch.where(valid, kl, 0.0), valid, num_items_in_batch)
             loss = loss + kl_loss
@@ -356,35 +391,46 @@ class FusedPolicyLoss(nn.Module):
         self._check_values(valid, advantages=adv, old_logprobs=old_logprobs)
         lp = torch.where(valid, logprobs.float(), 0.0)
         olp = lp if old_logprobs is None else torch.where(valid, old_logprobs.float(), 0.0)
+        outside = self._outside_kept_set(valid, lp, olp)  # as in forward
+        lp, olp = torch.where(outside, 0.0, lp), torch.where(outside, 0.0, olp)
         unclipped, clipped = self._ppo_terms(adv, torch.exp(lp - olp))
-        return self._select(lp, torch.where(valid, entropy.float(), 0.0), adv, valid, clipped > unclipped, olp)
+        return self._select(lp, torch.where(valid, entropy.float(), 0.0), adv, valid, clipped > unclipped, olp,
+                            valid & ~outside)
 
-    def _select(self, lp, entropy, adv, valid, clipped, olp) -> Selection:
-        """The masks from detached lp, H and old lp; `clipped` marks the tokens the PPO clip already clipped."""
+    def _select(self, lp, entropy, adv, valid, clipped, olp, scored) -> Selection:
+        """The masks from detached lp, H and old lp; `clipped` marks the tokens the PPO clip already clipped.
+        The masks choose among the `scored` tokens (valid, inside the kept set); counts of valid tokens
+        count all `valid` ones."""
         high_entropy = covariance = covariance_values = probability = None
         if self.top_entropy_fraction < 1.0:
-            high_entropy = top_entropy_mask(entropy, valid, top_fraction=self.top_entropy_fraction,
+            high_entropy = top_entropy_mask(entropy, scored, top_fraction=self.top_entropy_fraction,
                                             process_group=self.process_group)
         if self.cov_mode is not None:
-            covariance_values = token_covariance(lp, adv, valid, self.process_group)
+            covariance_values = token_covariance(lp, adv, scored, self.process_group)
             covariance = covariance_mask(
-                lp, adv, valid, mode=self.cov_mode, ratio=self.cov_ratio, lower=self.cov_lower, upper=self.cov_upper,
+                lp, adv, scored, mode=self.cov_mode, ratio=self.cov_ratio, lower=self.cov_lower, upper=self.cov_upper,
                 exclude=clipped if self.cov_mode == "clip_cov" else None, generator=self.generator,
                 process_group=self.process_group,
             )
         if self.prob_mask_threshold is not None:
-            probability = probability_mask(olp, valid, threshold=self.prob_mask_threshold)
+            probability = probability_mask(olp, scored, threshold=self.prob_mask_threshold)
         selection = Selection(high_entropy=high_entropy, covariance=covariance, covariance_values=covariance_values,
                               probability=probability)
         if not self._counts_selected:
             return selection
-        selected = self._kept(valid, selection).sum()
+        selected = self._kept(scored, selection).sum()
         if self.process_group is not None:
             # The batch spans the ranks: bnpo's micro-batch rescaling needs the whole batch's ratio.
             selected = all_reduce(selected, self.process_group)
             return replace(selection, valid_count=all_reduce(valid.sum(), self.process_group),
                            selected_count=selected, global_selected_count=selected)
         return replace(selection, valid_count=valid.sum(), selected_count=selected, global_selected_count=selected)
+
+    def _outside_kept_set(self, valid: torch.Tensor, lp: torch.Tensor, olp: torch.Tensor) -> torch.Tensor:
+        """The valid tokens outside the kept set: lp or old lp -inf (none without a kept set)."""
+        if not self.kept_set:
+            return torch.zeros_like(valid)
+        return valid & ((lp == -torch.inf) | (olp == -torch.inf))
 
     def _kept(self, valid: torch.Tensor, selection: Selection) -> torch.Tensor:
         """The valid tokens whose policy-gradient term every active mask keeps (M_t)."""
@@ -404,7 +450,8 @@ class FusedPolicyLoss(nn.Module):
     def _check_values(self, valid: torch.Tensor, **tensors: torch.Tensor | None) -> None:
         """Refuses, naming the argument, what would silently make a wrong or NaN loss: completion_ids equal
         to ignore_index at a valid position (the fused op would skip the token: lp = H = 0), and a NaN or
-        inf advantage, old or reference log-prob at one. Padding may hold anything. All the checks
+        inf advantage, old or reference log-prob at one (with a kept set, -inf log-probs are tokens outside
+        it: see the class docstring). Padding may hold anything. All the checks
         are one reduction read back once: one device-to-host sync per call on a GPU (`check_values=False`
         skips them, for a trainer that checks its inputs itself)."""
         if not self.check_values:
@@ -412,7 +459,12 @@ class FusedPolicyLoss(nn.Module):
         bad = {}
         for name, t in tensors.items():
             if t is not None:
-                wrong = t == self.ignore_index if name == "completion_ids" else ~torch.isfinite(t)
+                if name == "completion_ids":
+                    wrong = t == self.ignore_index
+                elif self.kept_set and name != "advantages":
+                    wrong = torch.isnan(t) | (t == torch.inf)
+                else:
+                    wrong = ~torch.isfinite(t)
                 bad[name] = (valid & wrong).any()
         if not bad:
             return
@@ -424,7 +476,9 @@ class FusedPolicyLoss(nn.Module):
             if name == "completion_ids":
                 raise ValueError(f"completion_ids holds ignore_index ({self.ignore_index}) at a valid position "
                                  "(completion_mask nonzero): give the sampled token there, or mask it out")
-            raise ValueError(f"{name} must be finite at valid positions (completion_mask nonzero); found NaN or inf")
+            allowed = " (or -inf, outside the kept set)" if self.kept_set and name != "advantages" else ""
+            raise ValueError(f"{name} must be finite{allowed} at valid positions (completion_mask nonzero); "
+                             "found NaN or inf")
 
     def _check_selection(self, selection, shape) -> None:
         """A Selection fits this loss's options and this call's [B, T]."""
@@ -470,7 +524,8 @@ class FusedPolicyLoss(nn.Module):
             raise ValueError("entropy is an input only with logprobs; the fused pass computes it from logits or hidden")
         # Padded positions may hold any id (even out of the vocabulary); the ops skip ignore_index.
         targets = ids.masked_fill(~valid, self.ignore_index)
-        options = dict(temperature=self.temperature, ignore_index=self.ignore_index, backend=self.backend)
+        options = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, ignore_index=self.ignore_index,
+                       backend=self.backend)
         if logits is not None:
             if weight is not None or bias is not None:
                 raise ValueError("weight and bias belong to the hidden path; pass them with hidden, not logits")

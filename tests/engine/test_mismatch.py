@@ -59,6 +59,21 @@ def test_token_and_sequence_masks():
     assert correct(train, sampler, MASK, "sequence_mask", 2.0).keep.equal(MASK)
 
 
+@pytest.mark.parametrize("mode", ["none", "tis", "token_mask", "sequence_mask"])
+def test_a_token_outside_the_trainers_kept_set_leaves_the_loss(mode):
+    """The trainer's lp of row 1's first token is -inf (vLLM kept it, the trainer's kept set does not):
+    it leaves the loss whatever the correction, is counted (1 of 5 tokens), and the metrics are those of
+    the other four tokens, finite."""
+    train, sampler = _case()
+    train[1, 0] = -torch.inf
+    fix = correct(train, sampler, MASK, mode, 2.0)
+    assert not fix.keep[1, 0] and fix.metrics["mismatch/outside_kept_set"] == pytest.approx(1 / 5)
+    assert fix.metrics["mismatch/abs_lp_diff"] == pytest.approx((2 * LN4 + LN15) / 4, rel=1e-6)
+    assert all(math.isfinite(v) for v in fix.metrics.values())
+    if mode == "tis":
+        torch.testing.assert_close(fix.weights, torch.tensor([[2.0, 1.0, 0.25, 0.0], [0.0, 1.5, 0.0, 0.0]]))
+
+
 def test_bad_arguments_are_refused_by_name():
     train, sampler = _case()
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -116,8 +131,8 @@ def test_tis_weights_act_as_scaled_advantages(setup):
     corrected, metrics = _step(model, dataclasses.replace(batch, sampler_logprobs=train_lp - log_r), adv, "tis")
     expected, _ = _step(model, batch, adv[:, None] * weights, "tis")
     _assert_same(corrected, expected)
-    assert metrics["mismatch/is_weight_mean"] == pytest.approx(float(weights.sum() / batch.completion_mask.sum()),
-                                                               rel=1e-4)
+    mask = batch.completion_mask
+    assert metrics["mismatch/is_weight_mean"] == pytest.approx(float((weights * mask).sum() / mask.sum()), rel=1e-4)
 
 
 def test_token_mask_drops_tokens_like_a_loss_mask(setup):

@@ -73,10 +73,26 @@ def test_bad_engine_keys(override, key):
         load_config(None, [override])
 
 
-def test_vllm_refuses_top_p_below_one(monkeypatch):
-    """Until the loss takes the sampler's kept set, vLLM's nucleus log-probs and the trainer's would differ."""
+@pytest.mark.parametrize("kept", [["rollout.top_p=0.9"], ["rollout.top_k=20"]])
+def test_vllm_with_a_kept_set_needs_train_on_sampler(monkeypatch, kept):
+    """vLLM's log-probs are of its top-k / top-p kept set: the loss must be too (rollout.train_on=sampler,
+    the default); full softmax log-probs against them are refused, with hf allowed (no sampler log-probs)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"'rollout.top_p': must be 1 with rollout.engine=vllm"):
-        load_config(None, ["rollout.engine=vllm", "rollout.top_p=0.9"])
-    assert load_config(None, ["rollout.engine=hf", "rollout.top_p=0.9"]).rollout.top_p == 0.9
+    with pytest.raises(ConfigError, match=r"^config key 'rollout.train_on': must be sampler with rollout.engine=vllm"):
+        load_config(None, ["rollout.engine=vllm", "rollout.train_on=full", *kept])
+    assert load_config(None, ["rollout.engine=vllm", *kept]).rollout.train_on == "sampler"
+    assert load_config(None, ["rollout.engine=vllm", "rollout.train_on=full"]).rollout.top_p == 1.0
+    assert load_config(None, ["rollout.engine=hf", "rollout.train_on=full", *kept]).rollout.train_on == "full"
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("rollout.top_k=-1", "rollout.top_k", "must be >= 0; got -1"),
+    ("rollout.top_k=2.5", "rollout.top_k", ""),
+    ("rollout.top_p=0", "rollout.top_p", "must be in (0, 1]; got 0"),
+    ("rollout.train_on=vllm", "rollout.train_on", "must be one of sampler, full; got 'vllm'"),
+])
+def test_bad_kept_set_keys(override, key, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert str(error.value).startswith(f"config key '{key}': {message}")

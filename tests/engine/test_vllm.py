@@ -94,6 +94,35 @@ def test_sampled_layout_and_logprobs_agree_with_the_trainer(engines):
                        batch.completion_ids)
 
 
+def test_kept_set_logprobs_agree_with_the_trainers(engines, monkeypatch):
+    """With top_k = 20 and top_p = 0.9, vLLM's log-probs (of its renormalised kept set) equal the trainer's
+    fused kept-set log-probs of the sampled tokens: every sampled token is in the kernels' kept set, and
+    the two agree to fp32 rounding, while the full softmax's differ by the mass the set dropped. On the
+    unscaled model (near-uniform over 101 tokens at T = 1), so that both top-k and top-p cut."""
+    model, tokenizer, sampler, _ = engines
+    monkeypatch.setattr(sampler, "top_k", 20)
+    monkeypatch.setattr(sampler, "top_p", 0.9)
+    prompts = tokenizer(PROMPTS)["input_ids"]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.div_(8.0)
+        sampler.sync_weights(model)
+        torch.manual_seed(2)
+        batch = sampler.generate(prompts, 4, temperature=1.0, max_new_tokens=24)
+        mask = batch.completion_mask
+        trainer, _ = token_logprobs(model, batch, 1.0, top_k=20, top_p=0.9)
+        assert torch.isfinite(trainer[mask]).all()
+        diff = (trainer - batch.sampler_logprobs).abs()[mask]
+        assert diff.max() <= 1e-4 and diff.mean() <= 1e-5, (diff.max(), diff.mean())
+        full, _ = token_logprobs(model, batch, 1.0)
+        assert (batch.sampler_logprobs - full)[mask].mean() > 0.1
+    finally:
+        model.load_state_dict(start)
+        sampler.sync_weights(model)
+
+
 def test_starting_vllm_leaves_torchs_generator_alone(engines):
     """In-process vLLM seeds the global generators with its own seed; the sampler puts the run's back."""
     assert engines[3]

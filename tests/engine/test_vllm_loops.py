@@ -48,6 +48,15 @@ def test_grpo_two_steps_and_an_exact_resume(tmp_path, monkeypatch):
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+def test_grpo_on_the_kept_set(tmp_path, monkeypatch):
+    """vLLM samples with top_k and top_p, the loss trains on the same kept set: the sampler's and the
+    trainer's log-probs agree as without them, and no sampled token falls outside the trainer's set."""
+    [m] = _run(tmp_path, monkeypatch, "kept", "rollout.top_k=20", "rollout.top_p=0.9", "run.steps=1")
+    assert math.isfinite(m["loss/policy"]) and m["grad_norm"] > 0
+    assert m["mismatch/abs_lp_diff"] < 1e-4 and m["mismatch/kl"] < 1e-6 and m["mismatch/ratio_outside"] == 0
+    assert m["mismatch/outside_kept_set"] == 0 and m["mask/outside_kept_set"] == 0
+
+
 @pytest.mark.parametrize("algorithm", [
     ["run.algorithm=ppo", "ppo.critic_lr=1e-3"],
     ["run.algorithm=spo_chain", "spo.num_continuations=2", "spo.cutpoint_interval=8"],
