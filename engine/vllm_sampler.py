@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import gc
 import os
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from unittest import mock
 import tempfile
 import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -109,9 +109,9 @@ class VLLMSampler:
         start = time.perf_counter()
         self._wake()
         # One parameter at a time, in module order: vLLM buffers a layer's tensors only until that layer is
-        # complete, so an FSDP2 policy is never gathered whole (docs/vllm.md, "Under torchrun"). A tied
-        # output embedding goes under its own name too: without it vLLM 0.32's in-place reload kept the
-        # old output embedding (greedy output then differed from the policy's).
+        # complete, so an FSDP2 policy is never gathered whole (docs/vllm.md, "Under torchrun with FSDP2").
+        # A tied output embedding goes under its own name too: without it vLLM 0.32's in-place reload kept
+        # the old output embedding (greedy output then differed from the policy's).
         weights = distributed.full_parameters(policy, self.dtype, self.device)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # vLLM's prefix cache holds keys and values of the old weights.

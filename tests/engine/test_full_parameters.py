@@ -1,5 +1,5 @@
 """distributed.full_parameters, the weight sync's source under FSDP2, on two gloo ranks against the unsharded
-model (the vLLM suite, scripts/test_vllm.sh, runs it into a real vLLM engine)."""
+model (no vLLM needed; tests/engine/test_vllm_distributed.py runs it into real vLLM engines)."""
 
 import pytest
 import torch

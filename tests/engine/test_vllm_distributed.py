@@ -49,7 +49,7 @@ PROMPTS = ["1+2=", "345+6=", "78+901=", "5+5=", "12+34="]
 UNCOMPARED = ("time/", "tokens_per_second", "memory/")
 
 
-def _sync_and_sample(rank: int) -> dict:
+def _sync_and_sample() -> dict:
     """An FSDP2 policy synced into vLLM: the peak of gathered bytes alive, and greedy responses of this
     rank's prompts from vLLM and from transformers on the same (unsharded) weights."""
     cfg = load_config(None, SYNC)
@@ -62,7 +62,7 @@ def _sync_and_sample(rank: int) -> dict:
             p.mul_(8.0)
     unsharded = copy.deepcopy(model)
     world = distributed.init(torch.device("cpu"))
-    sampler = make_sampler(cfg, model, tokenizer)  # started with dummy weights: only the sync makes them the model's
+    sampler = make_sampler(cfg, model, tokenizer)  # dummy weights: only the sync makes them the model's
     distributed.shard(model, world, torch.float32)
     live = LiveBytes()
     rpc = sampler.llm.collective_rpc
@@ -80,13 +80,14 @@ def _sync_and_sample(rank: int) -> dict:
                                                                            max_new_tokens=24)
     layers = distributed.decoder_layers(unsharded)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    return {"ranks_after_close": int(ranks), "peak": live.peak, "yielded": live.count, "parameters": len(unsharded.state_dict()),
-            "layers": len(layers), "layer_bytes": max(sum(p.nbytes for p in layer.parameters()) for layer in layers),
+    fields = ("input_ids", "completion_ids", "completion_mask", "truncated")
+    return {"ranks_after_close": int(ranks), "peak": live.peak, "yielded": live.count,
+            "names": len(unsharded.state_dict()), "layers": len(layers),
+            "layer_bytes": max(sum(p.nbytes for p in layer.parameters()) for layer in layers),
             "root_bytes": sum(p.nbytes for p in unsharded.parameters() if id(p) not in in_layers),
             "largest_bytes": max(p.nbytes for p in unsharded.parameters()),
             "model_bytes": sum(p.nbytes for p in unsharded.parameters()),
-            "vllm": {k: getattr(vllm, k) for k in ("input_ids", "completion_ids", "completion_mask", "truncated")},
-            "hf": {k: getattr(hf, k) for k in ("input_ids", "completion_ids", "completion_mask", "truncated")}}
+            "vllm": {k: getattr(vllm, k) for k in fields}, "hf": {k: getattr(hf, k) for k in fields}}
 
 
 def _train(output_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -105,7 +106,7 @@ def _rank(rank: int, size: int, port: int, reward_dir: str, out_dir: str) -> Non
     dist.init_process_group("gloo")
     try:
         out = Path(out_dir)
-        result = {"sync": _sync_and_sample(rank), "grpo": _train(out / "grpo")}
+        result = {"sync": _sync_and_sample(), "grpo": _train(out / "grpo")}
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -142,7 +143,7 @@ def test_sync_from_fsdp2_gathers_one_layer_at_a_time(runs):
     for rank in runs[0]:
         sync = rank["sync"]
         assert sync["ranks_after_close"] == 2
-        assert sync["yielded"] == sync["parameters"] and sync["layers"] == 4
+        assert sync["yielded"] == sync["names"] and sync["layers"] == 4
         assert sync["largest_bytes"] <= sync["peak"] <= sync["layer_bytes"] + sync["root_bytes"], sync
         assert sync["layer_bytes"] + sync["root_bytes"] < sync["model_bytes"] / 2
 
@@ -171,7 +172,8 @@ def test_two_ranks_with_vllm_equal_one_process(runs):
         for key in keys:
             assert row_2[key] == pytest.approx(row[key], rel=1e-5, abs=1e-6, nan_ok=True), (row["step"], key)
     for r in [*trained, *(r for r in rows_2 if "loss/policy" in r)]:
-        assert all(math.isfinite(r[k]) for k in ("loss/policy", "reward/mean", "mismatch/abs_lp_diff", "mismatch/kl"))
+        assert all(math.isfinite(r[k]) for k in ("loss/policy", "reward/mean", "mismatch/abs_lp_diff",
+                                                 "mismatch/kl"))
         assert r["time/weight_sync_s"] > 0 and r["grad_norm"] > 0
         assert r["mismatch/abs_lp_diff"] < 1e-4 and r["mismatch/ratio_outside"] == 0
     # Adam divides each step by the gradient's own scale: where a gradient is near zero, the two layouts'
