@@ -22,9 +22,9 @@ FusedPolicyLoss with per-token advantages; the paper trains with the probability
 (loss.prob_mask_threshold=0.9, loss.normalize_by=selected), which the demo configs set. The sampling
 overhead, generated tokens per trained token, is logged as spo/sampling_overhead.
 
-Under torchrun each rank samples its share of the prompts; SPO-chain's continuations are seeded per
-prefix, so that its values do not depend on the number of ranks (SPO-tree's branches draw from the
-torch RNG: a run on N ranks is one valid run, not the one-process run).
+Under torchrun each rank samples its share of the prompts. Every draw is seeded by what it continues
+(SPO-chain's continuations per prefix, SPO-tree's branches per node, both from the prompt's seed), so
+that the values and trees do not depend on the number of ranks: N ranks repeat the one-process run.
 """
 
 from __future__ import annotations
@@ -88,14 +88,18 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     with session.sampler.generating():
         trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
                                         branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
-                                        sampling=sampling)
+                                        sampling=sampling, seeds=seeds)
     leaf_rewards = score_leaves(tokenizer, trees, scorer)
     advantages = [tree_values_and_advantages(t.parents, lr, std_normalize=spo.tree_std_normalize)[1]
                   for t, lr in zip(trees, leaf_rewards)]
     rows = tree_training_rows(trees, advantages)
     rewards = torch.tensor([v for lr in leaf_rewards for v in lr.values()])
-    leaves, kept, generated = session.world.sum([len(rewards), len(rows), generated])
+    trained = sum(m for *_, mask in rows for m in mask)  # tokens with loss
+    # One collective on every rank, those without rows included (they would otherwise wait apart).
+    leaves, kept, generated, trained = session.world.sum([len(rewards), len(rows), generated, trained])
     metrics = {"spo/leaves": leaves, "spo/rows_dropped": leaves - kept, "tokens/sampled": generated}
+    if kept:
+        metrics["spo/sampling_overhead"] = generated / trained
     if not rows:  # update() still runs on every rank while another has rows (batch=None here)
         return None, rewards, None, None, metrics
     sampler_lp = [tree.response_logprobs(leaf) for tree, leaf, *_ in rows]
@@ -105,7 +109,6 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
     width = batch.completion_ids.shape[1]
     token_adv = pad_rows([a for *_, a, _ in rows], width, 0.0, torch.float32, session.device)
     loss_mask = pad_rows([m for *_, m in rows], width, False, torch.bool, session.device)
-    metrics["spo/sampling_overhead"] = generated / max(1, session.world.sum([int(loss_mask.sum())])[0])
     return batch, rewards, token_adv, loss_mask, metrics
 
 

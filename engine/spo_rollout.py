@@ -11,6 +11,11 @@ A tree grows level by level: every open node of level l - 1 gets b_l children of
 each (the last level gets whatever remains of max_new_tokens); a child whose segment ends with the end
 token is a leaf, one that reaches the last level's limit without it is truncated and scores 0.
 
+With seeds (one per prompt, the rollout's), every draw is keyed by what it continues: a boundary's
+continuations by (prompt, response, boundary), a tree node's children by (prompt, node); a node's number
+depends only on its own tree's growth. So the values and trees of a prompt do not depend on which
+prompts share a call, and one process and any number of ranks draw the same ones.
+
 The scorer passed in is the loop's reward: `scorer(prompt_index, completions) -> list[float]`, which
 reads the dataset row of each prompt index and applies the configured reward with its timeout.
 """
@@ -26,7 +31,10 @@ from fusedrl.engine.rollout import Batch, derive_seed
 from fusedrl.engine.segments import chain_boundaries, tree_paths
 
 Scorer = Callable[[list[int], list[str]], list[float]]
-_CONTINUATIONS = 2  # derive_seed's tag of continuation streams
+# derive_seed's tags: they keep these streams apart from each other and from the responses' own
+# (derive_seed(prompt seed, j)).
+_CONTINUATIONS = 2
+_TREE_NODES = 3
 
 
 @dataclass
@@ -106,7 +114,6 @@ def chain_values(sampler, tokenizer, prompt_ids: list[list[int]], prompt_index: 
             prefixes.append((p, prompt_ids[p], response[:b]))
             keys.append((p, place[p], b))
         slots.append(row)
-    # The leading tag keeps these streams apart from the responses' own (derive_seed(seeds[p], j)).
     prefix_seeds = None if seeds is None else [derive_seed(_CONTINUATIONS, seeds[p], j, b) for p, j, b in keys]
     values, generated = continuation_values(sampler, tokenizer, prefixes, k=k, sampling=sampling, scorer=scorer,
                                             seeds=prefix_seeds)
@@ -146,8 +153,14 @@ class Tree:
 
 
 def sample_trees(sampler, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int], *,
-                 branching: list[int], level_tokens: list[int], sampling: Sampling) -> tuple[list[Tree], int]:
-    """(one tree per prompt index, tokens generated); level l has branching[l] children per open node."""
+                 branching: list[int], level_tokens: list[int], sampling: Sampling,
+                 seeds: list[int] | None = None) -> tuple[list[Tree], int]:
+    """(one tree per prompt index, tokens generated); level l has branching[l] children per open node.
+
+    seeds: one per prompt (seeds[p] for prompt p, the rollout's); a node's children are then seeded by
+    its prompt's seed and its node number, so that a tree does not depend on the trees grown beside it.
+    Without them the branches draw from the torch RNG.
+    """
     trees = [Tree(p) for p in prompt_index]
     frontier = [(tree, 0) for tree in trees]
     generated = 0
@@ -157,7 +170,10 @@ def sample_trees(sampler, tokenizer, prompt_ids: list[list[int]], prompt_index: 
         if not frontier:
             break
         prefixes = [prompt_ids[tree.prompt_index] + tree.response(node) for tree, node in frontier]
-        out = sampler.generate(prefixes, width, temperature=sampling.temperature, max_new_tokens=budget)
+        node_seeds = None if seeds is None else [derive_seed(_TREE_NODES, seeds[tree.prompt_index], node)
+                                                 for tree, node in frontier]
+        out = sampler.generate(prefixes, width, temperature=sampling.temperature, max_new_tokens=budget,
+                               seeds=node_seeds)
         next_frontier = []
         lengths, truncated, ids = _to_host(out)
         logprobs = None if out.sampler_logprobs is None else out.sampler_logprobs.tolist()

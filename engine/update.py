@@ -232,8 +232,12 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
             # Batch-wide statistics need their own no-grad pass per mini-batch; a mini-batch that is one
             # micro-batch (on every rank) skips it (its loss calls see the whole mini-batch) unless Clip-Cov
             # draws: its draw is laid out over the batch's rows, so that runs do not depend on micro_batch_tokens.
+            # Nor across ranks with bnpo over the selected tokens: a call's own selection divides by its
+            # rank's selected count, a given one by its share of the mini-batch's (the ranks' ratios of
+            # selected to valid tokens differ).
             selection = None
-            if loss_fn.batch_wide and (len(micro) > 1 or loss_fn.cov_mode == "clip_cov"):
+            if loss_fn.batch_wide and (len(micro) > 1 or loss_fn.cov_mode == "clip_cov" or (
+                    world.sharded and loss_fn.aggregation == "bnpo" and loss_fn.options.counts_selected)):
                 selection = mini_batch_selection(model, loss_fn, batch, mini, mask, advantages, old_lp, world, rows,
                                                  packed)
             for part in micro:

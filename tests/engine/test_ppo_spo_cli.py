@@ -82,7 +82,8 @@ def test_spo_tree_two_steps(tmp_path, monkeypatch):
                  "spo.tree_level_tokens=[4,4]", "optim.mini_batches=2", "loss.prob_mask_threshold=0.9",
                  "loss.loss_type=bnpo", "loss.normalize_by=selected")
     for m in lines:
-        assert m["spo/leaves"] == 2 * 8 and 0 <= m["spo/rows_dropped"] <= 16
+        # Per tree from 2 leaves (both of the root's children end at once) to 8 (none ends before the last level).
+        assert 2 * 2 <= m["spo/leaves"] <= 2 * 8 and 0 <= m["spo/rows_dropped"] <= m["spo/leaves"]
     trained = [m for m in lines if "loss/policy" in m]
     assert trained and all(math.isfinite(m["loss/policy"]) for m in trained)
     # Every trained token was generated once; shared prefixes and dropped segments were generated too.

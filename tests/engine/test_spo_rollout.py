@@ -174,3 +174,31 @@ def test_sampling_reads_each_generated_batch_once(rows, fake_gpu):
     sample_trees(Sampler(), DigitTokenizer(), [[7]] * rows, list(range(rows)), branching=[2, 2], level_tokens=[2],
                  sampling=SAMPLING)
     assert len(calls) == 2 and fake_gpu.host_reads - before == 3 * len(calls)
+
+
+def test_seeded_trees_do_not_depend_on_the_trees_grown_beside_them():
+    """With a seed per prompt, each node's children draw from a stream keyed by (prompt seed, node): a
+    prompt's tree grown alone equals the one grown beside other prompts (as one rank of several would),
+    whatever the torch RNG."""
+    from fusedrl.engine.config import load_config
+    from fusedrl.engine.model import demo_model, demo_tokenizer
+    from fusedrl.engine.samplers import HFSampler
+
+    tokenizer = demo_tokenizer()
+    cfg = load_config(None, ["model.demo.hidden_size=32", "model.demo.num_layers=1", "model.demo.num_heads=2",
+                             "model.demo.intermediate_size=64"])
+    torch.manual_seed(0)
+    model = demo_model(cfg.model, tokenizer)
+    prompts = [tokenizer(text)["input_ids"] for text in ("12+34=", "7+8=", "100+1=")]
+    options = dict(branching=[2, 3], level_tokens=[3],
+                   sampling=Sampling(temperature=1.0, max_new_tokens=8, batch_size=4))
+    together, _ = sample_trees(HFSampler(model, tokenizer, top_p=1.0, batch_size=4), tokenizer, prompts, [0, 1, 2],
+                               seeds=[11, 12, 13], **options)
+    torch.manual_seed(1)
+    alone, _ = sample_trees(HFSampler(model, tokenizer, top_p=1.0, batch_size=1), tokenizer, prompts[1:2], [0],
+                            seeds=[12], **options)
+    assert (alone[0].parents, alone[0].tokens) == (together[1].parents, together[1].tokens)
+    # The draws are random: the root's two children differ, and so do two prompts' first segments.
+    tree = together[1]
+    assert len(tree.parents) > 3 and tree.tokens[1] != tree.tokens[2]
+    assert together[0].tokens[1:3] != together[1].tokens[1:3]
