@@ -192,6 +192,19 @@ def gathered(model: nn.Module):
             unit.reshard()
 
 
+def full_parameters(model: nn.Module, dtype: torch.dtype, device: torch.device):
+    """(name, full parameter in `dtype` on `device`) for each parameter name of `model`'s state dict, in
+    module order (decoder layer by decoder layer; a tied parameter under each of its names). An FSDP2
+    parameter is gathered from its shards only when the consumer asks for it, after its shard is cast
+    (a bf16 run gathers bf16), and anew for each name: a consumer that drops each tensor once used holds
+    one parameter at a time, never the model. Unsharded parameters come as they are (cast if needed)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param = param.detach().to(device, dtype)  # a CPU-offloaded shard moves to the device first
+        yield name, param.full_tensor() if isinstance(param, DTensor) else param
+
+
 def full_state_dict(model: nn.Module) -> dict:
     """The full (unsharded) state dict on the CPU, gathered once; on the main rank only (others get {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -8,6 +8,9 @@ A sampler answers two calls:
   (Batch.sampler_logprobs).
 - `sync_weights(policy)`: make the sampler's weights the policy's; the seconds it took, or None for a
   sampler that samples from the policy object itself.
+- `generating()`: the context a run's generate calls sit in. Under FSDP2 the HF sampler gathers the
+  policy for it (ranks may run different numbers of forwards); vLLM holds its own full weights and
+  needs nothing, so the policy stays sharded while it samples.
 
 hf (the default, no extra dependency) runs transformers' generate on the policy: nothing to sync and
 no mismatch to measure, so it keeps no log-probs. vllm (engine/vllm_sampler.py, the `vllm` extra) runs
@@ -17,9 +20,10 @@ corrects the mismatch from its log-probs (engine/mismatch.py). The loops never k
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
-from fusedrl.engine import rollout
+from fusedrl.engine import distributed, rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.rollout import Batch
 
@@ -30,6 +34,9 @@ class Sampler(Protocol):
         ...
 
     def sync_weights(self, policy) -> float | None:
+        ...
+
+    def generating(self) -> AbstractContextManager:
         ...
 
     def close(self) -> None:
@@ -63,6 +70,9 @@ class HFSampler:
         """Nothing to do: generate runs on the policy itself."""
         if policy is not self.model:
             raise ValueError("policy must be the model this sampler generates with")
+
+    def generating(self) -> AbstractContextManager:
+        return distributed.gathered(self.model)
 
     def close(self) -> None:
         pass

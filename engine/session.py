@@ -232,7 +232,7 @@ class Session:
         """rollout.group_size responses to each of `prompts` (a Split) with the configured sampling, each
         prompt's from its seed; the responses of one prompt are adjacent rows."""
         r = self.cfg.rollout
-        with distributed.gathered(self.model):
+        with self.sampler.generating():
             return self.sampler.generate(prompts.prompt_ids, r.group_size, temperature=r.temperature,
                                          max_new_tokens=r.max_new_tokens, seeds=seeds)
 
@@ -249,7 +249,7 @@ class Session:
         mine = self.world.share(len(self.eval_split))
         split = self.eval_split.select(list(mine))
         parts = ([], [], 0)  # a rank with no held-out prompt (fewer than ranks) still joins the collectives
-        with distributed.gathered(self.model):
+        with self.sampler.generating():
             if len(split):
                 batch = self.sampler.generate(split.prompt_ids, 1, temperature=cfg.eval.temperature,
                                               max_new_tokens=cfg.rollout.max_new_tokens,
@@ -321,12 +321,12 @@ class Session:
     def finish(self) -> dict:
         """Plots, the entropy-law fit and summary.json; prints accuracy before / after RL (the main rank;
         the others return {})."""
+        self.sampler.close()  # on every rank, before the process group it may share goes
         distributed.close(self.world)
         if self.logger is None:
             return {}
         history = self.logger.history()
         self.logger.close()
-        self.sampler.close()
         plots, fit = write_plots(history, self.output_dir) if self.cfg.run.plots else ([], None)
         final = next((h for h in reversed(history) if "eval/accuracy" in h), {})
         before = self.extra.get("eval_before", {}).get("eval/accuracy")

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from fusedrl.engine import distributed, rollout
+from fusedrl.engine import rollout
 from fusedrl.engine.config import Config
 from fusedrl.engine.data import Split
 from fusedrl.engine.optim import make_optimizer
@@ -67,7 +67,7 @@ def chain_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds
     rewards = rewards.masked_fill(batch.truncated.cpu(), 0.0)
     plan = micro_batches(batch, torch.arange(len(batch)), cfg.optim.micro_batch_tokens, session.packed)
     old_lp = per_token(model, batch, [plan], loss_fn, session.packed)  # the rollout policy's, for the cutpoints
-    with distributed.gathered(model):
+    with session.sampler.generating():
         boundaries, values, continuation_tokens = chain_values(
             session.sampler, tokenizer, prompts.prompt_ids, repeat, batch, old_lp, k=cfg.spo.num_continuations,
             threshold=cfg.spo.cutpoint_threshold, interval=cfg.spo.cutpoint_interval, sampling=sampling,
@@ -85,7 +85,7 @@ def tree_step(session: Session, loss_fn: FusedPolicyLoss, prompts: Split, seeds:
               scorer: Scorer):
     """Tree rollout, node advantages and the per-leaf training rows of one SPO-tree step."""
     tokenizer, spo = session.tokenizer, session.cfg.spo
-    with distributed.gathered(session.model):
+    with session.sampler.generating():
         trees, generated = sample_trees(session.sampler, tokenizer, prompts.prompt_ids, list(range(len(prompts))),
                                         branching=spo.tree_branching, level_tokens=spo.tree_level_tokens,
                                         sampling=sampling, seeds=seeds)

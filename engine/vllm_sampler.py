@@ -14,6 +14,10 @@ quantity the trainer's fused log-probs recompute. With rollout.top_k / top_p tho
 vLLM's kept set, renormalised; the loss then computes its own over the same set (rollout.train_on=sampler,
 which the config requires here; docs/vllm.md states where vLLM's set and the kernels' can differ).
 
+Under torchrun (engine/distributed.py) every rank runs its own engine on its share of the prompts, in
+vLLM's torchrun mode over the trainer's process group, and a sync gathers the FSDP2 policy one parameter
+at a time as vLLM consumes them (docs/vllm.md, "Under torchrun with FSDP2").
+
 Memory: the KV cache has a fixed size (rollout.vllm.kv_cache_gib, vLLM's kv_cache_memory_bytes). On a
 GPU with rollout.vllm.sleep, vLLM sleeps between rollouts (level 1: weights offloaded to host memory,
 KV cache freed) so that the trainer has the memory while it updates.
@@ -25,9 +29,13 @@ import gc
 import os
 import tempfile
 import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from unittest import mock
 
 import torch
+import torch.distributed as dist
 
+from fusedrl.engine import distributed
 from fusedrl.engine.checkpoint import rng_state, set_rng_state
 from fusedrl.engine.config import Config, sampler_kept_set
 from fusedrl.engine.model import DTYPES
@@ -55,11 +63,16 @@ class VLLMSampler:
         # In this process vLLM seeds python's, numpy's and torch's global generators with its seed; the
         # run's own states are put back, so that starting vLLM leaves the run's random streams as they were.
         rng = rng_state()
+        # Under torchrun the trainer's process group exists already: vLLM's torchrun mode takes it as its
+        # world (rank and device from RANK and LOCAL_RANK) and makes its own one-rank tensor-parallel groups
+        # in it, so every rank runs an engine of its own on its own prompts (docs/vllm.md).
+        self._in_trainer_group = dist.is_initialized()
+        launcher = {"distributed_executor_backend": "external_launcher"} if self._in_trainer_group else {}
         self.llm = LLM(model=self._dir.name, dtype=self.dtype, load_format="dummy", seed=cfg.run.seed,
                        max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                        kv_cache_memory_bytes=int(settings.kv_cache_gib * _GIB), enforce_eager=settings.enforce_eager,
                        logprobs_mode="processed_logprobs", generation_config="vllm",
-                       enable_sleep_mode=self.sleeps)
+                       enable_sleep_mode=self.sleeps, **launcher)
         set_rng_state(rng)
 
     def generate(self, prompt_ids: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
@@ -95,11 +108,18 @@ class VLLMSampler:
         """Copies the policy's weights into vLLM's model in place; returns the seconds it took."""
         start = time.perf_counter()
         self._wake()
-        weights = ((name, tensor.detach().to(self.dtype)) for name, tensor in policy.state_dict().items())
+        # One parameter at a time, in module order: vLLM buffers a layer's tensors only until that layer is
+        # complete, so an FSDP2 policy is never gathered whole (docs/vllm.md, "Under torchrun with FSDP2").
+        # A tied output embedding goes under its own name too: without it vLLM 0.32's in-place reload kept
+        # the old output embedding (greedy output then differed from the policy's).
+        weights = distributed.full_parameters(policy, self.dtype, self.device)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # vLLM's prefix cache holds keys and values of the old weights.
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
+
+    def generating(self) -> AbstractContextManager:
+        return nullcontext()
 
     def _wake(self) -> None:
         if self._asleep:
@@ -108,12 +128,23 @@ class VLLMSampler:
 
     def close(self) -> None:
         """Frees vLLM's engine and its memory, so that another can start in this process."""
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
+        # Shut down now, not whenever the garbage collector finds the engine: vLLM's in-process shutdown
+        # tears down torch.distributed state, which must not hit a later engine of this process.
+        with _keeping_default_group() if self._in_trainer_group else nullcontext():
+            self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-        destroy_model_parallel()
-        destroy_distributed_environment()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self._dir.cleanup()
+
+
+@contextmanager
+def _keeping_default_group():
+    """vLLM's in-process shutdown ends by destroying torch's default process group (vllm 0.32:
+    EngineCore.shutdown -> cleanup_dist_env_and_memory -> destroy_distributed_environment,
+    vllm/distributed/parallel_state.py), which under torchrun is the trainer's. Meanwhile only the calls
+    that name a group, those of the groups vLLM made over it, go through."""
+    destroy = dist.destroy_process_group
+    with mock.patch.object(dist, "destroy_process_group", lambda group=None: None if group is None else destroy(group)):
+        yield

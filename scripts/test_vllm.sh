@@ -41,4 +41,4 @@ if [ ! -x $VENV/bin/python ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp"
     say "ready in $((SECONDS - start)) s"
 fi
 exec $VENV/bin/python -m pytest -q -p no:cacheprovider --timeout 1800 tests/engine/test_vllm.py \
-    tests/engine/test_vllm_loops.py "$@"
+    tests/engine/test_vllm_loops.py tests/engine/test_vllm_distributed.py "$@"
