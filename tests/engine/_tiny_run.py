@@ -4,6 +4,11 @@ REWARD_MODULE = '''
 def parity(prompts, completions, **columns):
     """1 for an even number of characters: varied rewards from an untrained model."""
     return [float(len(c) % 2 == 0) for c in completions]
+
+
+def spread(prompts, completions, **columns):
+    """One of 7 levels from the characters' codes: a tree's leaves almost never all tie, whatever they draw."""
+    return [sum(map(ord, c)) % 7 / 6 for c in completions]
 '''
 
 # A one-layer demo model and tiny batches; 48 new tokens give a random model a fair chance to end.
