@@ -161,6 +161,11 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """output_dir's complete checkpoint-<step> directories, oldest first (what run.resume=latest can take)."""
+    return _complete_checkpoints(output_dir, warn=False)
+
+
 def _complete_checkpoints(output_dir: Path, warn: bool) -> list[Path]:
     """output_dir's complete checkpoint-<step> directories, oldest first."""
     found = []

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fusedrl.engine import checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -39,6 +41,17 @@ class Job:
     @property
     def done(self) -> bool:
         return (self.output_dir / "summary.json").is_file()
+
+    def continuation(self) -> list[str]:
+        """The overrides that start this job over what an interrupted study left in its output_dir: resume
+        from the newest complete checkpoint (the resumed run logs what the uninterrupted one would), or
+        replace a run that died before its first one; none for a fresh directory or a warm start (which
+        starts again on its own)."""
+        if self.after is None:
+            return []
+        if checkpoint.complete_checkpoints(self.output_dir):
+            return ["run.resume=latest"]
+        return ["run.overwrite=true"] if (self.output_dir / "metrics.jsonl").exists() else []
 
 
 def load_plan(path: Path, small: bool) -> dict:
@@ -126,11 +139,12 @@ def _run(pending: list[Job], running: list, failed: list[str], parallel: int, cl
                 break
             job = ready[0]
             pending.remove(job)
+            continuation = job.continuation()
             job.output_dir.mkdir(parents=True, exist_ok=True)
-            log = open(job.output_dir / "log.txt", "w")
-            print(f"study: start {job.name}", flush=True)
-            running.append((job, subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                  cwd=REPO), log, time.time()))
+            log = open(job.output_dir / "log.txt", "a" if continuation else "w")
+            print(f"study: start {job.name}{' (' + ' '.join(continuation) + ')' if continuation else ''}", flush=True)
+            running.append((job, subprocess.Popen(job.argv + continuation, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env, cwd=REPO), log, time.time()))
         time.sleep(0.5)
         for item in list(running):
             job, process, log, started = item

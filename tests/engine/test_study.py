@@ -73,3 +73,24 @@ def test_small_study_trains_every_arm_and_writes_the_report(tmp_path):
     for number in range(1, len(plan["questions"]) + 1):
         assert (tmp_path / f"images/study_q{number}.png").stat().st_size > 0
     assert (tmp_path / "images/study_q2_entropy_law.png").stat().st_size > 0
+
+
+def test_an_interrupted_arm_run_is_resumed_or_replaced(tmp_path):
+    """What a killed study leaves: a run with a complete checkpoint resumes from it; one that died before
+    its first checkpoint (its metrics.jsonl only, or a checkpoint whose save did not finish) starts again
+    over it; a fresh directory and a warm start get nothing."""
+    start = study.Job("seed0/warm_start", ["x"], tmp_path / "warm_start")
+    arm = study.Job("seed0/grpo", ["x"], tmp_path / "grpo", after=start)
+    assert arm.continuation() == [] and start.continuation() == []
+    arm.output_dir.mkdir()
+    (arm.output_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    (arm.output_dir / "checkpoint-2").mkdir()  # no completion marker: its save was cut
+    assert arm.continuation() == ["run.overwrite=true"]
+    (arm.output_dir / "checkpoint-1").mkdir()
+    (arm.output_dir / "checkpoint-1" / "model.safetensors").write_bytes(b"12345")
+    (arm.output_dir / "checkpoint-1" / "complete.json").write_text(json.dumps(
+        {"step": 1, "files": {"model.safetensors": 5}}))
+    assert arm.continuation() == ["run.resume=latest"]
+    start.output_dir.mkdir()
+    (start.output_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    assert start.continuation() == []
