@@ -39,12 +39,14 @@ the loss as rollout_is_weights, or tokens masked out of it); the metrics are thi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
 
 from fusedrl.engine import distributed, mismatch, rollout
 from fusedrl.engine.config import Config, loss_kept_set
+from fusedrl.engine.errors import RunError
 from fusedrl.engine.model import (completion_hidden, output_projection, packed_hidden, packed_token_logprobs,
                                   token_logprobs)
 from fusedrl.engine.packing import SequenceLengths, balanced_bins, pack
@@ -243,29 +245,31 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
             for part in micro:
                 idle = part is None
                 part = torch.tensor([0]) if idle else part
-                if packed and not idle:  # [N, H]: the hidden states of the loss's tokens only
-                    packed_rows = pack(batch, part, lengths)
-                    length = packed_rows.width
-                    index, _ = packed_rows.token_index([loss_columns[r] for r in part.tolist()])
-                    hidden = packed_hidden(model, packed_rows)[0, index]
-                else:  # [k, T, H]; an idle rank's one padding row too
-                    sub = batch.rows(part)
-                    length = sub.completion_ids.shape[1]
-                    hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length, length)
-                weight, bias = output_projection(model)
-                sub_adv = advantages[part] if advantages.dim() == 1 else advantages[part, :length]
-                sub_mask = mask[part, :length] & (not idle)
-                loss, metrics = loss_fn(
-                    batch.completion_ids[part, :length], sub_mask, sub_adv, hidden=hidden, weight=weight, bias=bias,
-                    old_logprobs=None if old_lp is None else old_lp[part, :length],
-                    ref_logprobs=None if ref_lp is None else ref_lp[part, :length],
-                    num_items_in_batch=loss_fn.token_count_argument(mini_tokens),
-                    selection=None if selection is None else selection.rows(part, length),
-                    rollout_is_weights=None if rollout_weights is None else rollout_weights[part, :length],
-                    sampling_logprobs=None if off_policy_lp is None else off_policy_lp[part, :length])
-                valid = 0 if idle else sum(row_tokens[i] for i in part.tolist())
-                share = 0.0 if idle else loss_fn.micro_batch_share(len(part), valid, mini_rows, mini_tokens)
-                (loss * share).backward()
+                with _naming_out_of_memory(batch, part, session.cfg):
+                    if packed and not idle:  # [N, H]: the hidden states of the loss's tokens only
+                        packed_rows = pack(batch, part, lengths)
+                        length = packed_rows.width
+                        index, _ = packed_rows.token_index([loss_columns[r] for r in part.tolist()])
+                        hidden = packed_hidden(model, packed_rows)[0, index]
+                    else:  # [k, T, H]; an idle rank's one padding row too
+                        sub = batch.rows(part)
+                        length = sub.completion_ids.shape[1]
+                        hidden = completion_hidden(model, sub.input_ids, sub.attention_mask, sub.prompt_length,
+                                                   length)
+                    weight, bias = output_projection(model)
+                    sub_adv = advantages[part] if advantages.dim() == 1 else advantages[part, :length]
+                    sub_mask = mask[part, :length] & (not idle)
+                    loss, metrics = loss_fn(
+                        batch.completion_ids[part, :length], sub_mask, sub_adv, hidden=hidden, weight=weight, bias=bias,
+                        old_logprobs=None if old_lp is None else old_lp[part, :length],
+                        ref_logprobs=None if ref_lp is None else ref_lp[part, :length],
+                        num_items_in_batch=loss_fn.token_count_argument(mini_tokens),
+                        selection=None if selection is None else selection.rows(part, length),
+                        rollout_is_weights=None if rollout_weights is None else rollout_weights[part, :length],
+                        sampling_logprobs=None if off_policy_lp is None else off_policy_lp[part, :length])
+                    valid = 0 if idle else sum(row_tokens[i] for i in part.tolist())
+                    share = 0.0 if idle else loss_fn.micro_batch_share(len(part), valid, mini_rows, mini_tokens)
+                    (loss * share).backward()
                 accumulate_gradients(optimizer)  # 16-bit gradients summed in fp32 (engine/optim.py)
                 if idle:
                     continue
@@ -291,6 +295,22 @@ def update(session: Session, loss_fn: FusedPolicyLoss, optimizer, scheduler, bat
     out["lr"] = scheduler.get_last_lr()[0]
     out["optim/skipped_steps"] = skipped
     return out | mismatch_metrics
+
+
+@contextlib.contextmanager
+def _naming_out_of_memory(batch: rollout.Batch, rows: torch.Tensor, cfg: Config):
+    """A device out-of-memory error in a micro-batch's forward or backward becomes one line that says how
+    large the micro-batch was and what to change (read only then: the loop never waits on the device)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        lengths = batch.attention_mask[rows].sum(1).tolist()
+        what = (f"one sequence of {lengths[0]} tokens, alone in its micro-batch" if len(lengths) == 1 else
+                f"a micro-batch of {len(lengths)} sequences, {sum(lengths)} tokens, the longest {max(lengths)}")
+        raise RunError(f"out of device memory in the update's forward / backward of {what} "
+                       f"(optim.micro_batch_tokens={cfg.optim.micro_batch_tokens}): lower optim.micro_batch_tokens "
+                       f"or rollout.max_new_tokens, set model.gradient_checkpointing=true, or shard the model over "
+                       f"more GPUs with torchrun (docs/distributed.md)") from e
 
 
 def _reduce_metrics(world: distributed.World, sums: dict, extremes: dict, tokens: int, losses: list) -> dict:

@@ -218,3 +218,35 @@ def test_a_non_finite_gradient_is_skipped_and_counted(policy):
     assert any(not torch.equal(state[k], clean_model.state_dict()[k]) for k in state)  # the first did not
     with pytest.raises(RunError, match="optim.max_skipped_steps=1"):
         run(poison_first=True, limit=1)
+
+
+@pytest.mark.parametrize("rows, says", [
+    (range(6), "a micro-batch of 6 sequences, "),
+    ([1], "one sequence of "),  # the longest response (10 tokens): as when it alone fills the budget
+])
+def test_out_of_device_memory_names_the_micro_batch_and_the_remedies(policy, monkeypatch, rows, says):
+    """A device running out of memory in the update's forward (torch.OutOfMemoryError, raised here by a
+    patched backbone) ends the run with one line: the micro-batch's size and what to change."""
+    from fusedrl.engine import update as update_module
+    from fusedrl.engine.errors import RunError
+
+    model, _ = policy
+    batch = _ragged_batch(policy).rows(torch.tensor(list(rows)))
+    budget = 10_000
+    cfg = load_config(None, [f"optim.micro_batch_tokens={budget}", "data.max_prompt_length=8",
+                             "rollout.max_new_tokens=10"])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(update_module, "completion_hidden", out_of_memory)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    session = SimpleNamespace(cfg=cfg, model=model, reference=None, step_guard=StepGuard(1), world=World(),
+                              packed=False)
+    with pytest.raises(RunError) as caught:
+        update(session, make_loss(cfg), optimizer, scheduler, batch, torch.ones(len(batch)))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("out of device memory") and says in message
+    assert f"optim.micro_batch_tokens={budget}" in message and "model.gradient_checkpointing=true" in message
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
