@@ -282,7 +282,13 @@ def write_report(plan: dict, output: Path, report: Path, images: Path, *, wall_s
                          f"{', '.join(f'{100 * v:.1f}' for v in final[arm])} | {vs_acc} | "
                          f"{spread(entropy[arm], digits=3)} | {vs_h} | "
                          f"{spread([c['step_seconds'] for c in curves[arm]], digits=0)} |")
-        lines += ["", summary_line(q, final, entropy), "", f"![{q['title']}]({Path('images') / image.name})", ""]
+        same = [arm for arm in q["arms"] if arm != q["baseline"] and final[arm] == final[q["baseline"]]
+                and entropy[arm] == entropy[q["baseline"]]]
+        lines += ["", summary_line(q, final, entropy)]
+        if same:
+            lines.append(f"{', '.join(same)}: the same held-out accuracy and final entropy as {q['baseline']} on every "
+                         f"seed, to the last digit; in these runs the arm changed nothing.")
+        lines += [*([q["note"]] if q.get("note") else []), "", f"![{q['title']}]({Path('images') / image.name})", ""]
         if q.get("entropy_law"):
             law_image = images / f"study_q{number}_entropy_law.png"
             plot_entropy_law(q, curves, law_image)
