@@ -54,7 +54,7 @@ TINY = ["run.progress=false", "run.tensorboard=false", "run.plots=false", "run.n
         "warm_start.steps=0", "data.train_size=32", "data.eval_size=3", "model.demo.hidden_size=32",
         "model.demo.num_layers=2", "model.demo.num_heads=2", "model.demo.intermediate_size=64",
         "rollout.prompts_per_step=3", "rollout.group_size=4", "rollout.max_new_tokens=24", "optim.lr=1e-3",
-        "optim.micro_batch_tokens=120", "reward.function=toy_reward:parity", "run.steps=2"]
+        "optim.micro_batch_tokens=120", "reward.function=distributed_reward:parity", "run.steps=2"]
 CASES = {
     # Three steps with a checkpoint each: the resumed two-rank run starts from the second (RESUMED).
     "grpo_top_entropy": ["loss.top_entropy_fraction=0.5", "run.steps=3", "run.save_every=1"],
@@ -66,7 +66,7 @@ CASES = {
     # DAPO's dynamic sampling on designed rewards (DESIGNS): the count of informative groups and the cut
     # are global.
     "grpo_dynamic_sampling": ["advantage.dynamic_sampling=true", "advantage.max_generation_rounds=2",
-                              "reward.function=toy_reward:dynamic_sampling_design"],
+                              "reward.function=distributed_reward:dynamic_sampling_design"],
     "ppo": ["run.algorithm=ppo", "model.reference=policy", "loss.beta=0.05", "ppo.normalize_values=true",
             "ppo.reference_ema=0.1", "ppo.critic_lr=1e-3", "optim.mini_batches=3", "run.save_every=1"],
     "spo_chain": ["run.algorithm=spo_chain", "rollout.max_new_tokens=48", "spo.num_continuations=2",
@@ -76,7 +76,7 @@ CASES = {
     # 0: 48 tokens give most trees a leaf that ends.
     "spo_tree": ["run.algorithm=spo_tree", "rollout.max_new_tokens=48", "spo.tree_branching=[2,2]",
                  "spo.tree_level_tokens=[8]", "spo.tree_std_normalize=true", "loss.top_entropy_fraction=0.5",
-                 "optim.mini_batches=2", "reward.function=toy_reward:spo_tree_design"],
+                 "optim.mini_batches=2", "reward.function=distributed_reward:spo_tree_design"],
 }
 # Killed after checkpoint N and resumed on two ranks: {case: N}.
 RESUMED = {"grpo_top_entropy": 2, "ppo": 1, "spo_chain": 1}
@@ -142,7 +142,9 @@ def runs():
     weights)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "toy_reward.py").write_text(textwrap.dedent(REWARD) + f"\nINFORMATIVE = {_informative_prompts()!r}\n")
+        # Its own module name: other tests import a `toy_reward` of their own, which sys.modules would keep.
+        (tmp / "distributed_reward.py").write_text(textwrap.dedent(REWARD)
+                                                   + f"\nINFORMATIVE = {_informative_prompts()!r}\n")
         sys.path.insert(0, str(tmp))
         try:
             single = {name: _run(tmp / "single" / name, overrides) for name, overrides in CASES.items()}
