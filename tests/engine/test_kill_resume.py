@@ -66,8 +66,13 @@ def _records(out):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    # The reward takes 0.5 s, longer than any kill delay below: on a quiet machine the tiny run's steps
+    # take milliseconds, and a kill meant for step 0 landed after step 3 (so no later kill point came).
     (tmp_path / "digit_reward.py").write_text(textwrap.dedent("""
+        import time
+
         def digits(prompts, completions, **columns):
+            time.sleep(0.5)
             return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
     """))
     full = tmp_path / "full"
